@@ -1,0 +1,153 @@
+"""The d2v checkpoint: one self-describing dict, written atomically, read safely.
+
+Keys (named constants below):
+
+    format_version  int, FORMAT_VERSION; anything else fails loudly (no silent upgrade chain)
+    kind            "pretrain" (data2vec student + teacher) or "ctc" (fine-tuned letter CTC)
+    config          the resolved config (plain dict, see config.to_dict)
+    arch            the model architecture (ModelConfig as a dict): enough to rebuild the network
+    normalize       bool, waveform normalization the model was trained with (enforced downstream)
+    model           model state_dict
+    teacher         EMA teacher state_dict (fp32 shadow weights), pretrain only
+    vocab           list of dictionary letters (ctc only): outputs are interpretable with no side file
+    optimizer, scheduler, scaler, rng, data_position, step, engine   training state for exact resume
+    source          where an imported checkpoint came from (interop), optional
+
+Loading uses `torch.load(weights_only=True)`: tensors, dicts, lists, numbers and
+strings only. A file that needs arbitrary unpickling (fairseq's argparse
+Namespace, numpy objects...) is refused unless the user passes
+--trust-checkpoint, because unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from d2vcli.fileio import atomic_open
+
+FORMAT_VERSION = 1
+KINDS = ("pretrain", "ctc")
+
+FORMAT_VERSION_KEY = "format_version"
+KIND_KEY = "kind"
+CONFIG_KEY = "config"
+ARCH_KEY = "arch"
+NORMALIZE_KEY = "normalize"
+MODEL_KEY = "model"
+TEACHER_KEY = "teacher"
+VOCAB_KEY = "vocab"
+OPTIMIZER_KEY = "optimizer"
+SCHEDULER_KEY = "scheduler"
+SCALER_KEY = "scaler"
+RNG_KEY = "rng"
+DATA_POSITION_KEY = "data_position"
+STEP_KEY = "step"
+ENGINE_KEY = "engine"
+SOURCE_KEY = "source"
+
+TRUST_FLAG = "--trust-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the file and the fix."""
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a kill mid-write leaves the previous file at `path` intact."""
+    state = dict(state)
+    state.setdefault(FORMAT_VERSION_KEY, FORMAT_VERSION)
+    if state.get(KIND_KEY) not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {state.get(KIND_KEY)!r}")
+    with atomic_open(Path(path), "wb") as fh:
+        torch.save(state, fh)
+
+
+def load_raw(path: Path, trust: bool = False) -> Any:
+    """torch.load with weights_only=True; refuse pickled objects unless `trust`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the write was interrupted or the copy failed")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise CheckpointError(
+                f"{path} contains pickled Python objects that a safe load refuses ({_first_line(e)}).\n"
+                f"Loading it would run code stored in the file. If you trust where it came from, pass "
+                f"{TRUST_FLAG} to load it with full unpickling."
+            ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be read ({_first_line(e)}). "
+            f"Use an earlier checkpoint (the run directory keeps the previous ones) or re-download it."
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure here is a corrupt file
+        raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def load_checkpoint(path: Path, expect_kind: Optional[str] = None, trust: bool = False) -> dict:
+    """Load a d2v checkpoint and check its version and kind."""
+    path = Path(path)
+    state = load_raw(path, trust=trust)
+    if not isinstance(state, dict) or FORMAT_VERSION_KEY not in state:
+        hint = ""
+        if isinstance(state, dict) and ("cfg" in state or "args" in state) and "model" in state:
+            hint = f" It looks like a fairseq checkpoint: convert it with `d2v import fairseq {path}`."
+        elif isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            hint = " It looks like a bare state dict (e.g. pytorch_model.bin): use `d2v import hf DIR` on its folder."
+        raise CheckpointError(f"{path} is not a d2v checkpoint.{hint}")
+    version = state[FORMAT_VERSION_KEY]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this d2vcli reads version {FORMAT_VERSION}. "
+            f"Use the d2vcli release that wrote it."
+        )
+    kind = state.get(KIND_KEY)
+    if expect_kind and kind != expect_kind:
+        what = {"pretrain": "a pretrained data2vec model (from `d2v pretrain` or `d2v import`)",
+                "ctc": "a fine-tuned CTC model (from `d2v finetune` or `d2v import`)"}
+        raise CheckpointError(
+            f"{path} is {what.get(kind, repr(kind))}, but {what[expect_kind]} is needed here."
+        )
+    return state
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
+    """Delete old step-N.pt files, keeping the newest `keep_last` and multiples of `keep_every`."""
+    steps = []
+    for p in Path(run_dir).glob("step-*.pt"):
+        try:
+            steps.append((int(p.stem.split("-", 1)[1]), p))
+        except ValueError:
+            continue
+    steps.sort()
+    doomed = steps[:-keep_last] if keep_last > 0 else steps
+    for step, p in doomed:
+        if keep_every and step % keep_every == 0:
+            continue
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,451 @@
+"""One typed config tree for every d2v command.
+
+Defaults are the data2vec 1.0 base recipe for LibriSpeech 960 h (fairseq
+`examples/data2vec/config/audio/pretraining/base_librispeech.yaml`, see
+docs/librispeech.md). Precedence, lowest first:
+
+    dataclass defaults  ->  --preset NAME (presets/NAME.yaml)  ->  --config FILE.yaml  ->  --set a.b=c
+
+Unknown keys and wrong types are errors that name the key and suggest the
+nearest valid one. Derived values (gradient accumulation, EMA decay at step t,
+...) are computed in code where they are used, never interpolated here.
+
+Run `d2v config show [--preset NAME]` to see every field with its doc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def f(default: Any, doc: str):
+    """A dataclass field with a docstring that `d2v config show` prints."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+ConvLayers = tuple[tuple[int, int, int], ...]
+BASE_CONV_LAYERS: ConvLayers = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    train_splits: tuple[str, ...] = f(
+        ("train-clean-100", "train-clean-360", "train-other-500"),
+        "Manifests in the workspace's data/ to train on (names as written by `d2v prepare`).",
+    )
+    valid_splits: tuple[str, ...] = f(("dev-other",), "Manifests used for validation.")
+    max_tokens: int = f(3_800_000, "Samples per device per micro-batch (batch size x length after cropping/padding).")
+    min_sample_size: int = f(32_000, "Utterances shorter than this many samples are skipped (2 s).")
+    max_sample_size: int = f(320_000, "Longer utterances are randomly cropped to this many samples (20 s); pretraining only.")
+    normalize: bool = f(True, "Normalize each waveform to zero mean and unit variance (data2vec was pretrained with it).")
+    num_workers: int = f(4, "DataLoader worker processes per device.")
+
+
+@dataclass
+class ModelConfig:
+    conv_layers: ConvLayers = f(BASE_CONV_LAYERS, "Feature encoder blocks as (channels, kernel, stride).")
+    embed_dim: int = f(768, "Transformer width D.")
+    num_layers: int = f(12, "Transformer layers.")
+    num_heads: int = f(12, "Attention heads.")
+    ffn_dim: int = f(3072, "Hidden size of the feed-forward block.")
+    dropout: float = f(0.1, "Dropout on the transformer input and after attention and FFN.")
+    attention_dropout: float = f(0.1, "Dropout on attention probabilities.")
+    activation_dropout: float = f(0.0, "Dropout after the FFN activation.")
+    dropout_input: float = f(0.0, "Dropout on the projected features, before masking.")
+    layerdrop: float = f(0.05, "Probability of skipping each transformer layer in training.")
+    pos_conv_depth: int = f(5, "Layers of the convolutional positional embedding.")
+    pos_conv_kernel: int = f(19, "Kernel of each positional conv layer (fairseq: max(3, conv_pos // depth) = 95 // 5).")
+    pos_conv_groups: int = f(16, "Groups of each positional conv layer.")
+    feature_grad_mult: float = f(1.0, "Gradient scale into the conv feature encoder; 0 freezes it.")
+    layer_norm_eps: float = f(1e-5, "LayerNorm epsilon.")
+
+
+@dataclass
+class MaskingConfig:
+    mask_prob: float = f(0.65, "Probability of each frame starting a masked span (expected coverage about 49%).")
+    mask_length: int = f(10, "Length of each masked span, in frames.")
+    min_masks: int = f(1, "Minimum number of spans per utterance.")
+    require_same_masks: bool = f(True, "Every row of a batch gets the same number of masked frames.")
+    mask_channel_prob: float = f(0.0, "Probability of each channel starting a masked channel span (fine-tuning).")
+    mask_channel_length: int = f(64, "Length of each masked channel span.")
+
+
+@dataclass
+class ObjectiveConfig:
+    average_top_k_layers: int = f(8, "Targets average the teacher's top K layer FFN outputs.")
+    layer_target_norm: Literal["instance", "layer", "batch", "none"] = f(
+        "instance", "Normalization of each target layer before averaging (instance = over time, per channel)."
+    )
+    final_target_norm: Literal["instance", "layer", "none"] = f("none", "Normalization of the averaged target.")
+    loss_beta: float = f(0.0, "0 = squared error; > 0 = smooth L1 with this beta.")
+    loss_scale: Optional[float] = f(None, "Loss multiplier; null means 1/sqrt(D).")
+    ema_decay: float = f(0.999, "Teacher EMA decay at update 0.")
+    ema_end_decay: float = f(0.9999, "Teacher EMA decay after the anneal.")
+    ema_anneal_end_step: int = f(30_000, "Updates over which the decay goes linearly from ema_decay to ema_end_decay.")
+    min_target_std: float = f(0.1, "Collapse guard: stop (with a checkpoint) if the target std falls below this.")
+    min_pred_std: float = f(0.01, "Collapse guard: stop (with a checkpoint) if the prediction std falls below this.")
+    collapse_check_after: int = f(5_000, "Updates before the collapse guards are armed.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = f(5e-4, "Peak learning rate.")
+    betas: tuple[float, float] = f((0.9, 0.98), "Adam betas.")
+    eps: float = f(1e-6, "Adam epsilon.")
+    weight_decay: float = f(0.01, "Decoupled (AdamW) weight decay, applied to all parameters as in the reference.")
+    clip_norm: float = f(0.0, "Gradient clipping max norm; 0 disables it.")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["tri_stage", "cosine", "constant"] = f("tri_stage", "Learning-rate schedule.")
+    phase_ratio: tuple[float, float, float] = f(
+        (0.03, 0.9, 0.07), "tri_stage: fractions of max_updates for warmup, hold and exponential decay."
+    )
+    init_lr_scale: float = f(0.01, "tri_stage: warmup starts at lr x this.")
+    final_lr_scale: float = f(0.01, "tri_stage: decay ends at lr x this.")
+    warmup_updates: int = f(0, "cosine: linear warmup updates from 0 to lr.")
+
+
+@dataclass
+class TrainConfig:
+    max_updates: int = f(400_000, "Optimizer updates.")
+    batch_seconds: float = f(
+        3800.0,
+        "Audio seconds per optimizer update (reference: 16 GPUs x 3.8M samples = 3800 s). "
+        "Gradient accumulation is derived from this, max_tokens and the world size.",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
+        "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
+    seed: int = f(1, "Random seed.")
+    log_every: int = f(10, "Updates between metric lines in metrics.jsonl.")
+    save_every: int = f(25_000, "Updates between checkpoints.")
+    keep_last: int = f(2, "Rolling checkpoints to keep (besides last.pt and best.pt).")
+    keep_every: int = f(0, "Also keep every checkpoint whose update is a multiple of this; 0 = none.")
+    max_nonfinite: int = f(10, "Stop after this many consecutive non-finite losses.")
+    compile: bool = f(False, "torch.compile the model (GPU).")
+    device: str = f("auto", "auto, cpu, cuda or cuda:N.")
+
+
+@dataclass
+class FinetuneConfig:
+    init: str = f("", "Pretrained checkpoint (a path, or a run name in the workspace) to start from.")
+    init_from: Literal["student", "teacher"] = f("student", "Which pretrained weights initialize the encoder.")
+    freeze_updates: int = f(0, "Updates during which only the CTC head trains.")
+    final_dropout: float = f(0.0, "Dropout before the CTC head.")
+    validate_every: int = f(1000, "Updates between validations.")
+    validate_after: int = f(0, "No validation before this update.")
+    best_metric: str = f("dev-other/wer", "Metric (split/wer or split/cer) that selects best.pt; lower is better.")
+    early_stop_patience: int = f(0, "Stop after this many validations without improvement; 0 disables.")
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = f(50, "Beam size.")
+    beam_threshold: float = f(50.0, "Prune hypotheses scoring this far below the best.")
+    beam_size_token: int = f(0, "Tokens considered per frame; 0 = the whole vocabulary.")
+    lm_weight: float = f(2.0, "KenLM weight.")
+    word_score: float = f(-1.0, "Score added per word.")
+    sil_weight: float = f(0.0, "Score added per silence (word boundary) token.")
+    unk_weight: float = f(float("-inf"), "Score of an unknown word.")
+    workers: int = f(0, "Beam-search worker processes; 0 = one per core.")
+    batch_size: int = f(8, "Utterances per acoustic-model batch when computing emissions.")
+
+
+@dataclass
+class Config:
+    """Everything a d2v run needs; saved as config.yaml in every run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def validate(self) -> None:
+        """Reject impossible combinations with a message that says what to change."""
+        problems = []
+        m = self.model
+        if m.embed_dim % m.num_heads:
+            problems.append(f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")
+        if m.embed_dim % m.pos_conv_groups:
+            problems.append(
+                f"model.embed_dim ({m.embed_dim}) must be divisible by model.pos_conv_groups ({m.pos_conv_groups})"
+            )
+        if not 1 <= self.objective.average_top_k_layers <= m.num_layers:
+            problems.append(
+                f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) must be between 1 and "
+                f"model.num_layers ({m.num_layers})"
+            )
+        if not 0 <= self.masking.mask_prob < 1:
+            problems.append("masking.mask_prob must be in [0, 1)")
+        if self.data.max_tokens < self.data.min_sample_size:
+            problems.append(
+                f"data.max_tokens ({self.data.max_tokens}) is smaller than data.min_sample_size "
+                f"({self.data.min_sample_size}): no utterance would fit in a batch"
+            )
+        if self.schedule.kind == "tri_stage" and abs(sum(self.schedule.phase_ratio) - 1) > 1e-6:
+            problems.append(f"schedule.phase_ratio {self.schedule.phase_ratio} must sum to 1")
+        if self.train.batch_seconds <= 0:
+            problems.append("train.batch_seconds must be positive")
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- named recipes
+
+
+def pretrain_base() -> Config:
+    """data2vec 1.0 base, LibriSpeech 960 h: the dataclass defaults."""
+    return Config()
+
+
+def finetune_base() -> Config:
+    """CTC fine-tuning defaults (fairseq base_100h.yaml with normalize=true, see docs/librispeech.md).
+
+    The architecture comes from the pretrained checkpoint; only regularization
+    (dropouts, layerdrop, masking) and the optimization recipe are set here.
+    """
+    cfg = Config()
+    cfg.data = dataclasses.replace(
+        cfg.data, train_splits=("train-clean-100",), max_tokens=3_200_000, min_sample_size=0
+    )
+    cfg.model = dataclasses.replace(
+        cfg.model, dropout=0.0, attention_dropout=0.0, activation_dropout=0.1, layerdrop=0.1, feature_grad_mult=0.0
+    )
+    cfg.masking = dataclasses.replace(cfg.masking, mask_prob=0.65, mask_channel_prob=0.5, min_masks=1,
+                                      require_same_masks=True)
+    cfg.optim = OptimConfig(lr=3e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+    cfg.schedule = ScheduleConfig(kind="tri_stage", phase_ratio=(0.1, 0.4, 0.5), init_lr_scale=0.01,
+                                  final_lr_scale=0.05)
+    cfg.train = dataclasses.replace(cfg.train, max_updates=80_000, batch_seconds=1600.0, save_every=1000)
+    cfg.finetune = FinetuneConfig(freeze_updates=0, validate_every=1000)
+    return cfg
+
+
+# Explicit list: preset name -> (command it belongs to, YAML file in presets/).
+PRESETS: dict[str, tuple[str, str]] = {
+    "speech-base": ("pretrain", "speech-base.yaml"),
+    "speech-large": ("pretrain", "speech-large.yaml"),
+    "speech-tiny": ("pretrain", "speech-tiny.yaml"),
+    "finetune-10m": ("finetune", "finetune-10m.yaml"),
+    "finetune-1h": ("finetune", "finetune-1h.yaml"),
+    "finetune-10h": ("finetune", "finetune-10h.yaml"),
+    "finetune-100h": ("finetune", "finetune-100h.yaml"),
+    "finetune-960h": ("finetune", "finetune-960h.yaml"),
+    "finetune-vox-10m": ("finetune", "finetune-vox-10m.yaml"),
+    "finetune-vox-1h": ("finetune", "finetune-vox-1h.yaml"),
+    "finetune-vox-10h": ("finetune", "finetune-vox-10h.yaml"),
+    "finetune-vox-100h": ("finetune", "finetune-vox-100h.yaml"),
+    "finetune-vox-960h": ("finetune", "finetune-vox-960h.yaml"),
+    "finetune-tiny": ("finetune", "finetune-tiny.yaml"),
+}
+
+DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says how."""
+
+
+# --------------------------------------------------------------------------- merging and type checking
+
+
+def _suggest(key: str, valid: list[str], where: str = "") -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    prefix = f"{where}." if where else ""
+    return f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "+inf", ".inf", "-.inf"):
+            return float(value.replace(".", ""))
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def merge(obj: Any, delta: dict, where: str = "") -> Any:
+    """Return a copy of dataclass `obj` with `delta` (nested dict) applied; strict on keys and types."""
+    if not isinstance(delta, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {delta!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [fl.name for fl in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in delta.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names, where)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, path)
+        else:
+            changes[key] = _coerce(value, hints[key], path)
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_set(item: str) -> dict:
+    """'a.b=c' -> {'a': {'b': c}} with c parsed as YAML (so numbers, lists, null work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. --set optim.lr=1e-4), got '{item}'")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and raw.strip().lower() in ("inf", "-inf"):
+        value = float(raw)
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    return PRESETS_DIR / PRESETS[name][1]
+
+
+def resolve(
+    command: str,
+    preset: Optional[str] = None,
+    config_file: Optional[Path] = None,
+    overrides: Optional[list[str]] = None,
+    base: Optional[Config] = None,
+) -> Config:
+    """Build the config for `command` (pretrain/finetune/...): defaults, preset, file, --set."""
+    cfg = base if base is not None else DEFAULTS.get(command, Config)()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'.{_suggest(preset, list(PRESETS))}")
+        owner = PRESETS[preset][0]
+        if owner != command and command in DEFAULTS:
+            raise ConfigError(f"preset '{preset}' is for `d2v {owner}`, not `d2v {command}`")
+        cfg = merge(cfg, load_yaml(preset_path(preset)))
+    if config_file:
+        cfg = merge(cfg, load_yaml(Path(config_file)))
+    for item in overrides or []:
+        cfg = merge(cfg, parse_set(item))
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------- (de)serialization
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML, JSON and weights_only checkpoints."""
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {fl.name: conv(getattr(v, fl.name)) for fl in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def from_dict(data: dict, cls: type = Config) -> Any:
+    """Inverse of to_dict, strict (used for configs stored in checkpoints)."""
+    return merge(cls(), data)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save(cfg: Any, path: Path) -> None:
+    from d2vcli.fileio import atomic_write_text
+
+    atomic_write_text(Path(path), to_yaml(cfg))
+
+
+def field_docs(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, doc) for every leaf field, in declaration order."""
+    rows = []
+    for fl in dataclasses.fields(cfg):
+        v = getattr(cfg, fl.name)
+        key = f"{prefix}{fl.name}"
+        if dataclasses.is_dataclass(v):
+            rows.extend(field_docs(v, key + "."))
+        else:
+            rows.append((key, v, fl.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,49 @@
+"""Manifests: one JSON line per utterance, written by `d2v prepare`, read by every later stage.
+
+    {"id": "1272-128104-0000", "path": "/abs/path.flac", "num_samples": 93680,
+     "sample_rate": 16000, "speaker": "1272", "text": "MISTER QUILTER IS ..."}
+
+`text` is "" for unlabeled audio (pretraining). Optional `offset` (samples) marks a
+segment of a longer file (Libri-light VAD segments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from d2vcli.fileio import atomic_write_jsonl, read_jsonl
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    path: str
+    num_samples: int
+    sample_rate: int = SAMPLE_RATE
+    speaker: str = ""
+    text: str = ""
+    offset: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+def write_manifest(path: Path, records: list[Record]) -> int:
+    return atomic_write_jsonl(Path(path), (asdict(r) for r in records))
+
+
+def read_manifest(path: Path) -> list[Record]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest not found: {path}. Run `d2v prepare` first.")
+    out = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        try:
+            out.append(Record(**row))
+        except TypeError as e:
+            raise ValueError(f"{path}: line {i} is not a d2v manifest record ({e})") from e
+    return out
