@@ -32,6 +32,21 @@ class Record:
         return self.num_samples / self.sample_rate
 
 
+def num_frames(num_samples: int, conv_layers=None) -> int:
+    """Frames the conv feature encoder makes from `num_samples` (floor((L - k) / s) + 1 per layer).
+
+    With the base stack (total stride 320): 2 s -> 99 frames, 20 s -> 999.
+    """
+    from d2vcli.config import BASE_CONV_LAYERS
+
+    length = num_samples
+    for _, kernel, stride in conv_layers or BASE_CONV_LAYERS:
+        length = (length - kernel) // stride + 1
+        if length <= 0:
+            return 0
+    return length
+
+
 def write_manifest(path: Path, records: list[Record]) -> int:
     return atomic_write_jsonl(Path(path), (asdict(r) for r in records))
 
