@@ -16,3 +16,44 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
+
+
+# ----------------------------------------------------------------------------- model / interop (HF parity)
+
+HF_TINY = dict(
+    conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), hidden_size=64, num_hidden_layers=3,
+    num_attention_heads=4, intermediate_size=128, num_conv_pos_embeddings=5, conv_pos_kernel_size=19,
+    num_conv_pos_embedding_groups=16, vocab_size=32, mask_time_prob=0.05, layerdrop=0.0,
+)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_ctc():
+    """A tiny but structurally complete HF Data2VecAudioForCTC (real pos-conv depth/kernel/groups), eager
+    attention, eval mode. LayerNorm weights and all biases are randomized so a swapped key cannot hide."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1234)
+    cfg = transformers.Data2VecAudioConfig(**HF_TINY, attn_implementation="eager")
+    model = transformers.Data2VecAudioForCTC(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def synthetic_workspace(tmp_path_factory):
+    """A `Workspace` with the tiny synthetic corpus generated and prepared (about 1 s, once per session).
+
+    data/: train (32 utterances), dev-clean, dev-other, test-clean, test-other (8 each) manifests
+    and dict.ltr.txt; the corpus and its LM text are under <root>/corpus/synthetic/
+    (`lm-text.txt`, 300 sentences). Shared by every test: add runs/decodes under names of
+    your own, and never modify data/ (copy the manifests elsewhere if a test must).
+    """
+    from d2vcli.prepare import prepare_synthetic
+    from d2vcli.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path_factory.mktemp("synthetic") / "ws")
+    prepare_synthetic(ws, size="tiny", seed=0, workers=1)
+    return ws

@@ -1,0 +1,404 @@
+"""Audio batches for pretraining and fine-tuning: manifests in, deterministic resumable batches out.
+
+Used by `d2vcli.pretrain` and `d2vcli.finetune`; nothing here is run directly.
+
+    records = read_splits(workspace, cfg.data.train_splits)
+    dataset = AudioDataset(records, normalize=True, min_sample_size=32_000)
+    loader = BatchLoader(dataset, "crop", max_tokens=3_800_000, seed=1, max_sample_size=320_000,
+                         rank=0, world_size=1, num_workers=4)
+    for batch in loader:           # the rest of the current epoch; then loader.position moves to the next
+        batch["source"]            # (B, S) float32 waveform
+
+The recipe follows fairseq's raw-audio dataset (docs: data2vec-reference §4, §6.1):
+
+- Each utterance is read with soundfile (`Record.offset`/`num_samples` pick a segment of a longer
+  file) and, when `normalize` is on, scaled to zero mean and unit variance over the **whole**
+  utterance before any cropping (fairseq's `F.layer_norm(wav, wav.shape)`: biased variance, eps 1e-5).
+  Utterances shorter than `min_sample_size` are skipped.
+- Batches are packed by size: indices sorted by (capped) length, longest first, ties broken at
+  random; a batch grows until batch_size x longest > `max_tokens`. The list of batches is then
+  shuffled. Both use a RNG seeded by (seed, epoch), so an epoch's batches are a pure function of
+  (seed, epoch). fairseq seeds the tie-break with the seed alone; drawing it per epoch changes nothing
+  for LibriSpeech (lengths are almost all distinct) and mixes equal-length corpora better.
+- Collation "crop" (pretraining) crops every utterance to the batch's shortest (at most
+  `max_sample_size`) at a random offset, so batches carry no padding. Collation "pad" (fine-tuning,
+  evaluation) zero-pads to the longest and returns the padding mask and, with a vocabulary, labels.
+- Randomness inside a batch (crop offsets; the pretraining mask, see `batch_rng`) comes from a
+  generator seeded by (seed, epoch, global batch index, stream). It never depends on worker
+  processes, worker count, rank or on what ran before, which is what makes resumed and sharded runs
+  reproduce a straight single-process run.
+- Rank r of W takes global batches r, r + W, r + 2W, ... from the epoch's list. For training the tail
+  that cannot give every rank a batch is dropped (every rank must run the same number of steps);
+  for evaluation (`drop_uneven=False`) it is kept.
+- `loader.position` = (epoch, global batches consumed in that epoch) is saved in checkpoints; after
+  `load_position` iteration continues with the next unseen batch, even with a different world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from d2vcli.manifest import SAMPLE_RATE, Record, read_manifest
+from d2vcli.vocab import PAD, Vocab
+
+Collate = Literal["crop", "pad"]
+
+# Independent random streams derived from one batch key (see batch_rng).
+STREAM_CROP = 0
+STREAM_MASK = 1
+
+NORMALIZE_EPS = 1e-5  # fairseq layer_norm default
+
+
+def batch_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """The generator for one batch's randomness of one kind (crop, mask, ...).
+
+    Seeded by (seed, epoch, global batch index, stream) through numpy's SeedSequence, so it is the
+    same in any process, worker or resumed run that sees that batch.
+    """
+    return np.random.default_rng([seed, epoch, index, stream])
+
+
+# ----------------------------------------------------------------------------- reading audio
+
+
+def read_splits(workspace, splits: Sequence[str]) -> list[Record]:
+    """All records of the given manifests in the workspace, in order (missing split -> clear error)."""
+    records: list[Record] = []
+    for split in splits:
+        records.extend(read_manifest(workspace.require_manifest(split)))
+    return records
+
+
+def normalize_waveform(wav: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the whole utterance (biased variance, eps 1e-5), float32."""
+    wav64 = wav.astype(np.float64)
+    mean = wav64.mean()
+    var = ((wav64 - mean) ** 2).mean()
+    return ((wav64 - mean) / np.sqrt(var + NORMALIZE_EPS)).astype(np.float32)
+
+
+def load_audio(record: Record, normalize: bool) -> np.ndarray:
+    """The record's samples as float32 mono (channels averaged), optionally normalized.
+
+    Raises ValueError naming the file when it is not 16 kHz or shorter than the manifest says.
+    """
+    try:
+        wav, sr = sf.read(
+            record.path, start=record.offset, stop=record.offset + record.num_samples, dtype="float32",
+            always_2d=True,
+        )
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise ValueError(
+            f"cannot read audio {record.path} (utterance {record.id}): {e}. "
+            f"Check the file, or re-run `d2v prepare` to rebuild the manifest."
+        ) from None
+    if sr != SAMPLE_RATE:
+        raise ValueError(
+            f"{record.path} has sample rate {sr} Hz; d2v models take {SAMPLE_RATE} Hz audio. "
+            f"Resample it (e.g. `sox in.flac -r 16000 out.flac`) and re-run `d2v prepare`."
+        )
+    if wav.shape[0] != record.num_samples:
+        raise ValueError(
+            f"{record.path}: the manifest says {record.num_samples} samples from offset {record.offset}, "
+            f"the file gives {wav.shape[0]}. The manifest is stale: re-run `d2v prepare`."
+        )
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    return normalize_waveform(wav) if normalize else np.ascontiguousarray(wav)
+
+
+@dataclass
+class Item:
+    id: str
+    source: np.ndarray  # (S,) float32
+    label: Optional[list[int]] = None
+    text: str = ""
+
+
+class AudioDataset:
+    """Utterances of a manifest, minus those shorter than `min_sample_size`.
+
+    With a `vocab`, every transcript is encoded up front, so a character missing from the
+    dictionary fails before training starts (naming the utterance), not hours into it.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        normalize: bool,
+        min_sample_size: int = 0,
+        vocab: Optional[Vocab] = None,
+    ):
+        self.normalize = normalize
+        self.records = [r for r in records if r.num_samples >= min_sample_size]
+        self.skipped = len(records) - len(self.records)
+        if not self.records:
+            raise ValueError(
+                f"no utterance is at least data.min_sample_size={min_sample_size} samples long "
+                f"({len(records)} in the manifests). Lower it with --set data.min_sample_size=N."
+            )
+        self.sizes = np.array([r.num_samples for r in self.records], dtype=np.int64)
+        self.labels: Optional[list[list[int]]] = None
+        if vocab is not None:
+            self.labels = []
+            for r in self.records:
+                if not r.text.strip():
+                    raise ValueError(
+                        f"utterance {r.id} ({r.path}) has no transcript; fine-tuning needs labelled splits "
+                        f"(check data.train_splits / data.valid_splits)."
+                    )
+                try:
+                    self.labels.append(vocab.encode(r.text))
+                except KeyError as e:
+                    raise ValueError(
+                        f"utterance {r.id}: {e.args[0]}. Add the character to dict.ltr.txt or normalize the "
+                        f"transcript (d2v prepare does both)."
+                    ) from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Item:
+        r = self.records[i]
+        return Item(
+            id=r.id,
+            source=load_audio(r, self.normalize),
+            label=self.labels[i] if self.labels is not None else None,
+            text=r.text,
+        )
+
+    @property
+    def seconds(self) -> float:
+        return float(self.sizes.sum()) / SAMPLE_RATE
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def batch_by_size(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Greedy packing in `order`: a batch closes when (len + 1) x longest would exceed max_tokens.
+
+    `sizes` are the lengths the collater will produce (capped for cropping). Items longer than
+    max_tokens are left out (the caller reports them).
+    """
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for idx in order:
+        size = int(sizes[idx])
+        if size > max_tokens:
+            continue
+        new_longest = max(longest, size)
+        if current and (len(current) + 1) * new_longest > max_tokens:
+            batches.append(np.array(current, dtype=np.int64))
+            current, new_longest = [], size
+        current.append(int(idx))
+        longest = new_longest
+    if current:
+        batches.append(np.array(current, dtype=np.int64))
+    return batches
+
+
+def epoch_batches(sizes: np.ndarray, max_tokens: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
+    """The global list of batches for one epoch (a pure function of its arguments)."""
+    if not shuffle:
+        order = np.argsort(-sizes, kind="stable")
+        return batch_by_size(order, sizes, max_tokens)
+    rng = np.random.default_rng([seed, epoch, 0xBA7C])
+    # lexsort: last key is primary -> ascending size, random tie-break; reversed -> longest first.
+    order = np.lexsort((rng.permutation(len(sizes)), sizes))[::-1]
+    batches = batch_by_size(order, sizes, max_tokens)
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generator) -> dict:
+    """Crop every utterance to the batch's shortest (at most max_sample_size) at random offsets."""
+    target = min(min(len(it.source) for it in items), max_sample_size)
+    source = np.empty((len(items), target), dtype=np.float32)  # (B, S)
+    for b, it in enumerate(items):
+        extra = len(it.source) - target
+        start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
+        source[b] = it.source[start:start + target]
+    return {
+        "source": torch.from_numpy(source),
+        "padding_mask": None,
+        "ids": [it.id for it in items],
+        "num_samples": int(source.size),
+    }
+
+
+def collate_pad(items: list[Item]) -> dict:
+    """Zero-pad to the longest; padding_mask (B, S) is True at padding. Adds labels when present."""
+    lengths = [len(it.source) for it in items]
+    longest = max(lengths)
+    source = np.zeros((len(items), longest), dtype=np.float32)  # (B, S)
+    padding_mask = np.ones((len(items), longest), dtype=bool)
+    for b, it in enumerate(items):
+        source[b, : lengths[b]] = it.source
+        padding_mask[b, : lengths[b]] = False
+    batch = {
+        "source": torch.from_numpy(source),
+        "padding_mask": torch.from_numpy(padding_mask),
+        "ids": [it.id for it in items],
+        "num_samples": int(sum(lengths)),
+    }
+    if items[0].label is not None:
+        target_lengths = [len(it.label) for it in items]
+        target = np.full((len(items), max(target_lengths)), PAD, dtype=np.int64)  # (B, L)
+        for b, it in enumerate(items):
+            target[b, : len(it.label)] = it.label
+        batch["target"] = torch.from_numpy(target)
+        batch["target_lengths"] = torch.tensor(target_lengths, dtype=torch.long)
+        batch["texts"] = [it.text for it in items]
+    return batch
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where training is in the data: epoch (1-based) and global batches of it already consumed."""
+
+    epoch: int = 1
+    consumed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataPosition":
+        return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]))
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Map-style view of one rank's share of an epoch: item i is a collated batch.
+
+    Handing whole batches to the DataLoader keeps every random draw keyed by the batch, not by
+    which worker happened to load it.
+    """
+
+    def __init__(self, loader: "BatchLoader", batches: list[np.ndarray], global_indices: list[int], epoch: int):
+        self.loader, self.batches, self.global_indices, self.epoch = loader, batches, global_indices, epoch
+
+    def __len__(self) -> int:
+        return len(self.global_indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.loader.make_batch(self.batches[self.global_indices[i]], self.epoch, self.global_indices[i])
+
+
+class BatchLoader:
+    """Iterates one rank's batches of the current epoch, from the saved position on.
+
+    Each `iter()` yields the rest of the current epoch and then moves `position` to the next
+    epoch, so a training loop is `while not done: for batch in loader: ...`. Every batch dict
+    carries "epoch" and "index" (its global index): the key for `batch_rng`.
+    """
+
+    def __init__(
+        self,
+        dataset: AudioDataset,
+        collate: Collate,
+        max_tokens: int,
+        seed: int,
+        *,
+        max_sample_size: Optional[int] = None,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_uneven: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        if collate == "crop" and not max_sample_size:
+            raise ValueError("collate='crop' needs max_sample_size")
+        self.dataset, self.collate, self.max_tokens, self.seed = dataset, collate, max_tokens, seed
+        self.max_sample_size = max_sample_size
+        self.shuffle, self.rank, self.world_size, self.drop_uneven = shuffle, rank, world_size, drop_uneven
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.position = DataPosition()
+        # The length the collater will produce: cropping caps it; padding does not.
+        self.sizes = np.minimum(dataset.sizes, max_sample_size) if collate == "crop" else dataset.sizes
+        self.too_long = int((self.sizes > max_tokens).sum())
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    # -- the epoch's batches
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, epoch_batches(self.sizes, self.max_tokens, self.seed, epoch, self.shuffle))
+        return self._cache[1]
+
+    def local_indices(self, epoch: int, consumed: int) -> list[int]:
+        """Global indices this rank reads in `epoch`, starting after `consumed` global batches."""
+        n = len(self.batches(epoch))
+        remaining = max(0, n - consumed)
+        if self.drop_uneven:
+            remaining -= remaining % self.world_size
+        return list(range(consumed + self.rank, consumed + remaining, self.world_size))
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a whole epoch (the current one)."""
+        return len(self.local_indices(self.position.epoch, 0))
+
+    def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> dict:
+        items = [self.dataset[int(i)] for i in indices]
+        if self.collate == "crop":
+            batch = collate_crop(items, self.max_sample_size, batch_rng(self.seed, epoch, index, STREAM_CROP))
+        else:
+            batch = collate_pad(items)
+        batch["epoch"], batch["index"] = epoch, index
+        return batch
+
+    # -- iteration and position
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, consumed = self.position.epoch, self.position.consumed
+        indices = self.local_indices(epoch, consumed)
+        batches = self.batches(epoch)
+        if not batches:
+            raise ValueError(
+                f"no batch fits: every utterance is longer than data.max_tokens={self.max_tokens} samples. "
+                f"Raise data.max_tokens or lower data.max_sample_size."
+            )
+        if self.num_workers > 0 and indices:
+            view = _EpochBatches(self, batches, indices, epoch)
+            source: Iterator[dict] = iter(
+                torch.utils.data.DataLoader(
+                    view, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                    pin_memory=self.pin_memory, collate_fn=_identity,
+                    # An explicit generator keeps DataLoader from drawing its base seed from the
+                    # global torch RNG, which would make dropout depend on epoch boundaries.
+                    generator=torch.Generator().manual_seed(self.seed),
+                )
+            )
+        else:
+            source = (self.make_batch(batches[g], epoch, g) for g in indices)
+        for batch in source:
+            # Counted when handed over, not when a worker prefetched it: a checkpoint taken now
+            # resumes exactly after this batch.
+            # Global count: this rank's batch and the ones the other ranks took beside it.
+            self.position = DataPosition(epoch, batch["index"] - self.rank + self.world_size)
+            yield batch
+        self.position = DataPosition(epoch + 1, 0)
+
+    def state_dict(self) -> dict:
+        return self.position.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = DataPosition.from_dict(state)
+
+
+def _identity(x):
+    return x

@@ -1,0 +1,804 @@
+"""The training engine: the one loop behind `d2v pretrain` and `d2v finetune`.
+
+Not run directly: `d2vcli.pretrain.pretrain()` and `d2vcli.finetune` build a task and a data
+loader and call `train(cfg, task, loader, run, dist_info)`.
+
+The engine owns the loop, precision, gradient accumulation, the LR schedule, clipping,
+non-finite handling, logging, checkpoints, resume, signals and DDP. The task owns the model
+and the objective. They meet through this step interface (`TrainTask`, a typing.Protocol:
+any object with these members works, there is no base class):
+
+    model                    nn.Module already on the device. The engine wraps it in DDP and
+                             optimizes its parameters that require grad.
+    kind                     checkpoint kind, "pretrain" or "ctc".
+    find_unused_parameters   True when a step may leave parameters without a gradient
+                             (LayerDrop, frozen parts): DDP must then look for them.
+    train_step(model, batch, step) -> StepOutput
+        One micro-batch forward. Call `model` (the DDP wrapper in multi-process runs, so gradients
+        synchronize), not `task.model`. Runs under the engine's autocast; `step` = updates done.
+        StepOutput.loss         scalar tensor, SUMMED over the micro-batch (not averaged)
+        StepOutput.sample_size  what the loss is normalized by (masked frames, utterances, ...)
+        StepOutput.metrics      {name: float | 0-dim tensor}, averaged over the micro-batches
+                                of an update and over the log interval
+    after_update(step) -> dict | None
+        Called exactly once after every optimizer update (not after a skipped one), with the new
+        update count. The EMA teacher steps here. Returned metrics join the update's metrics.
+    validate(model, step) -> dict | None
+        Called every `validate_every` updates (after `validate_after`); `model` is the bare module.
+        Rank 0's result is logged and, with `best_metric`, selects best.pt (lower is better).
+    stop_reason(step, metrics) -> str | None
+        Checked after every update with its metrics; a message ends training after saving a
+        checkpoint (pretraining's collapse guard). All ranks must agree (use all-reduced metrics).
+    checkpoint_state() -> dict          extra checkpoint keys: arch, normalize, teacher, vocab, ...
+    load_checkpoint_state(state) -> None    restores them on resume
+
+Semantics (fairseq's, see docs: data2vec-reference §4, §8):
+
+- Batch size is audio seconds per update (`train.batch_seconds`). Accumulation =
+  ceil(batch_seconds x 16000 / (world_size x max_tokens)), printed at start, so one GPU
+  reproduces the 16-GPU recipe's batch: "3800 s/update = 1 GPU x 3.8M samples x 16 accumulation".
+- Loss normalization: losses are summed over micro-batches and ranks and the gradient is divided
+  by the all-reduced total sample_size. Two processes sharing a global batch therefore compute the
+  same update, and log the same loss, as one process accumulating it.
+- Update u (0-based) uses lr = schedule(u) (`d2vcli.schedule`). Optional clipping (clip_norm > 0).
+  A non-finite loss or gradient skips the update (no optimizer step, no after_update) and is
+  counted; `train.max_nonfinite` in a row ends the run with an explanation. fp16 overflows are
+  the GradScaler's business (the scale backs off) and are not counted, unless the scale collapses.
+- Precision `train.precision`: auto = bf16 autocast on GPUs that support it, fp16 autocast with
+  dynamic loss scaling elsewhere on GPU, fp32 on CPU. The model keeps its own fp32 islands.
+- Randomness: torch is re-seeded at every update from (seed, rank, update), like fairseq's
+  per-update seeding, so dropout does not depend on where a run was resumed; data randomness
+  is keyed by batch (`d2vcli.data.batch_rng`).
+- Checkpoints (`d2vcli.checkpoint`): last.pt at every save, step-N.pt pruned to
+  `train.keep_last` (plus multiples of `train.keep_every`), best.pt for the best validation.
+  Each holds model, task state (teacher), optimizer, scheduler, scaler, RNG states, data
+  position, step, resolved config and format version; only rank 0 writes.
+- Resume continues exactly: the next update sees the same batch, lr, RNG and optimizer state as
+  in an uninterrupted run; metrics.jsonl lines after the checkpoint are dropped.
+- SIGINT/SIGTERM: finish the current update, save last.pt, return "interrupted" (a second
+  Ctrl-C aborts at once).
+- Logging: a rich progress bar; metrics.jsonl (one line per `train.log_every` updates and one
+  per validation); TensorBoard events in <run>/tensorboard when tensorboard is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from d2vcli import checkpoint as ckpt
+from d2vcli import config as cfgmod
+from d2vcli import distributed
+from d2vcli.config import Config, ConfigError
+from d2vcli.distributed import DistInfo
+from d2vcli.fileio import atomic_write_jsonl, read_jsonl
+from d2vcli.manifest import SAMPLE_RATE
+from d2vcli.schedule import build_optimizer, lr_at
+from d2vcli.ui import console
+
+FP16_INIT_SCALE = 128.0  # fairseq fp16_init_scale
+FP16_MIN_SCALE = 1e-4  # fairseq min_loss_scale: below this the loss is exploding, not overflowing
+
+
+# ----------------------------------------------------------------------------- the step interface
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, summed over the micro-batch
+    sample_size: Any  # int, float or scalar tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainTask(Protocol):
+    model: nn.Module
+    kind: str
+    find_unused_parameters: bool
+
+    def train_step(self, model: nn.Module, batch: dict, step: int) -> StepOutput: ...
+
+    def after_update(self, step: int) -> Optional[dict]: ...
+
+    def validate(self, model: nn.Module, step: int) -> Optional[dict]: ...
+
+    def stop_reason(self, step: int, metrics: dict) -> Optional[str]: ...
+
+    def checkpoint_state(self) -> dict: ...
+
+    def load_checkpoint_state(self, state: dict) -> None: ...
+
+
+Status = Literal["done", "paused", "early_stop", "interrupted", "stopped", "diverged"]
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    step: int
+    message: str
+    checkpoint: Optional[Path]
+    run_dir: Path
+    signum: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a finished (or deliberately paused) run, 128+signal when interrupted, 1 when stopped."""
+        if self.status in ("done", "paused", "early_stop"):
+            return 0
+        if self.status == "interrupted":
+            return 128 + self.signum
+        return 1
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked; the message offers the ways out."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    dir: Path
+    resume_from: Optional[Path]
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+
+def default_run_name(command: str, preset: Optional[str]) -> str:
+    return preset or f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _checkpoints_in(run_dir: Path) -> list[Path]:
+    found = sorted(run_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]) if
+                   p.stem.split("-")[1].isdigit() else -1)
+    if (run_dir / "last.pt").exists():
+        found.append(run_dir / "last.pt")
+    return found
+
+
+def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo) -> Run:
+    """Create <workdir>/runs/<name> and write config.yaml there before any work starts.
+
+    An existing run with checkpoints is only continued with `resume`; `resume` without a
+    checkpoint starts fresh (so a preemptible job can always be launched with --resume).
+    """
+    name = distributed.broadcast_object(name)  # a timestamped default must be the same on every rank
+    run_dir = workspace.run_dir(name)
+    existing = _checkpoints_in(run_dir) if run_dir.exists() else []
+    if existing and not resume:
+        raise RunDirError(
+            f"run '{name}' already has checkpoints ({existing[-1].name} in {run_dir}). "
+            f"Pass --resume to continue it, or --name NEW_NAME to start a separate run."
+        )
+    resume_from = existing[-1] if (resume and existing) else None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.yaml"
+        if resume_from is not None and config_path.exists():
+            _report_config_changes(cfgmod.load_yaml(config_path), cfgmod.to_dict(cfg))
+        cfgmod.save(cfg, config_path)
+        if resume and resume_from is None:
+            console.print(f"--resume: no checkpoint in {run_dir}, starting a new run")
+    distributed.barrier()
+    return Run(name=name, dir=run_dir, resume_from=resume_from)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _report_config_changes(old: dict, new: dict) -> None:
+    a, b = _flatten(old), _flatten(new)
+    changed = [k for k in b if a.get(k) != b[k]]
+    if not changed:
+        return
+    arch = [k for k in changed if k.startswith("model.") and k.split(".")[1] in (
+        "conv_layers", "embed_dim", "num_layers", "num_heads", "ffn_dim", "pos_conv_depth", "pos_conv_kernel",
+        "pos_conv_groups")]
+    if arch:
+        raise RunDirError(
+            "--resume with a different architecture than the run was started with: "
+            + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in arch)
+            + ". Resume with the original settings, or start a new run with --name."
+        )
+    console.print("[yellow]resuming with changed settings:[/] "
+                  + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in changed))
+
+
+# ----------------------------------------------------------------------------- derived settings
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `train.precision` on `device`, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if precision == "auto":
+            return None
+        if precision == "fp16":
+            raise ConfigError("train.precision=fp16 needs a GPU; use fp32 (or bf16) on CPU")
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} does not support bf16; use train.precision=fp16")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def precision_name(dtype: Optional[torch.dtype]) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}[dtype]
+
+
+def accumulation_steps(batch_seconds: float, max_tokens: int, world_size: int) -> int:
+    """Micro-batches per update so that world_size x max_tokens x accumulation >= batch_seconds of audio."""
+    return max(1, math.ceil(round(batch_seconds * SAMPLE_RATE / (world_size * max_tokens), 9)))
+
+
+def describe_batch(batch_seconds: float, max_tokens: int, info: DistInfo, accumulation: int) -> str:
+    """'3800 s/update = 1 GPU x 3.8M samples x 16 accumulation' (plus the exact total if it differs)."""
+    text = (f"{batch_seconds:g} s/update = {info.describe()} x {max_tokens / 1e6:g}M samples x "
+            f"{accumulation} accumulation")
+    actual = info.world_size * max_tokens * accumulation / SAMPLE_RATE
+    if abs(actual - batch_seconds) > 1e-6 * batch_seconds:
+        text += f" (up to {actual:g} s)"
+    return text
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """torch, numpy, python and CUDA RNG states as tensors/lists/numbers (loadable with weights_only)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def seed_update(seed: int, rank: int, step: int) -> None:
+    """Seed torch for update `step` on `rank`: dropout/LayerDrop draws become a function of the update."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when importable); rank 0 only.
+
+    Lines are appended and flushed rather than rewritten atomically: the log grows with the run,
+    and a torn last line is dropped on resume, when the file is rewritten (atomically) up to
+    the checkpoint's step.
+    """
+
+    def __init__(self, run: Run, enabled: bool, resume_step: Optional[int]):
+        self.enabled = enabled
+        self.fh = None
+        self.tb = None
+        if not enabled:
+            return
+        path = run.metrics_path
+        rows: list[dict] = []
+        if resume_step is not None and path.exists():
+            rows = [r for r in _read_jsonl_tolerant(path) if r.get("step", 0) <= resume_step]
+        atomic_write_jsonl(path, rows)
+        self.fh = open(path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(str(run.dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, row: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _read_jsonl_tolerant(path: Path) -> list[dict]:
+    try:
+        return read_jsonl(path)
+    except ValueError:  # a line torn by a kill: keep the complete ones
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+        return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag the loop checks after each update; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this update "
+                      f"(Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: Config,
+    task: TrainTask,
+    loader,
+    run: Run,
+    info: DistInfo,
+    *,
+    description: str = "train",
+    validate_every: int = 0,
+    validate_after: int = 0,
+    best_metric: Optional[str] = None,
+    early_stop_patience: int = 0,
+    stop_at: Optional[int] = None,
+) -> TrainResult:
+    """Train `task` on `loader` until cfg.train.max_updates (or `stop_at` updates, then save
+    and return "paused"; used to split a run in parts). See the module docstring for semantics."""
+    return _Trainer(cfg, task, loader, run, info, description, validate_every, validate_after, best_metric,
+                    early_stop_patience, stop_at).run()
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class _Trainer:
+    def __init__(self, cfg, task, loader, run, info, description, validate_every, validate_after, best_metric,
+                 early_stop_patience, stop_at):
+        self.cfg, self.task, self.loader, self.run_info, self.info = cfg, task, loader, run, info
+        self.description = description
+        self.validate_every, self.validate_after = validate_every, validate_after
+        self.best_metric, self.patience, self.stop_at = best_metric, early_stop_patience, stop_at
+        self.device = info.device
+        self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        self.accumulation = accumulation_steps(cfg.train.batch_seconds, cfg.data.max_tokens, info.world_size)
+        task.model.train()
+        self.model = distributed.wrap_model(task.model, info, task.find_unused_parameters)
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
+        self.scaler = (torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
+                       if self.amp_dtype == torch.float16 else None)
+        self.step = 0
+        # Engine state saved with checkpoints.
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.best: Optional[float] = None
+        self.bad_validations = 0
+        self.audio_seconds = 0.0
+        self.train_seconds = 0.0
+
+    # -- checkpoints
+
+    def _state(self) -> dict:
+        state = dict(self.task.checkpoint_state())
+        state.update({
+            ckpt.KIND_KEY: self.task.kind,
+            ckpt.MODEL_KEY: self.task.model.state_dict(),
+            ckpt.OPTIMIZER_KEY: self.optimizer.state_dict(),
+            ckpt.SCHEDULER_KEY: {"kind": self.cfg.schedule.kind, "step": self.step},
+            ckpt.SCALER_KEY: self.scaler.state_dict() if self.scaler is not None else {},
+            ckpt.RNG_KEY: rng_state(),
+            ckpt.DATA_POSITION_KEY: self.loader.state_dict(),
+            ckpt.STEP_KEY: self.step,
+            ckpt.CONFIG_KEY: cfgmod.to_dict(self.cfg),
+            ckpt.ENGINE_KEY: {
+                "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
+                "best": self.best, "bad_validations": self.bad_validations,
+                "audio_seconds": self.audio_seconds, "train_seconds": self.train_seconds,
+                "world_size": self.info.world_size,
+            },
+        })
+        return state
+
+    def save(self, periodic: bool, best: bool = False) -> Optional[Path]:
+        """Write last.pt (and step-N.pt / best.pt as hard links to it) on rank 0."""
+        last = self.run_info.last
+        if self.info.is_main:
+            ckpt.save_checkpoint(last, self._state())
+            if periodic:
+                _link(last, self.run_info.dir / f"step-{self.step}.pt")
+                ckpt.prune_checkpoints(self.run_info.dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
+            if best:
+                _link(last, self.run_info.dir / "best.pt")
+        distributed.barrier()
+        return last
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, expect_kind=self.task.kind)
+        self.task.model.load_state_dict(state[ckpt.MODEL_KEY])
+        self.task.load_checkpoint_state(state)
+        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
+        if self.scaler is not None and state.get(ckpt.SCALER_KEY):
+            self.scaler.load_state_dict(state[ckpt.SCALER_KEY])
+        self.loader.load_state_dict(state[ckpt.DATA_POSITION_KEY])
+        set_rng_state(state[ckpt.RNG_KEY])
+        self.step = int(state[ckpt.STEP_KEY])
+        eng = state.get(ckpt.ENGINE_KEY, {})
+        self.nonfinite_streak = int(eng.get("nonfinite_streak", 0))
+        self.nonfinite_total = int(eng.get("nonfinite_total", 0))
+        self.best = eng.get("best")
+        self.bad_validations = int(eng.get("bad_validations", 0))
+        self.audio_seconds = float(eng.get("audio_seconds", 0.0))
+        self.train_seconds = float(eng.get("train_seconds", 0.0))
+        if self.info.is_main:
+            pos = self.loader.position
+            console.print(f"resumed from {path} at update {self.step} (epoch {pos.epoch}, "
+                          f"{pos.consumed} batches into it)")
+
+    # -- data
+
+    def _micro_batches(self) -> Iterator[dict]:
+        """Micro-batches forever, epoch after epoch (an update may span an epoch boundary)."""
+        while True:
+            if not self.loader.local_indices(self.loader.position.epoch, 0):
+                raise ConfigError(
+                    f"the training data gives no batch to process {self.info.rank} of {self.info.world_size}: "
+                    f"{len(self.loader.batches(self.loader.position.epoch))} batches per epoch. Use fewer "
+                    f"processes or a smaller data.max_tokens."
+                )
+            yield from self.loader
+
+    # -- one update
+
+    def _update(self, batches: Iterator[dict]) -> dict:
+        """Accumulate `self.accumulation` micro-batches, then step (or skip). Returns the update's numbers."""
+        cfg = self.cfg
+        seed_update(cfg.train.seed, self.info.rank, self.step)
+        lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        sample_size = torch.zeros((), device=self.device, dtype=torch.float64)
+        num_samples = 0
+        metric_sums: dict[str, Any] = {}
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                  enabled=self.amp_dtype is not None)
+        for i in range(self.accumulation):
+            batch = _to_device(next(batches), self.device)
+            num_samples += batch["num_samples"]
+            last = i == self.accumulation - 1
+            sync = contextlib.nullcontext() if (last or not self.info.distributed) else self.model.no_sync()
+            with sync:
+                with autocast:
+                    out = self.task.train_step(self.model, batch, self.step)
+                loss = out.loss
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += loss.detach().double()
+            sample_size += torch.as_tensor(out.sample_size, dtype=torch.float64, device=self.device)
+            for k, v in out.metrics.items():
+                v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                metric_sums[k] = metric_sums[k] + v if k in metric_sums else v
+
+        # One all-reduce for everything the ranks must agree on.
+        totals = torch.stack([loss_sum, sample_size,
+                              torch.tensor(float(num_samples), dtype=torch.float64, device=self.device),
+                              torch.tensor(float(self._signal.signum > 0), dtype=torch.float64,
+                                           device=self.device)])
+        distributed.all_reduce_sum(totals)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # DDP averaged the gradients over ranks; fairseq's rule is sum / total sample size.
+        scale = self.info.world_size / totals[1].clamp(min=1e-12)
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+            gnorm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        else:
+            gnorm = torch.zeros((), device=self.device)
+        # One device->host transfer per update for the totals, the norm and the task metrics.
+        tensor_keys = [k for k, v in metric_sums.items() if isinstance(v, torch.Tensor)]
+        values = torch.cat([totals, gnorm.double().reshape(1)]
+                           + [metric_sums[k].reshape(1).to(self.device) for k in tensor_keys]).tolist()
+        loss_total, size_total, samples_total, signals, gnorm_value = values[:5]
+        metric_sums.update(zip(tensor_keys, values[5:]))
+        metrics = {k: v / self.accumulation for k, v in metric_sums.items()}
+
+        finite = math.isfinite(loss_total) and math.isfinite(gnorm_value) and size_total > 0
+        overflow = False
+        if finite:
+            if cfg.optim.clip_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.optim.clip_norm, gnorm, foreach=True)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.step += 1
+            self.nonfinite_streak = 0
+            extra = self.task.after_update(self.step)
+            if extra:
+                metrics.update(extra)
+        elif self.scaler is not None and math.isfinite(loss_total) and size_total > 0:
+            # fp16 gradient overflow: the scaler skips the step and halves the scale.
+            overflow = True
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.scaler is not None:
+                self.scaler.update(self.scaler.get_scale())  # forget this iteration's inf checks
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "finite": finite, "overflow": overflow, "loss": loss_total, "sample_size": size_total,
+            "samples": samples_total, "signal": signals > 0, "gnorm": gnorm_value, "lr": lr, "metrics": metrics,
+        }
+
+    # -- the loop
+
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        if self.run_info.resume_from is not None:
+            self.resume(self.run_info.resume_from)
+        log = MetricsLog(self.run_info, info.is_main, self.step if self.run_info.resume_from else None)
+        if info.is_main:
+            console.print(f"batch: {describe_batch(cfg.train.batch_seconds, cfg.data.max_tokens, info, self.accumulation)}")
+            console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device}; run dir {self.run_info.dir}")
+        batches = self._micro_batches()
+        interval = _Interval()
+        result: Optional[TrainResult] = None
+        from rich.progress import TextColumn
+
+        from d2vcli.ui import progress
+        bar = progress(TextColumn("{task.fields[info]}")) if info.is_main else None
+        try:
+            with _StopOnSignal() as self._signal, (bar or contextlib.nullcontext()):
+                bar_task = bar.add_task(self.description, total=cfg.train.max_updates, completed=self.step,
+                                        info="") if bar else None
+                while result is None:
+                    if self.step >= cfg.train.max_updates:
+                        path = self.save(periodic=True)
+                        result = TrainResult("done", self.step, f"finished {self.step} updates", path,
+                                             self.run_info.dir)
+                        break
+                    if self.stop_at is not None and self.step >= self.stop_at:
+                        path = self.save(periodic=False)
+                        result = TrainResult("paused", self.step, f"paused at update {self.step}; continue with "
+                                             f"--resume", path, self.run_info.dir)
+                        break
+                    t0 = time.perf_counter()
+                    u = self._update(batches)
+                    dt = time.perf_counter() - t0
+                    self.train_seconds += dt
+                    self.audio_seconds += u["samples"] / SAMPLE_RATE
+                    interval.add(u, dt)
+                    if bar is not None:
+                        bar.update(bar_task, completed=self.step, info=_bar_text(u, interval))
+                    if u["finite"] and self.step % cfg.train.log_every == 0:
+                        row = interval.row(self.step, self.loader.position.epoch, self)
+                        log.write(row)
+                        if info.is_main and (bar is None or bar.disable):
+                            console.print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), markup=False)
+                        interval = _Interval()
+                    result = self._after(u, log)
+        finally:
+            log.close()
+        if info.is_main:
+            colour = "green" if result.exit_code == 0 else "red"
+            console.print(f"[{colour}]{result.message}[/]")
+        return result
+
+    def _after(self, u: dict, log: MetricsLog) -> Optional[TrainResult]:
+        """Everything that can follow an update: stop conditions, validation, checkpoints."""
+        cfg = self.cfg
+        if not u["finite"] and not u["overflow"]:
+            if self.nonfinite_streak >= cfg.train.max_nonfinite:
+                path = self.save(periodic=False)
+                return TrainResult(
+                    "diverged", self.step,
+                    f"{self.nonfinite_streak} updates in a row had a non-finite loss or gradient "
+                    f"({self.nonfinite_total} in total); each was skipped. The model is diverging: lower "
+                    f"optim.lr, set optim.clip_norm (e.g. 1.0), or use train.precision=fp32/bf16 instead of fp16. "
+                    f"Weights from before the first bad update are in {path}; continue with --resume and --set.",
+                    path, self.run_info.dir)
+            return self._signal_result(u)
+        if u["overflow"]:
+            if self.scaler.get_scale() < FP16_MIN_SCALE:
+                path = self.save(periodic=False)
+                return TrainResult(
+                    "diverged", self.step,
+                    f"fp16 loss scale fell below {FP16_MIN_SCALE}: gradients overflow even at tiny scales, so the "
+                    f"loss is exploding. Lower optim.lr, set optim.clip_norm, or use train.precision=bf16/fp32. "
+                    f"Saved {path}.", path, self.run_info.dir)
+            return self._signal_result(u)
+        reason = self.task.stop_reason(self.step, u["metrics"])
+        if reason:
+            path = self.save(periodic=False)
+            return TrainResult("stopped", self.step, f"stopped at update {self.step}: {reason}\n"
+                               f"checkpoint: {path}", path, self.run_info.dir)
+        validated = best = False
+        if (self.validate_every and self.step % self.validate_every == 0 and self.step >= self.validate_after):
+            best = self._validate(log)
+            validated = True
+        periodic = self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_updates
+        if periodic or validated:
+            self.save(periodic=periodic, best=best)
+        if self.patience and self.bad_validations >= self.patience:
+            path = self.save(periodic=False)
+            return TrainResult("early_stop", self.step, f"{self.best_metric} did not improve in {self.patience} "
+                               f"validations; best {self.best:.4g} in best.pt", path, self.run_info.dir)
+        return self._signal_result(u)
+
+    def _signal_result(self, u: dict) -> Optional[TrainResult]:
+        if not u["signal"]:
+            return None
+        path = self.save(periodic=False)
+        signum = self._signal.signum or signal.SIGTERM
+        return TrainResult("interrupted", self.step, f"interrupted at update {self.step}; saved {path}. "
+                           f"Continue with the same command plus --resume.", path, self.run_info.dir,
+                           signum=int(signum))
+
+    def _validate(self, log: MetricsLog) -> bool:
+        """Run the task's validation; returns whether it is the best so far."""
+        self.task.model.eval()
+        try:
+            result = self.task.validate(self.task.model, self.step)
+        finally:
+            self.task.model.train()
+        result = distributed.broadcast_object(result)
+        if not result:
+            return False
+        log.write({"step": self.step, **result}, prefix="valid")
+        if self.info.is_main:
+            console.print("valid " + " ".join(f"{k}={_fmt(v)}" for k, v in result.items()), markup=False)
+        if not self.best_metric or self.best_metric not in result:
+            return False
+        value = float(result[self.best_metric])
+        if self.best is None or value < self.best:
+            self.best, self.bad_validations = value, 0
+            return True
+        self.bad_validations += 1
+        return False
+
+
+class _Interval:
+    """Sums over the updates since the last log line."""
+
+    def __init__(self):
+        self.updates = 0
+        self.loss = 0.0
+        self.sample_size = 0.0
+        self.samples = 0.0
+        self.seconds = 0.0
+        self.gnorm = 0.0
+        self.metrics: dict[str, float] = {}
+        self.last: dict = {}
+
+    def add(self, u: dict, seconds: float) -> None:
+        self.seconds += seconds
+        self.samples += u["samples"]
+        self.last = u
+        if not u["finite"]:
+            return
+        self.updates += 1
+        self.loss += u["loss"]
+        self.sample_size += u["sample_size"]
+        self.gnorm += u["gnorm"]
+        for k, v in u["metrics"].items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def row(self, step: int, epoch: int, trainer: _Trainer) -> dict:
+        n = max(1, self.updates)
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.loss / max(self.sample_size, 1e-12),
+            "lr": self.last.get("lr", 0.0),
+            "gnorm": self.gnorm / n,
+            "sample_size": self.sample_size / n,
+            **{k: v / n for k, v in self.metrics.items()},
+            "audio_s_per_s": self.samples / SAMPLE_RATE / max(self.seconds, 1e-9),
+            "skipped": trainer.nonfinite_total,
+            "wall": round(trainer.train_seconds, 3),
+        }
+        if trainer.scaler is not None:
+            row["loss_scale"] = trainer.scaler.get_scale()
+        if trainer.device.type == "cuda":
+            row["max_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        return row
+
+
+def _bar_text(u: dict, interval: _Interval) -> str:
+    if not u["finite"]:
+        return "skipped (non-finite)"
+    parts = [f"loss {u['loss'] / max(u['sample_size'], 1e-12):.4g}", f"lr {u['lr']:.2e}"]
+    parts += [f"{k} {_fmt(v)}" for k, v in u["metrics"].items()]
+    parts.append(f"{interval.samples / SAMPLE_RATE / max(interval.seconds, 1e-9):.0f} audio-s/s")
+    return "  ".join(parts)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Make `dst` the same file as `src` atomically (hard link, or a copy where links fail)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

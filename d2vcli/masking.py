@@ -1,0 +1,107 @@
+"""Span masks for data2vec / wav2vec 2.0: which frames the student sees as `mask_emb`.
+
+Reference: fairseq `fairseq/data/data_utils.py::compute_mask_indices` (HEAD 3d262bb) with
+the settings data2vec 1.0 uses: static span lengths, overlapping spans allowed, no
+mask dropout. Per row of the batch:
+
+    sz       = unpadded length
+    num_mask = max(min_masks, int(mask_prob * sz / mask_length + U[0, 1)))   probabilistic rounding
+    starts   = num_mask distinct indices drawn from [0, sz - mask_length)
+    mask     = starts expanded to spans of mask_length, clipped to sz
+
+then, with `require_same_masks`, every row keeps a random subset of its masked frames
+so all rows have the batch-minimum count (this can fragment spans; fairseq does the
+same). With 0.65 / 10 about 49% of the frames end up masked.
+
+Randomness comes only from the numpy Generator passed in, so a seeded generator gives
+the same masks on every run. (fairseq seeds one generator per row from
+hash(seed, epoch, index); one generator per batch has the same statistics.)
+
+Used by the pretrain and finetune steps:
+
+    rng = np.random.default_rng(seed)
+    time_mask = compute_mask_indices((B, T), frame_padding, 0.65, 10, min_masks=1, require_same_masks=True, rng=rng)
+    channel_mask = compute_channel_mask(B, D, 0.5, 64, rng)   # fine-tuning only
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+def _as_numpy_bool(mask) -> Optional[np.ndarray]:
+    if mask is None:
+        return None
+    if hasattr(mask, "detach"):  # a torch tensor, possibly on GPU
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask, dtype=bool)
+
+
+def _row_spans(sz: int, mask_prob: float, mask_length: int, min_masks: int, rng: np.random.Generator) -> np.ndarray:
+    """Masked indices of one row of unpadded length `sz` (sorted, unique)."""
+    num_mask = max(min_masks, int(mask_prob * sz / float(mask_length) + rng.random()))
+    if num_mask == 0 or sz == 0:
+        return np.empty(0, dtype=np.int64)
+    min_len = mask_length
+    if sz - min_len <= num_mask:
+        # Short row: shrink the start range so num_mask distinct starts still exist (fairseq).
+        min_len = sz - num_mask - 1
+    starts = rng.choice(sz - min_len, num_mask, replace=False)
+    idc = (starts[:, None] + np.arange(mask_length)[None, :]).reshape(-1)
+    idc = np.unique(idc[idc < sz])
+    if len(idc) >= sz:
+        raise ValueError(
+            f"masking would hide all {sz} frames of an utterance; raise data.min_sample_size "
+            f"or lower masking.mask_prob / masking.mask_length"
+        )
+    return idc
+
+
+def compute_mask_indices(
+    shape: tuple[int, int],
+    padding_mask,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    require_same_masks: bool = True,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
+    """A (B, T) bool array, True = masked.
+
+    shape: (B, T) batch size and frames. padding_mask: (B, T) bool (True = padding; numpy or
+    torch) or None; padded frames are never masked and don't count toward the row length.
+    mask_prob: probability of a frame starting a span. mask_length: span length in frames.
+    min_masks: at least this many spans per row. require_same_masks: every row ends with the
+    batch-minimum number of masked frames. rng: the numpy Generator to draw from.
+    """
+    if rng is None:
+        raise ValueError("compute_mask_indices needs an explicit numpy Generator (np.random.default_rng(seed))")
+    bsz, all_sz = shape
+    pad = _as_numpy_bool(padding_mask)
+    mask = np.zeros((bsz, all_sz), dtype=bool)
+    if mask_prob <= 0 and min_masks <= 0:
+        return mask
+    rows = []
+    for i in range(bsz):
+        sz = all_sz - int(pad[i].sum()) if pad is not None else all_sz
+        rows.append(_row_spans(sz, mask_prob, mask_length, min_masks, rng))
+    target_len = min(len(r) for r in rows) if require_same_masks else None
+    for i, idc in enumerate(rows):
+        if target_len is not None and len(idc) > target_len:
+            idc = rng.choice(idc, target_len, replace=False)
+        mask[i, idc] = True
+    return mask
+
+
+def compute_channel_mask(
+    batch_size: int, num_channels: int, mask_prob: float, mask_length: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A (B, C) bool array, True = channel zeroed in every frame (fine-tuning's channel masking).
+
+    fairseq calls compute_mask_indices on (B, C) with min_masks 0 and require_same_masks, and
+    broadcasts the result over time; the model does the broadcast (Data2VecAudio channel_mask).
+    """
+    return compute_mask_indices((batch_size, num_channels), None, mask_prob, mask_length, min_masks=0,
+                                require_same_masks=True, rng=rng)

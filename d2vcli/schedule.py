@@ -1,0 +1,88 @@
+"""Optimizer and learning-rate schedules of the engine (pure functions of the update number).
+
+Used by `d2vcli.engine`; `python -m d2vcli.schedule [max_updates]` prints the base recipe's
+learning rate at its phase boundaries.
+
+Update u (0-based: the number of updates already done) runs with `lr_at(u, ...)`, as in fairseq,
+which sets the rate for the next update after each optimizer step.
+
+- tri_stage (fairseq `tri_stage_lr_scheduler.py`): phases of int(ratio x max_updates) updates.
+  warmup: linear from init_lr_scale x lr to lr; hold: lr; decay: **exponential**
+  lr x exp(-ln(1 / final_lr_scale) x s / decay_steps) down to final_lr_scale x lr; then constant.
+  data2vec base, 400k updates: warmup 12,000 (5e-6 -> 5e-4), hold 360,000, decay 28,000 (-> 5e-6).
+- cosine (fairseq `cosine_lr_scheduler.py` with the d2v2 settings): linear warmup from 0, then
+  0.5 x lr x (1 + cos(pi x t / (max_updates - warmup))) down to 0.
+- constant: lr.
+
+The optimizer is AdamW with decoupled weight decay on every parameter (fairseq `adam` with
+weight_decay: p <- p - wd x lr x p, biases and norms included, reference P14). Fine-tuning's
+"Adam, no weight decay" is the same optimizer with weight_decay 0. One small, deliberate
+difference: torch adds eps to the bias-corrected sqrt(v), fairseq to the uncorrected one, so
+fairseq's effective eps is eps x sqrt(1 - beta2^t); with eps 1e-6 this only matters in the first
+few hundred updates and only for parameters whose gradients are ~1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from d2vcli.config import OptimConfig, ScheduleConfig
+
+
+def tri_stage_phases(max_updates: int, phase_ratio: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(warmup, hold, decay) update counts, truncated like fairseq's int(ratio x max_update)."""
+    return tuple(int(max_updates * r) for r in phase_ratio)  # type: ignore[return-value]
+
+
+def tri_stage_lr(step: int, lr: float, max_updates: int, phase_ratio: tuple[float, float, float],
+                 init_lr_scale: float, final_lr_scale: float) -> float:
+    warmup, hold, decay = tri_stage_phases(max_updates, phase_ratio)
+    init_lr, final_lr = init_lr_scale * lr, final_lr_scale * lr
+    if step < warmup:
+        return init_lr + (lr - init_lr) * step / warmup
+    step -= warmup
+    if step < hold:
+        return lr
+    step -= hold
+    if step <= decay and decay > 0:
+        return lr * math.exp(-math.log(1.0 / final_lr_scale) * step / decay)
+    return final_lr
+
+
+def cosine_lr(step: int, lr: float, max_updates: int, warmup: int) -> float:
+    if step < warmup:
+        return lr * step / warmup
+    span = max(1, max_updates - warmup)
+    t = min(step - warmup, span)
+    return 0.5 * lr * (1.0 + math.cos(math.pi * t / span))
+
+
+def lr_at(step: int, lr: float, schedule: ScheduleConfig, max_updates: int) -> float:
+    """The learning rate of update `step` (0-based) under `schedule`."""
+    if schedule.kind == "tri_stage":
+        return tri_stage_lr(step, lr, max_updates, schedule.phase_ratio, schedule.init_lr_scale,
+                            schedule.final_lr_scale)
+    if schedule.kind == "cosine":
+        return cosine_lr(step, lr, max_updates, schedule.warmup_updates)
+    return lr
+
+
+def build_optimizer(params, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `params` (those with requires_grad), fused kernels on CUDA."""
+    params = [p for p in params if p.requires_grad]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=fused, foreach=None if fused else True)
+
+
+if __name__ == "__main__":
+    from d2vcli.config import pretrain_base
+
+    cfg = pretrain_base()
+    total = int(sys.argv[1]) if len(sys.argv) > 1 else cfg.train.max_updates
+    w, h, d = tri_stage_phases(total, cfg.schedule.phase_ratio)
+    for s in (0, w // 2, w, w + h, w + h + d // 2, w + h + d, total - 1):
+        print(f"update {s:>8}: lr {lr_at(s, cfg.optim.lr, cfg.schedule, total):.3e}")

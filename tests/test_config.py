@@ -1,0 +1,96 @@
+"""The config engine: precedence, strictness, presets, saving."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from d2vcli import config as C
+
+
+def test_defaults_are_the_base_recipe():
+    cfg = C.pretrain_base()
+    assert cfg.model.conv_layers == C.BASE_CONV_LAYERS
+    assert (cfg.model.num_layers, cfg.model.embed_dim, cfg.model.num_heads, cfg.model.ffn_dim) == (12, 768, 12, 3072)
+    assert (cfg.masking.mask_prob, cfg.masking.mask_length) == (0.65, 10)
+    assert cfg.objective.average_top_k_layers == 8
+    assert (cfg.objective.ema_decay, cfg.objective.ema_end_decay, cfg.objective.ema_anneal_end_step) == (
+        0.999, 0.9999, 30_000)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == (5e-4, (0.9, 0.98), 1e-6, 0.01)
+    assert cfg.schedule.phase_ratio == (0.03, 0.9, 0.07)
+    # 16 GPUs x 3.8M samples per update = 3800 s of audio.
+    assert cfg.train.batch_seconds * 16_000 == 16 * cfg.data.max_tokens
+
+
+@pytest.mark.parametrize("name", list(C.PRESETS))
+def test_every_preset_loads_and_validates(name):
+    command = C.PRESETS[name][0]
+    cfg = C.resolve(command, preset=name)
+    cfg.validate()
+    text = C.preset_path(name).read_text()
+    assert text.startswith(f"# d2v {command} --preset {name}"), "each preset begins with the command that runs it"
+
+
+def test_preset_values():
+    large = C.resolve("pretrain", preset="speech-large")
+    assert (large.model.num_layers, large.model.embed_dim, large.model.num_heads, large.model.ffn_dim) == (
+        24, 1024, 16, 4096)
+    ft = C.resolve("finetune", preset="finetune-10m")
+    assert (ft.optim.lr, ft.train.max_updates, ft.finetune.freeze_updates) == (5e-5, 13_000, 10_000)
+    assert (ft.masking.mask_prob, ft.masking.mask_channel_prob, ft.model.layerdrop) == (0.65, 0.25, 0.1)
+    assert ft.schedule.phase_ratio == (0.1, 0.4, 0.5) and ft.schedule.final_lr_scale == 0.05
+    assert ft.optim.weight_decay == 0.0 and ft.model.feature_grad_mult == 0.0
+    vox = C.resolve("finetune", preset="finetune-vox-1h")
+    assert (vox.optim.lr, vox.masking.mask_prob, vox.data.max_tokens) == (3e-4, 0.75, 1_280_000)
+
+
+def test_precedence_preset_then_file_then_set(tmp_path):
+    f = tmp_path / "over.yaml"
+    f.write_text("optim:\n  lr: 0.002\nmodel:\n  num_layers: 3\n")
+    cfg = C.resolve("pretrain", preset="speech-tiny", config_file=f, overrides=["optim.lr=0.003"])
+    assert cfg.optim.lr == 0.003  # --set beats the file
+    assert cfg.model.num_layers == 3  # the file beats the preset (4)
+    assert cfg.model.embed_dim == 64  # the preset beats the defaults
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'optim.lrr'.*'optim.lr'"):
+        C.resolve("pretrain", overrides=["optim.lrr=1"])
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'modle'.*'model'"):
+        C.resolve("pretrain", overrides=["modle.num_layers=1"])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(C.ConfigError, match="model.num_layers: expected an integer"):
+        C.resolve("pretrain", overrides=["model.num_layers=abc"])
+    with pytest.raises(C.ConfigError, match="is not one of"):
+        C.resolve("pretrain", overrides=["train.precision=fp8"])
+    with pytest.raises(C.ConfigError, match="expected 3 items"):
+        C.resolve("pretrain", overrides=["schedule.phase_ratio=[0.5,0.5]"])
+
+
+def test_impossible_combinations_rejected():
+    with pytest.raises(C.ConfigError, match="divisible by model.num_heads"):
+        C.resolve("pretrain", overrides=["model.num_heads=7"])
+    with pytest.raises(C.ConfigError, match="average_top_k_layers"):
+        C.resolve("pretrain", overrides=["objective.average_top_k_layers=13"])
+
+
+def test_preset_for_the_wrong_command():
+    with pytest.raises(C.ConfigError, match="is for `d2v finetune`"):
+        C.resolve("pretrain", preset="finetune-10m")
+    with pytest.raises(C.ConfigError, match="unknown preset 'speech-lrage'.*'speech-large'"):
+        C.resolve("pretrain", preset="speech-lrage")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = C.resolve("pretrain", preset="speech-tiny", overrides=["decode.unk_weight=-inf"])
+    path = tmp_path / "config.yaml"
+    C.save(cfg, path)
+    back = C.from_dict(yaml.safe_load(path.read_text()))
+    assert back == cfg
+
+
+def test_every_field_is_documented():
+    missing = [k for k, _, doc in C.field_docs(C.Config()) if not doc]
+    assert not missing, f"fields without docs: {missing}"
