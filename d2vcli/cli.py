@@ -208,6 +208,105 @@ def prepare_fairseq_import_cmd(
                  workers=workers)
 
 
+# ----------------------------------------------------------------------------- pretrain
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    preset: Optional[str] = PresetOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """data2vec self-supervised pretraining (EMA teacher, masked regression). Multi-GPU: torchrun -m d2vcli pretrain."""
+    from d2vcli.distributed import is_main_process
+    from d2vcli.pretrain import pretrain
+    from d2vcli.ui import print_config
+
+    cfg = resolve_config("pretrain", preset, config_file, overrides)
+    if is_main_process():
+        print_config(cfg)
+    result = pretrain(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+    raise typer.Exit(result.exit_code)
+
+
+# ----------------------------------------------------------------------------- import / export (interop)
+
+import_app = typer.Typer(no_args_is_help=True, help="Convert fairseq or Hugging Face data2vec checkpoints to d2v.")
+export_app = typer.Typer(no_args_is_help=True, help="Write d2v checkpoints in other toolkits' formats.")
+app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
+TrustOpt = typer.Option(False, "--trust-checkpoint",
+                        help="Allow full unpickling (runs code from the file): only for files you trust.")
+ImportOutOpt = typer.Option(None, "--out", help="Checkpoint to write (default: <workdir>/runs/imported-<name>/last.pt).")
+
+
+def _print_import(result) -> None:
+    from d2vcli.ui import table
+
+    a = result.arch
+    rows = [("kind", result.kind), ("parameters", f"{result.num_parameters:,}"),
+            ("architecture", f"{a['num_layers']} layers x {a['embed_dim']}, {a['num_heads']} heads, FFN {a['ffn_dim']}"),
+            ("normalize", result.normalize)]
+    if result.kind == "ctc":
+        rows.append(("vocabulary", f"{result.vocab_size} outputs"))
+    console.print(table("imported", ["", ""], rows))
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    run = result.path.parent.name
+    use = f"--set finetune.init={run}" if result.kind == "pretrain" else f"decode/evaluate with {run}"
+    console.print(f"wrote {result.path}  (use it by run name: {use})", markup=False)
+
+
+@import_app.command("fairseq")
+def import_fairseq_cmd(
+    file: Path = typer.Argument(..., help="fairseq data2vec checkpoint (.pt): pretrained or CTC fine-tuned."),
+    dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt the CTC model was fine-tuned with "
+                                             "(default: the LibriSpeech letter dictionary)."),
+    use_ema: bool = typer.Option(False, "--use-ema", help="Pretrained only: initialize the student's transformer "
+                                 "from the EMA teacher."),
+    out: Optional[Path] = ImportOutOpt,
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt) into a d2v checkpoint."""
+    from d2vcli.interop import import_fairseq
+
+    _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,
+                                 workspace=Workspace.resolve(workdir)))
+
+
+@import_app.command("hf")
+def import_hf_cmd(
+    folder: Path = typer.Argument(..., help="A save_pretrained folder of Data2VecAudioModel or Data2VecAudioForCTC."),
+    dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt to use instead of vocab.json."),
+    out: Optional[Path] = ImportOutOpt,
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Convert a Hugging Face data2vec-audio model folder into a d2v checkpoint."""
+    from d2vcli.interop import import_hf
+
+    _print_import(import_hf(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir)))
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    checkpoint: str = typer.Argument(..., help="A d2v checkpoint: a path, a run directory or a run name."),
+    out_dir: Path = typer.Argument(..., help="Folder to write (loads with transformers' from_pretrained)."),
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder."""
+    from d2vcli.interop import export_hf
+
+    path = Workspace.resolve(workdir).find_checkpoint(checkpoint)
+    for written in export_hf(path, out_dir, trust=trust):
+        console.print(f"wrote {written}", markup=False)
+
+
 def main() -> None:
     """Entry point: user errors print one clear message, not a traceback."""
     from d2vcli.checkpoint import CheckpointError

@@ -174,7 +174,8 @@ def _id_key(utt_id: str):
 
 def _stat_item(e: os.DirEntry, utt_id: str) -> Item:
     st = e.stat()
-    return Item(id=utt_id, path=Path(e.path).resolve(), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    # Walks start from resolved roots, so e.path is already absolute (resolving each file is slow).
+    return Item(id=utt_id, path=Path(e.path), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 class _TransIndex:
@@ -447,7 +448,7 @@ def _prepare_split(
     normalized = 0
     for it in items:
         problem = it.problem
-        if problem is None and errors[it.id]:
+        if errors[it.id]:  # broken audio outranks a missing transcript
             reason, _, detail = errors[it.id].partition(": ")
             problem = (reason, detail)
         if problem is None and opts.labeled:
@@ -840,16 +841,22 @@ def prepare_folder(
 
     items: list[Item] = []
     seen: dict[str, int] = {}
+    prefix = len(str(root)) + 1
+    rels: dict[str, str] = {}
     for e in _walk(root, audio_extensions()):
-        rel = Path(e.path).relative_to(root)
-        utt_id = re.sub(r"\s+", "_", rel.with_suffix("").as_posix())
+        rel = e.path[prefix:].replace(os.sep, "/")
+        stem, ext = os.path.splitext(rel)
+        utt_id = re.sub(r"\s+", "_", stem)
         if utt_id in seen:
-            utt_id = f"{utt_id}-{rel.suffix.lstrip('.').lower()}"
+            utt_id = f"{utt_id}-{ext.lstrip('.').lower()}"
         seen[utt_id] = 1
         item = _stat_item(e, utt_id)
-        item.speaker = rel.parts[0] if len(rel.parts) > 1 else ""
+        rels[utt_id] = rel
+        item.speaker = rel.split("/", 1)[0] if "/" in rel else ""
         if table_texts is not None:
             item.text = table_texts.get(item.path)
+            if item.text is None:  # the table may name it through a symlink
+                item.text = table_texts.get(item.path.resolve())
         else:
             sidecar = item.path.with_suffix(".txt")
             try:
@@ -863,7 +870,7 @@ def prepare_folder(
         items.append(item)
     if not items:
         raise PrepareError(f"no audio files in {root} (looked for {', '.join(sorted(audio_extensions()))})")
-    items.sort(key=lambda it: it.path.relative_to(root).as_posix())
+    items.sort(key=lambda it: rels[it.id])
     labeled = any(it.text is not None for it in items)
     if not keep_text:
         for it in items:

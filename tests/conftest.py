@@ -57,3 +57,30 @@ def synthetic_workspace(tmp_path_factory):
     ws = Workspace.resolve(tmp_path_factory.mktemp("synthetic") / "ws")
     prepare_synthetic(ws, size="tiny", seed=0, workers=1)
     return ws
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+# A pretraining run small enough for a test session: speech-tiny with 4 s batches (2 s crops),
+# no dropout (so runs are comparable across process counts), every update logged.
+PRETRAIN_TINY_SET = [
+    "data.max_tokens=64000", "data.max_sample_size=32000", "train.batch_seconds=4",
+    "train.max_updates=20", "train.log_every=1", "train.save_every=10",
+    "model.dropout=0.0", "model.attention_dropout=0.0",
+]
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(synthetic_workspace):
+    """Path of last.pt of a 20-update speech-tiny pretraining run on the synthetic corpus (a few seconds).
+
+    The run lives in <synthetic_workspace>/runs/pretrained-tiny with its config.yaml and a
+    metrics.jsonl line per update. Kind "pretrain": model (student + final_proj) and teacher.
+    """
+    from d2vcli.config import resolve
+    from d2vcli.pretrain import pretrain
+
+    cfg = resolve("pretrain", preset="speech-tiny", overrides=PRETRAIN_TINY_SET)
+    result = pretrain(cfg, synthetic_workspace, name="pretrained-tiny")
+    assert result.status == "done", result.message
+    return result.checkpoint

@@ -50,20 +50,20 @@ def batch(lengths, total=None, seed=0):
 def run_both(model, hf, x, pad):
     """Our outputs and HF's, with per-layer outputs and FFN outputs captured by hooks on both."""
     ours_layers, hf_ffn = [], []
-    hooks = [layer.register_forward_hook(lambda m, i, o: ours_layers.append(o[0]))
-             for layer in model.backbone.transformer.layers]
-    hooks.append(model.backbone.transformer.norm.register_forward_hook(lambda m, i, o: ours_layers.insert(0, o)))
+    transformer = model.backbone.transformer
+    hooks = [transformer.norm.register_forward_hook(lambda m, i, o: ours_layers.append(o))]
+    hooks += [layer.register_forward_hook(lambda m, i, o: ours_layers.append(o[0])) for layer in transformer.layers]
     hooks += [layer.feed_forward.register_forward_hook(lambda m, i, o: hf_ffn.append(o))
               for layer in hf.data2vec_audio.encoder.layers]
     try:
         with torch.inference_mode():
             out = model.backbone(x, pad, return_layer_results=True)
-            logits = model(x, pad)["logits"]
             ref = hf(x, attention_mask=None if pad is None else (~pad).long(), output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
-    ours_layers = ours_layers[: 1 + len(model.backbone.transformer.layers)]  # the first forward only
+    with torch.inference_mode():
+        logits = model(x, pad)["logits"]
     return out, logits, ours_layers, ref, hf_ffn
 
 
@@ -87,7 +87,8 @@ def test_matches_hf(ours_and_hf, padded):
     torch.testing.assert_close(out["x"][valid], ref.hidden_states[-1][valid], **TOL)
     torch.testing.assert_close(logits[valid], ref.logits[valid], **TOL)
     # The data2vec targets: each layer's FFN output before residual and LayerNorm.
-    for ours_f, hf_f in zip(out["layer_results"], hf_ffn[: len(out["layer_results"])]):
+    assert len(out["layer_results"]) == len(hf_ffn) == 3
+    for ours_f, hf_f in zip(out["layer_results"], hf_ffn):
         torch.testing.assert_close(ours_f[valid], hf_f[valid], **TOL)
 
 

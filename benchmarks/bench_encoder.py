@@ -1,0 +1,109 @@
+"""Encoder forward speed: d2v's Data2VecAudio vs Hugging Face Data2VecAudioModel, same weights, same process.
+
+    python benchmarks/bench_encoder.py                      # base + tiny, batch 1 and 8, 10 s clips
+    python benchmarks/bench_encoder.py --sizes base --batches 1 --repeat 3
+
+Both models get identical weights (HF's random init mapped with interop's key table), so
+the outputs are compared too (max |diff| column). Timing: inference mode, eval, `--warmup`
+runs, then the median of `--repeat` runs, wall clock and process CPU time. RTF = wall
+seconds per second of audio. Ratio = HF wall / d2v wall (> 1: d2v is faster).
+On CPU the case is fp32; on CUDA it is fp32 and bf16 autocast, both with SDPA attention
+(HF's default `sdpa`; d2v always uses F.scaled_dot_product_attention).
+Needs `transformers` (pip install -e '.[bench]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from d2vcli.interop import HF_MODEL_MAP, model_config_from_hf, rename
+from d2vcli.model import build_backbone
+from d2vcli.ui import console, table
+
+SIZES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                 conv_dim=(64,) * 7, num_conv_pos_embeddings=2),
+}
+
+
+def build_pair(size: str, device: str):
+    from transformers import Data2VecAudioConfig, Data2VecAudioModel
+
+    torch.manual_seed(0)
+    hf_cfg = Data2VecAudioConfig(**SIZES[size], layerdrop=0.0, mask_time_prob=0.05)
+    hf = Data2VecAudioModel(hf_cfg).eval().to(device)
+    ours = build_backbone(model_config_from_hf(hf_cfg.to_dict(), "hf")).eval()
+    state, unmatched = rename(hf.state_dict(), lambda k: HF_MODEL_MAP.to_d2v(k))
+    assert not unmatched, unmatched
+    ours.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=True)
+    return ours.to(device), hf
+
+
+def timed(fn, warmup: int, repeat: int, device: str) -> tuple[float, float, torch.Tensor]:
+    """(median wall s, median process CPU s, last output)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="base,tiny")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = args.device
+    precisions = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    console.print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}", markup=False)
+    rows = []
+    for size in args.sizes.split(","):
+        ours, hf = build_pair(size, device)
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, int(args.seconds * 16000), device=device)
+            audio_s = batch * args.seconds
+            for precision in precisions:
+                autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+                def run_ours():
+                    with torch.inference_mode(), autocast:
+                        return ours(x)["x"]
+
+                def run_hf():
+                    with torch.inference_mode(), autocast:
+                        return hf(x).last_hidden_state
+
+                o_wall, o_cpu, o_out = timed(run_ours, args.warmup, args.repeat, device)
+                h_wall, h_cpu, h_out = timed(run_hf, args.warmup, args.repeat, device)
+                diff = (o_out.float() - h_out.float()).abs().max().item()
+                rows.append((size, precision, batch, f"{o_wall:.3f}", f"{o_cpu:.2f}", f"{h_wall:.3f}", f"{h_cpu:.2f}",
+                             f"{o_wall / audio_s:.4f}", f"{h_wall / audio_s:.4f}", f"{h_wall / o_wall:.2f}",
+                             f"{diff:.1e}"))
+                console.print(table("", ["size", "prec", "B", "d2v s", "d2v cpu", "HF s", "HF cpu", "d2v RTF",
+                                         "HF RTF", "HF/d2v", "max |diff|"], rows[-1:]))
+        del ours, hf
+    console.print(table(f"encoder forward, {args.seconds:g} s clips, median of {args.repeat} ({device})",
+                        ["size", "prec", "B", "d2v s", "d2v cpu", "HF s", "HF cpu", "d2v RTF", "HF RTF", "HF/d2v",
+                         "max |diff|"], rows))
+
+
+if __name__ == "__main__":
+    main()

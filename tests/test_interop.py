@@ -1,0 +1,295 @@
+"""Import/export (d2vcli/interop.py): fairseq .pt and Hugging Face folders in, HF folders out, with
+outputs equal to HF transformers' Data2VecAudio and no half-loaded models.
+
+The fairseq files are synthesized from an HF model with the key layout documented in
+checkpoints.md §3 (a table written out here independently of interop's), since real
+fairseq checkpoints cannot be downloaded in tests.
+
+Run: python -m pytest -q tests/test_interop.py
+"""
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from d2vcli import checkpoint as ck
+from d2vcli import config as cfgmod
+from d2vcli.cli import app
+from d2vcli.interop import (InteropError, build_model, export_hf, import_fairseq, import_hf, parse_conv_layers)
+from d2vcli.vocab import Vocab
+from d2vcli.workspace import Workspace
+
+transformers = pytest.importorskip("transformers")
+TOL = dict(atol=1e-5, rtol=1e-4)
+LETTERS = list("|ETAONIHSRDLUMWCFGYPBVK'XJQZ")
+
+# checkpoints.md §3, HF (Model-relative) -> fairseq (pretrained-relative).
+HF_TO_FAIRSEQ = [
+    (r"^feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
+    (r"^feature_extractor\.conv_layers\.(\d+)\.layer_norm\.", r"feature_extractor.conv_layers.\1.2.1."),
+    (r"^feature_projection\.layer_norm\.", "layer_norm."),
+    (r"^feature_projection\.projection\.", "post_extract_proj."),
+    (r"^masked_spec_embed$", "mask_emb"),
+    (r"^encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.", r"encoder.pos_conv.\1.0."),
+    (r"^encoder\.layers\.(\d+)\.attention\.", r"encoder.layers.\1.self_attn."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
+    (r"^encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
+    (r"^encoder\.layers\.(\d+)\.feed_forward\.output_dense\.", r"encoder.layers.\1.fc2."),
+]
+FAIRSEQ_ARCH = {
+    "_name": "data2vec_audio", "extractor_mode": "layer_norm", "conv_feature_layers": "[(32, 10, 5)] + [(32, 3, 2)] * 2",
+    "conv_bias": False, "encoder_layers": 3, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
+    "encoder_attention_heads": 4, "activation_fn": "gelu", "layer_norm_first": False, "conv_pos": 95,
+    "pos_conv_depth": 5, "conv_pos_groups": 16, "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
+    "dropout_input": 0.0, "encoder_layerdrop": 0.05, "feature_grad_mult": 1.0, "mask_prob": 0.65,
+}
+
+
+def to_fairseq(hf_state: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in hf_state.items():
+        key = key.removeprefix("data2vec_audio.")
+        if key.startswith("lm_head."):
+            out["w2v_encoder.proj." + key.split(".")[-1]] = value.clone()
+            continue
+        for pattern, repl in HF_TO_FAIRSEQ:
+            key = re.sub(pattern, repl, key)
+        out[prefix + key] = value.clone()
+    return out
+
+
+def sample_batch():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7000, generator=g)
+    pad = torch.arange(7000)[None, :] >= torch.tensor([7000, 4100, 6500])[:, None]
+    return x.masked_fill(pad, 0.0), pad
+
+
+def load_d2v(path):
+    state = ck.load_checkpoint(path)
+    model = build_model(state[ck.KIND_KEY], state[ck.ARCH_KEY], 4 + len(state.get(ck.VOCAB_KEY, [])))
+    model.load_state_dict(state[ck.MODEL_KEY], strict=True)
+    return state, model.eval()
+
+
+def compare_ctc(ours, hf, padded):
+    x, pad = sample_batch()
+    pad = pad if padded else None
+    with torch.inference_mode():
+        out = ours(x, pad)
+        ref = hf(x, attention_mask=None if pad is None else (~pad).long(), output_hidden_states=True)
+        hidden = ours.backbone(x, pad)["x"]
+    valid = torch.ones(out["logits"].shape[:2], dtype=torch.bool) if out["padding_mask"] is None \
+        else ~out["padding_mask"]
+    assert padded == (out["padding_mask"] is not None)
+    torch.testing.assert_close(out["logits"][valid], ref.logits[valid], **TOL)
+    torch.testing.assert_close(hidden[valid], ref.hidden_states[-1][valid], **TOL)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(hf_tiny_ctc, tmp_path_factory):
+    """A save_pretrained folder as on the Hub: vocab.json with HF's <pad>/<s> naming, a preprocessor
+    config, and the wav2vec2 leftovers some data2vec configs carry (which must be ignored)."""
+    folder = tmp_path_factory.mktemp("hf") / "d2v-audio-tiny-ctc"
+    hf_tiny_ctc.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(do_stable_layer_norm=True, feat_extract_norm="group")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + LETTERS)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True, "sampling_rate": 16000}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported_ctc(hf_folder, tmp_path_factory):
+    return import_hf(hf_folder, out=tmp_path_factory.mktemp("imp") / "runs" / "x" / "last.pt")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_import_hf_ctc_matches_hf(imported_ctc, hf_tiny_ctc, padded):
+    state, ours = load_d2v(imported_ctc.path)
+    compare_ctc(ours, hf_tiny_ctc, padded)
+
+
+def test_imported_checkpoint_is_an_ordinary_d2v_checkpoint(imported_ctc):
+    state = ck.load_checkpoint(imported_ctc.path, expect_kind="ctc")
+    assert state[ck.VOCAB_KEY] == LETTERS  # ids 4.. in order; 0 stays the blank
+    assert Vocab(tuple(state[ck.VOCAB_KEY])).index("E") == 5
+    assert state[ck.NORMALIZE_KEY] is True
+    cfg = cfgmod.from_dict(state[ck.CONFIG_KEY])
+    assert cfg.data.normalize is True
+    assert cfgmod.to_dict(cfg.model) == state[ck.ARCH_KEY]
+    arch = cfgmod.from_dict(state[ck.ARCH_KEY], cfgmod.ModelConfig)
+    # the naming trap: data2vec-audio's num_conv_pos_embeddings is the layer count, not the kernel
+    assert (arch.pos_conv_depth, arch.pos_conv_kernel, arch.pos_conv_groups) == (5, 19, 16)
+    assert (imported_ctc.path.parent / "config.yaml").exists()
+
+
+def test_export_loads_in_transformers_with_the_same_outputs(imported_ctc, hf_tiny_ctc, tmp_path):
+    written = export_hf(imported_ctc.path, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"config.json", "model.safetensors", "vocab.json", "preprocessor_config.json", "tokenizer_config.json",
+            "special_tokens_map.json"} <= names
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
+    hf, info = transformers.Data2VecAudioForCTC.from_pretrained(tmp_path / "out", output_loading_info=True,
+                                                                attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    _, ours = load_d2v(imported_ctc.path)
+    compare_ctc(ours, hf.eval(), padded=True)
+    # HF -> d2v -> HF: identical tensors under identical names
+    original, exported = hf_tiny_ctc.state_dict(), hf.state_dict()
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    # the tokenizer and feature extractor read the side files: id 0 is the blank (HF calls it <pad>)
+    processor = transformers.Wav2Vec2Processor.from_pretrained(tmp_path / "out")
+    assert processor.tokenizer.pad_token_id == 0 and hf.config.pad_token_id == 0
+    assert processor.tokenizer.decode([7, 9, 9, 0, 4, 5]) == "AN E"  # blank and repeats collapse, | is a space
+    assert processor.feature_extractor.do_normalize is True
+
+
+def test_headless_model_round_trip(hf_tiny_ctc, tmp_path):
+    torch.manual_seed(0)
+    model = transformers.Data2VecAudioModel(hf_tiny_ctc.config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    result = import_hf(tmp_path / "hf", out=tmp_path / "ck" / "last.pt")
+    assert result.kind == "pretrain"
+    state, ours = load_d2v(result.path)
+    assert set(state[ck.TEACHER_KEY]) == {k.removeprefix("backbone.transformer.") for k in state[ck.MODEL_KEY]
+                                          if k.startswith("backbone.transformer.")}
+    x, pad = sample_batch()
+    with torch.inference_mode():
+        ref = model(x, attention_mask=(~pad).long()).last_hidden_state
+        out = ours.backbone(x, pad)
+    valid = ~out["padding_mask"]
+    torch.testing.assert_close(out["x"][valid], ref[valid], **TOL)
+    export_hf(result.path, tmp_path / "out")
+    back, info = transformers.Data2VecAudioModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def fairseq_ctc_file(hf_model, path, extra=None, drop=None, args=None):
+    sd = to_fairseq(hf_model.state_dict(), prefix="w2v_encoder.w2v_model.")
+    for k in drop or ():
+        del sd[k]
+    sd.update(extra or {})
+    cfg = {"model": {"_name": "wav2vec_ctc", "final_dropout": 0.0, "layerdrop": 0.1, "mask_prob": 0.5,
+                     "w2v_args": {"model": FAIRSEQ_ARCH, "task": {"_name": "audio_pretraining", "normalize": True}}},
+           "task": {"_name": "audio_finetuning", "normalize": True, "labels": "ltr"}}
+    torch.save({"args": args, "cfg": cfg, "model": sd, "criterion": None, "optimizer_history": [],
+                "extra_state": {"previous_training_time": 1.0}}, path)
+    return path
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_import_fairseq_ctc_matches_hf(hf_tiny_ctc, tmp_path, padded):
+    pt = fairseq_ctc_file(hf_tiny_ctc, tmp_path / "audio_tiny_ft.pt")
+    Vocab(tuple(LETTERS)).save(tmp_path / "dict.ltr.txt")
+    result = import_fairseq(pt, dict_path=tmp_path / "dict.ltr.txt", workspace=Workspace.resolve(tmp_path / "ws"))
+    assert result.path == tmp_path / "ws" / "runs" / "imported-audio_tiny_ft" / "last.pt"
+    assert Workspace.resolve(tmp_path / "ws").find_checkpoint("imported-audio_tiny_ft") == result.path
+    state, ours = load_d2v(result.path)
+    assert state[ck.KIND_KEY] == "ctc" and state[ck.NORMALIZE_KEY] is True
+    assert state[ck.ARCH_KEY]["layerdrop"] == 0.1  # the fine-tuning override, as fairseq applies it
+    compare_ctc(ours, hf_tiny_ctc, padded)
+
+
+def test_import_fairseq_pretrained_with_ema(hf_tiny_ctc, tmp_path):
+    hf = transformers.Data2VecAudioModel(hf_tiny_ctc.config).eval()
+    hf.load_state_dict({k.removeprefix("data2vec_audio."): v for k, v in hf_tiny_ctc.state_dict().items()
+                        if not k.startswith("lm_head.")})
+    sd = to_fairseq(hf.state_dict())
+    torch.manual_seed(3)
+    sd["final_proj.0.weight"], sd["final_proj.0.bias"] = torch.randn(64, 64), torch.randn(64)
+    # the EMA teacher: encoder-relative keys, slightly different values than the student
+    ema = {k.removeprefix("encoder."): v + 0.01 * torch.randn_like(v) for k, v in sd.items() if k.startswith("encoder.")}
+    sd["_ema"] = ema
+    cfg = {"model": FAIRSEQ_ARCH, "task": {"_name": "audio_pretraining", "normalize": True}}
+    torch.save({"args": None, "cfg": cfg, "model": sd}, tmp_path / "audio_tiny.pt")
+
+    result = import_fairseq(tmp_path / "audio_tiny.pt", out=tmp_path / "pt" / "last.pt")
+    state, ours = load_d2v(result.path)
+    assert state[ck.KIND_KEY] == "pretrain"
+    assert torch.equal(state[ck.MODEL_KEY]["final_proj.weight"], sd["final_proj.0.weight"])
+    assert torch.equal(state[ck.TEACHER_KEY]["layers.2.fc1.weight"], ema["layers.2.fc1.weight"])
+    assert torch.equal(state[ck.TEACHER_KEY]["pos_conv.blocks.4.conv.bias"], ema["pos_conv.4.0.bias"])
+    x, pad = sample_batch()
+    with torch.inference_mode():
+        ref = hf(x, attention_mask=(~pad).long()).last_hidden_state
+        out = ours.backbone(x, pad)
+    valid = ~out["padding_mask"]
+    torch.testing.assert_close(out["x"][valid], ref[valid], **TOL)
+    # the teacher loads into a transformer as-is
+    ours.backbone.transformer.load_state_dict(state[ck.TEACHER_KEY], strict=True)
+
+    ema_result = import_fairseq(tmp_path / "audio_tiny.pt", out=tmp_path / "ema" / "last.pt", use_ema=True)
+    ema_state = ck.load_checkpoint(ema_result.path)
+    assert torch.equal(ema_state[ck.MODEL_KEY]["backbone.transformer.layers.0.fc2.weight"], ema["layers.0.fc2.weight"])
+    assert torch.equal(ema_state[ck.MODEL_KEY]["backbone.feature_proj.weight"], sd["post_extract_proj.weight"])
+
+
+def test_mismatches_are_reported_in_full_and_nothing_is_written(hf_tiny_ctc, tmp_path):
+    pt = fairseq_ctc_file(hf_tiny_ctc, tmp_path / "bad.pt",
+                          drop=["w2v_encoder.w2v_model.encoder.layers.1.fc1.bias"],
+                          extra={"w2v_encoder.w2v_model.quantizer.vars": torch.zeros(3),
+                                 "w2v_encoder.w2v_model.encoder.layers.0.fc2.bias": torch.zeros(7)})
+    out = tmp_path / "never" / "last.pt"
+    with pytest.raises(InteropError) as err:
+        import_fairseq(pt, out=out)
+    msg = str(err.value)
+    assert "backbone.transformer.layers.1.fc1.bias" in msg  # missing
+    assert "quantizer.vars" in msg  # unexpected
+    assert "backbone.transformer.layers.0.fc2.bias: file (7,), model (64,)" in msg  # shape
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_pickled_objects_need_trust_and_corrupt_files_are_clear(hf_tiny_ctc, tmp_path):
+    pt = fairseq_ctc_file(hf_tiny_ctc, tmp_path / "old.pt", args=argparse.Namespace(arch="wav2vec_ctc"))
+    with pytest.raises(ck.CheckpointError, match="--trust-checkpoint"):
+        import_fairseq(pt, out=tmp_path / "a" / "last.pt")
+    assert not (tmp_path / "a").exists()
+    result = import_fairseq(pt, out=tmp_path / "b" / "last.pt", trust=True)
+    assert result.kind == "ctc" and result.vocab_size == 32  # default: the LibriSpeech letters
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    with pytest.raises(ck.CheckpointError, match="truncated or corrupt"):
+        import_fairseq(truncated, out=tmp_path / "c" / "last.pt")
+
+
+def test_conv_feature_layers_are_parsed_without_eval(tmp_path):
+    base = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
+    assert parse_conv_layers(base) == cfgmod.BASE_CONV_LAYERS
+    marker = tmp_path / "pwned"
+    for hostile in [f"__import__('pathlib').Path({str(marker)!r}).touch()", "[(1, 2, 3)] * 10 ** 9",
+                    "[(1, 2, x)]", "[(1, 2)]", "[(512, 10, 5.0)]"]:
+        with pytest.raises(InteropError, match="conv_feature_layers"):
+            parse_conv_layers(hostile)
+    assert not marker.exists()
+
+
+def test_cli_import_and_export(hf_folder, tmp_path):
+    runner = CliRunner()
+    ws = tmp_path / "ws"
+    res = runner.invoke(app, ["import", "hf", str(hf_folder), "-w", str(ws)])
+    assert res.exit_code == 0, res.output
+    assert "imported-d2v-audio-tiny-ctc" in res.output
+    path = Workspace.resolve(ws).find_checkpoint("imported-d2v-audio-tiny-ctc")
+    assert ck.load_checkpoint(path, expect_kind="ctc")
+    res = runner.invoke(app, ["export", "hf", "imported-d2v-audio-tiny-ctc", str(tmp_path / "out"), "-w", str(ws)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    # a non-data2vec HF folder is refused with the reason
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    (tmp_path / "w2v").mkdir()
+    (tmp_path / "w2v" / "config.json").write_text(json.dumps({**cfg, "model_type": "wav2vec2"}))
+    with pytest.raises(InteropError, match="data2vec-audio"):
+        import_hf(tmp_path / "w2v", out=tmp_path / "w2v.pt")
