@@ -19,10 +19,13 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
 
 from d2vcli.interop import HF_MODEL_MAP, model_config_from_hf, rename
 from d2vcli.model import build_backbone
-from d2vcli.ui import console, table
+from d2vcli.ui import table
+
+console = Console(width=150, highlight=False)
 
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -44,22 +47,24 @@ def build_pair(size: str, device: str):
     return ours.to(device), hf
 
 
-def timed(fn, warmup: int, repeat: int, device: str) -> tuple[float, float, torch.Tensor]:
-    """(median wall s, median process CPU s, last output)."""
-    out = None
+def timed_pair(fns, warmup: int, repeat: int, device: str) -> list[tuple[float, float, torch.Tensor]]:
+    """For each fn: (median wall s, median process CPU s, last output). The fns run alternately,
+    so a busy machine slows both alike instead of whichever happened to run second."""
+    outs = [None] * len(fns)
     for _ in range(warmup):
-        out = fn()
-    walls, cpus = [], []
+        outs = [fn() for fn in fns]
+    walls, cpus = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        w, c = time.perf_counter(), time.process_time()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus), out
+        for i, fn in enumerate(fns):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            w, c = time.perf_counter(), time.process_time()
+            outs[i] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            walls[i].append(time.perf_counter() - w)
+            cpus[i].append(time.process_time() - c)
+    return [(statistics.median(w), statistics.median(c), o) for w, c, o in zip(walls, cpus, outs)]
 
 
 def main() -> None:
@@ -91,8 +96,8 @@ def main() -> None:
                     with torch.inference_mode(), autocast:
                         return hf(x).last_hidden_state
 
-                o_wall, o_cpu, o_out = timed(run_ours, args.warmup, args.repeat, device)
-                h_wall, h_cpu, h_out = timed(run_hf, args.warmup, args.repeat, device)
+                (o_wall, o_cpu, o_out), (h_wall, h_cpu, h_out) = timed_pair([run_ours, run_hf], args.warmup,
+                                                                            args.repeat, device)
                 diff = (o_out.float() - h_out.float()).abs().max().item()
                 rows.append((size, precision, batch, f"{o_wall:.3f}", f"{o_cpu:.2f}", f"{h_wall:.3f}", f"{h_cpu:.2f}",
                              f"{o_wall / audio_s:.4f}", f"{h_wall / audio_s:.4f}", f"{h_wall / o_wall:.2f}",

@@ -151,3 +151,34 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+def load_ctc_model(path: Path, trust: bool = False):
+    """A fine-tuned CTC checkpoint, ready for inference.
+
+    Returns (Data2VecForCTC in eval mode on CPU, Vocab from the checkpoint, normalize flag, state).
+    The vocabulary and the normalize flag always come from the checkpoint, never from the data
+    directory, so inference cannot pair a model with the wrong dictionary or input scaling.
+    """
+    from d2vcli.config import ModelConfig, from_dict
+    from d2vcli.model import Data2VecForCTC, build_backbone
+    from d2vcli.vocab import SPECIALS, Vocab
+
+    path = Path(path)
+    state = load_checkpoint(path, expect_kind="ctc", trust=trust)
+    letters = list(state.get(VOCAB_KEY) or [])
+    if letters[: len(SPECIALS)] == list(SPECIALS):
+        letters = letters[len(SPECIALS):]
+    if not letters:
+        raise CheckpointError(f"{path} has no vocabulary ('{VOCAB_KEY}'); it cannot be decoded. Re-export it.")
+    vocab = Vocab(tuple(letters))
+    arch = from_dict(state[ARCH_KEY], ModelConfig)
+    model = Data2VecForCTC(build_backbone(arch), len(vocab))
+    missing, unexpected = model.load_state_dict(state[MODEL_KEY], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the architecture stored with them "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). The file is damaged or was edited."
+        )
+    model.eval()
+    return model, vocab, bool(state.get(NORMALIZE_KEY, True)), state

@@ -7,7 +7,7 @@ Each command parses its arguments, resolves the config (defaults -> --preset ->
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -305,6 +305,194 @@ def export_hf_cmd(
     path = Workspace.resolve(workdir).find_checkpoint(checkpoint)
     for written in export_hf(path, out_dir, trust=trust):
         console.print(f"wrote {written}", markup=False)
+
+
+# ----------------------------------------------------------------------------- LM, decode, evaluate, transcribe, doctor
+
+LMOpt = typer.Option(None, "--lm", help="KenLM binary: a path or a file name in <workdir>/lm/ "
+                     "(default: the LM `d2v prepare lm` built, if any).")
+NoLMOpt = typer.Option(False, "--no-lm", help="Greedy decoding only, even if the workspace has an LM.")
+LexiconOpt = typer.Option(None, "--lexicon", help="Lexicon (WORD<TAB>W O R D |); default <workdir>/lm/lexicon.txt.")
+LexiconFreeOpt = typer.Option(False, "--lexicon-free", help="Beam search without a lexicon: with a letter LM "
+                              "(`d2v prepare lm --unit letter`) or, with no LM, a plain CTC beam search.")
+DecodeSplitsOpt = typer.Option(None, "--splits", help="Splits to decode, repeatable or comma-separated "
+                               "(default: the dev and test manifests present).")
+DecodeWorkersOpt = typer.Option(None, "--workers", help="Beam-search processes (default decode.workers: one per core).")
+DeviceOpt = typer.Option("auto", "--device", help="Device for the acoustic model: auto, cpu, cuda, cuda:N.")
+NoTunedOpt = typer.Option(False, "--no-tuned", help="Ignore decode/<run>/tuned.json (use the config's LM weights).")
+_TUNED_KEYS = ("decode.lm_weight", "decode.word_score", "decode.sil_weight")
+
+
+class _UserErrors:
+    """Turn the decode stack's input errors (bad LM, lexicon, audio, missing package) into one line, exit 2."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from d2vcli.audio import AudioError
+        from d2vcli.decode import DecodeError
+        from d2vcli.lm import LMError
+
+        if exc is not None and isinstance(exc, (LMError, DecodeError, AudioError)):
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(2)
+        return False
+
+
+def _splits(values: Optional[List[str]]) -> Optional[list]:
+    return [s for v in values for s in v.split(",") if s] if values else None
+
+
+def _lm_arg(lm: Optional[str], no_lm: bool):
+    return None if no_lm else (lm if lm else "auto")
+
+
+def _use_tuned(no_tuned: bool, overrides: Optional[List[str]]) -> bool:
+    """Explicit --set of an LM weight wins over tuned.json."""
+    return not no_tuned and not any(o.split("=", 1)[0].strip() in _TUNED_KEYS for o in overrides or [])
+
+
+@prepare_app.command("lm")
+def prepare_lm_cmd(
+    arpa: Optional[Path] = typer.Option(None, "--arpa", help="An ARPA LM (.arpa or .arpa.gz) to convert."),
+    text: Optional[Path] = typer.Option(None, "--text", help="A text corpus (.txt or .txt.gz, a sentence a line)."),
+    order: int = typer.Option(4, "--order", help="n-gram order for --text."),
+    unit: Literal["word", "letter"] = typer.Option("word", "--unit", help="word (lexicon decoding) or letter "
+                                                   "(lexicon-free decoding)."),
+    words: Optional[Path] = typer.Option(None, "--words", help="Word list for the lexicon instead of the LM unigrams."),
+    dict_path: Optional[Path] = typer.Option(None, "--dict", help="Letter dictionary (default <workdir>/data/dict.ltr.txt)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Binary name in lm/ (default: 4gram)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Normalize --text like the transcripts."),
+    match_case: bool = typer.Option(False, "--match-case", help="Convert the LM's words to the dictionary's case."),
+    discount_fallback: Literal["auto", "always", "never"] = typer.Option(
+        "auto", "--discount-fallback", help="lmplz --discount_fallback: auto = only when the corpus is too small."),
+    structure: Literal["probing", "trie"] = typer.Option("probing", "--structure", help="KenLM binary layout."),
+    memory: str = typer.Option("20%", "--memory", help="lmplz sorting memory (-S), e.g. 4G or 50%."),
+    keep_arpa: bool = typer.Option(False, "--keep-arpa", help="Keep the ARPA lmplz wrote next to the binary."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Build the KenLM binary + lexicon in <workdir>/lm/ and validate them (OOV, perplexity, case)."""
+    from d2vcli.lm import prepare_lm, print_report
+
+    with _UserErrors():
+        report = prepare_lm(Workspace.resolve(workdir), arpa=arpa, text=text, order=order, unit=unit, words=words,
+                            dictionary=dict_path, name=name, normalize=normalize, match_case=match_case,
+                            discount_fallback=discount_fallback, structure=structure, memory=memory,
+                            keep_arpa=keep_arpa)
+    print_report(report)
+
+
+@app.command("decode")
+def decode_cmd(
+    checkpoint: Optional[str] = typer.Argument(None, help="Run name, run directory or checkpoint "
+                                               "(default: the newest fine-tuned run)."),
+    splits: Optional[List[str]] = DecodeSplitsOpt,
+    lm: Optional[str] = LMOpt,
+    no_lm: bool = NoLMOpt,
+    lexicon: Optional[Path] = LexiconOpt,
+    lexicon_free: bool = LexiconFreeOpt,
+    tune: bool = typer.Option(False, "--tune", help="Tune lm_weight, word_score, sil_weight on decode.tune_split first."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Settings to try with --tune (decode.tune_trials)."),
+    search: Optional[Literal["random", "grid"]] = typer.Option(None, "--search", help="--tune search (decode.tune_search)."),
+    tune_beam: Optional[int] = typer.Option(None, "--tune-beam", help="Beam while tuning (decode.tune_beam)."),
+    no_tuned: bool = NoTunedOpt,
+    workers: Optional[int] = DecodeWorkersOpt,
+    device: str = DeviceOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Decode dev/test splits: greedy always, lexicon + KenLM beam search with an LM (emissions cached)."""
+    from d2vcli.decode import decode, print_result
+    from d2vcli.ui import print_config
+
+    cfg = resolve_config("decode", None, config_file, overrides)
+    print_config(cfg.decode, "decode config")
+    with _UserErrors():
+        result = decode(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
+                        lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free, tune=tune, trials=trials,
+                        search=search, tune_beam=tune_beam, use_tuned=_use_tuned(no_tuned, overrides),
+                        workers=workers, trust=trust, device=device)
+    print_result(result)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Optional[str] = typer.Argument(None, help="Run name, run directory or checkpoint "
+                                               "(default: the newest fine-tuned run)."),
+    splits: Optional[List[str]] = DecodeSplitsOpt,
+    lm: Optional[str] = LMOpt,
+    no_lm: bool = NoLMOpt,
+    lexicon: Optional[Path] = LexiconOpt,
+    lexicon_free: bool = LexiconFreeOpt,
+    no_tuned: bool = NoTunedOpt,
+    workers: Optional[int] = DecodeWorkersOpt,
+    device: str = DeviceOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """WER and CER per split, greedy and LM side by side; writes recogs-/errs-/wer-summary files and wer.json."""
+    from d2vcli.evaluate import evaluate, print_result
+    from d2vcli.ui import print_config
+
+    cfg = resolve_config("decode", None, config_file, overrides)
+    print_config(cfg.decode, "decode config")
+    with _UserErrors():
+        result = evaluate(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
+                          lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free,
+                          use_tuned=_use_tuned(no_tuned, overrides), workers=workers, trust=trust, device=device)
+    print_result(result)
+
+
+@app.command("transcribe")
+def transcribe_cmd(
+    audio: List[Path] = typer.Argument(..., help="Audio files (any format soundfile reads, any rate/channels)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Run name, run directory or checkpoint "
+                                        "(default: the newest fine-tuned run)."),
+    lm: Optional[str] = LMOpt,
+    no_lm: bool = NoLMOpt,
+    lexicon: Optional[Path] = LexiconOpt,
+    lexicon_free: bool = LexiconFreeOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of stdout (.json: a JSON list)."),
+    timestamps: bool = typer.Option(False, "--timestamps", help="Per-word start and end times (seconds)."),
+    chunk_seconds: float = typer.Option(30.0, "--chunk-seconds", help="Longest window the model sees at once."),
+    no_tuned: bool = NoTunedOpt,
+    device: str = DeviceOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Transcribe audio files, greedy or with the LM, optionally with word timestamps."""
+    from d2vcli.transcribe import format_transcripts, transcribe, write_transcripts
+
+    cfg = resolve_config("decode", None, config_file, overrides)
+    with _UserErrors():
+        result = transcribe(audio, Workspace.resolve(workdir), model=model, lm=_lm_arg(lm, no_lm), lexicon=lexicon,
+                            lexicon_free=lexicon_free, cfg=cfg.decode, timestamps=timestamps,
+                            use_tuned=_use_tuned(no_tuned, overrides), chunk_seconds=chunk_seconds, trust=trust,
+                            device=device)
+    if out:
+        write_transcripts(result, out, timestamps)
+        err_console.print(f"wrote {out}", markup=False)
+    else:
+        console.print(format_transcripts(result, timestamps), end="", markup=False, highlight=False)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    build_tools: bool = typer.Option(False, "--build-tools", help="Build lmplz/build_binary now if missing."),
+):
+    """Check the decoding stack (flashlight-text, KenLM, tools, a tiny end-to-end decode) and print fixes."""
+    from d2vcli.doctor import run_checks
+
+    report = run_checks(build_tools=build_tools)
+    console.print(report.table())
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def main() -> None:

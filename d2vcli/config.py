@@ -166,6 +166,13 @@ class DecodeConfig:
     unk_weight: float = f(float("-inf"), "Score of an unknown word.")
     workers: int = f(0, "Beam-search worker processes; 0 = one per core.")
     batch_size: int = f(8, "Utterances per acoustic-model batch when computing emissions.")
+    tune_split: str = f("dev-other", "Split that `d2v decode --tune` tunes lm_weight, word_score and sil_weight on.")
+    tune_trials: int = f(64, "Settings tried by --tune (fairseq's Ax sweeps: 64 or 128 trials).")
+    tune_search: Literal["random", "grid"] = f("random", "--tune search: uniform random samples or a regular grid.")
+    tune_beam: int = f(500, "Beam while tuning (wav2vec 2.0 protocol: tune at 500, test at a larger beam).")
+    tune_lm_weight: tuple[float, float] = f((0.0, 5.0), "lm_weight range searched by --tune (fairseq ax.yaml).")
+    tune_word_score: tuple[float, float] = f((-5.0, 5.0), "word_score range searched by --tune (fairseq ax.yaml).")
+    tune_sil_weight: tuple[float, float] = f((-8.0, 0.0), "sil_weight range searched by --tune (fairseq ax.yaml).")
 
 
 @dataclass

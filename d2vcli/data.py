@@ -36,8 +36,8 @@ The recipe follows fairseq's raw-audio dataset (docs: data2vec-reference §4, §
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
@@ -377,7 +377,7 @@ class BatchLoader:
             source: Iterator[dict] = iter(
                 torch.utils.data.DataLoader(
                     view, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                    pin_memory=self.pin_memory, collate_fn=_identity,
+                    pin_memory=self.pin_memory, collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
                     # An explicit generator keeps DataLoader from drawing its base seed from the
                     # global torch RNG, which would make dropout depend on epoch boundaries.
                     generator=torch.Generator().manual_seed(self.seed),
@@ -402,3 +402,10 @@ class BatchLoader:
 
 def _identity(x):
     return x
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C/SIGTERM to the training process, which saves a checkpoint and then
+    shuts them down; a worker dying first would turn a clean stop into a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

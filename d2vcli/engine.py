@@ -193,11 +193,11 @@ def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo)
             f"Pass --resume to continue it, or --name NEW_NAME to start a separate run."
         )
     resume_from = existing[-1] if (resume and existing) else None
+    config_path = run_dir / "config.yaml"
+    if resume_from is not None and config_path.exists():  # every rank checks, so every rank fails alike
+        _report_config_changes(cfgmod.load_yaml(config_path), cfgmod.to_dict(cfg), info.is_main)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.yaml"
-        if resume_from is not None and config_path.exists():
-            _report_config_changes(cfgmod.load_yaml(config_path), cfgmod.to_dict(cfg))
         cfgmod.save(cfg, config_path)
         if resume and resume_from is None:
             console.print(f"--resume: no checkpoint in {run_dir}, starting a new run")
@@ -215,7 +215,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _report_config_changes(old: dict, new: dict) -> None:
+def _report_config_changes(old: dict, new: dict, verbose: bool) -> None:
     a, b = _flatten(old), _flatten(new)
     changed = [k for k in b if a.get(k) != b[k]]
     if not changed:
@@ -229,8 +229,9 @@ def _report_config_changes(old: dict, new: dict) -> None:
             + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in arch)
             + ". Resume with the original settings, or start a new run with --name."
         )
-    console.print("[yellow]resuming with changed settings:[/] "
-                  + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in changed))
+    if verbose:
+        console.print("[yellow]resuming with changed settings:[/] "
+                      + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in changed))
 
 
 # ----------------------------------------------------------------------------- derived settings
@@ -647,7 +648,7 @@ class _Trainer:
                     interval.add(u, dt)
                     if bar is not None:
                         bar.update(bar_task, completed=self.step, info=_bar_text(u, interval))
-                    if u["finite"] and self.step % cfg.train.log_every == 0:
+                    if u["finite"] and self.step % max(1, cfg.train.log_every) == 0:
                         row = interval.row(self.step, self.loader.position.epoch, self)
                         log.write(row)
                         if info.is_main and (bar is None or bar.disable):
@@ -693,7 +694,8 @@ class _Trainer:
         if (self.validate_every and self.step % self.validate_every == 0 and self.step >= self.validate_after):
             best = self._validate(log)
             validated = True
-        periodic = self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_updates
+        periodic = (cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0
+                    and self.step < cfg.train.max_updates)
         if periodic or validated:
             self.save(periodic=periodic, best=best)
         if self.patience and self.bad_validations >= self.patience:

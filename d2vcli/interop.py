@@ -238,10 +238,14 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _write(state: dict, out: Path, notes: list[str]) -> ImportResult:
+def _write(state: dict, out: Optional[Path], workspace: Optional[Workspace], source: Path,
+           notes: list[str]) -> ImportResult:
+    """Save to `out`, or into a run directory of the workspace (with its config.yaml, like any run)."""
+    if out is None:
+        out = default_import_path(workspace or Workspace.resolve(), source)
+        cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), out.parent / "config.yaml")
     out = Path(out)
     ck.save_checkpoint(out, state)
-    cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), out.parent / "config.yaml")
     return ImportResult(
         path=out, kind=state[ck.KIND_KEY], arch=state[ck.ARCH_KEY], normalize=state[ck.NORMALIZE_KEY],
         vocab_size=len(SPECIALS) + len(state.get(ck.VOCAB_KEY, [])) if state[ck.KIND_KEY] == "ctc" else 0,
@@ -459,8 +463,7 @@ def import_fairseq(path: Path, out: Optional[Path] = None, dict_path: Optional[P
     path = Path(path)
     raw = ck.load_raw(path, trust=trust)
     state, notes = convert_fairseq(raw, path, dict_path=dict_path, use_ema=use_ema)
-    out = Path(out) if out else default_import_path(workspace or Workspace.resolve(), path)
-    return _write(state, out, notes)
+    return _write(state, out, workspace, path, notes)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -599,8 +602,7 @@ def import_hf(folder: Path, out: Optional[Path] = None, dict_path: Optional[Path
     """`d2v import hf`: convert a Hugging Face Data2VecAudio folder and write it as a d2v checkpoint."""
     folder = Path(folder)
     state, notes = convert_hf(folder, dict_path=dict_path, trust=trust)
-    out = Path(out) if out else default_import_path(workspace or Workspace.resolve(), folder)
-    return _write(state, out, notes)
+    return _write(state, out, workspace, folder, notes)
 
 
 def hf_config(state: dict) -> dict:

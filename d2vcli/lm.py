@@ -688,6 +688,8 @@ def prepare_lm(
         lexicon_entries: list[tuple[str, list[str]]] = []
         if unit == "word":
             word_list = _read_word_list(Path(words)) if words else info.unigrams
+            if words and match_case and dict_case in ("upper", "lower"):
+                word_list = [w.upper() if dict_case == "upper" else w.lower() for w in word_list]
             skipped: list[str] = []
             for w in word_list:
                 if w in LM_SPECIAL_WORDS:
@@ -701,7 +703,7 @@ def prepare_lm(
             report.skipped_words = len(skipped)
             report.skipped_examples = skipped[:10]
             report.lexicon_case = word_case(w for w, _ in lexicon_entries)
-            for what, case in (("the LM vocabulary", lm_case), ("the lexicon's words", report.lexicon_case)):
+            for what, case in (("the LM vocabulary", lm_case), ("the lexicon", report.lexicon_case)):
                 msg = case_mismatch_message(case, dict_case, what, fix)
                 if msg and msg not in report.problems:
                     report.problems.append(msg)

@@ -69,19 +69,26 @@ class Fp32LayerNorm(nn.LayerNorm):
 
 
 class ConvBlock(nn.Module):
-    """Conv1d (no bias) -> LayerNorm over channels (fp32) -> GELU; data2vec's `layer_norm` extractor mode."""
+    """Conv1d (no bias) -> LayerNorm over channels (fp32) -> GELU; data2vec's `layer_norm` extractor mode.
+
+    The conv runs as a height-1 conv2d on channels-last memory: oneDNN (CPU) and cuDNN (GPU)
+    both take that layout natively, and LayerNorm over channels then reads a contiguous last
+    dim, so the two full-size transposes per block that an NCL conv1d needs disappear. The
+    weight stays a Conv1d parameter (C, C_in, k), as in fairseq and HF.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
         super().__init__()
+        self.stride = stride
         self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=False)
         nn.init.kaiming_normal_(self.conv.weight)
         self.norm = Fp32LayerNorm(out_channels, eps=CONV_LN_EPS)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, L) -> (B, C, L')
-        x = self.conv(x)
-        # LayerNorm normalizes the last dim, so channels go last for it and back after.
-        x = self.norm(x.transpose(1, 2))  # (B, L', C)
-        return F.gelu(x).transpose(1, 2)  # (B, C, L')
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, 1, L) channels-last -> (B, C, 1, L')
+        x = F.conv2d(x, self.conv.weight.unsqueeze(2), stride=(1, self.stride))
+        x = x.permute(0, 2, 3, 1)  # (B, 1, L', C): a view, contiguous in channels-last memory
+        x = F.gelu(self.norm(x))
+        return x.permute(0, 3, 1, 2)
 
 
 class FeatureExtractor(nn.Module):
@@ -96,30 +103,36 @@ class FeatureExtractor(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, source: Tensor) -> Tensor:  # (B, S) -> (B, T, C)
-        x = source.unsqueeze(1)  # (B, 1, S)
+        x = source[:, None, None, :].contiguous(memory_format=torch.channels_last)  # (B, 1, 1, S)
         for block in self.blocks:
             x = block(x)
-        return x.transpose(1, 2)
+        return x[:, :, 0, :].transpose(1, 2)  # (B, T, C), contiguous: channels were last in memory
 
 
 # --------------------------------------------------------------------------- 2. positional embedding
 
 
 class PosConvBlock(nn.Module):
-    """Conv1d(D, D, k, groups) -> SamePad -> LayerNorm(D, no affine) -> GELU (no weight norm, no inner residual)."""
+    """Conv1d(D, D, k, groups) -> SamePad -> LayerNorm(D, no affine) -> GELU (no weight norm, no inner residual).
+
+    Like ConvBlock, it runs as a height-1 conv2d on channels-last memory, so the (B, T, D)
+    activations never need transposing copies.
+    """
 
     def __init__(self, dim: int, kernel: int, groups: int):
         super().__init__()
+        self.groups = groups
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
         # padding k//2 on both sides makes one extra frame when k is even ("SamePad" drops it).
         self.trim = 1 if kernel % 2 == 0 else 0
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, D, T) -> (B, D, T)
-        x = self.conv(x)
+    def forward(self, x: Tensor) -> Tensor:  # (B, D, 1, T) channels-last -> same
+        pad = self.conv.padding[0]
+        x = F.conv2d(x, self.conv.weight.unsqueeze(2), self.conv.bias, padding=(0, pad), groups=self.groups)
         if self.trim:
             x = x[..., : -self.trim]
-        x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=CONV_LN_EPS)  # (B, T, D)
-        return F.gelu(x).transpose(1, 2)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=CONV_LN_EPS)  # (B, 1, T, D)
+        return F.gelu(x).permute(0, 3, 1, 2)
 
 
 class PositionalConv(nn.Module):
@@ -134,10 +147,10 @@ class PositionalConv(nn.Module):
         self.blocks = nn.ModuleList(PosConvBlock(dim, kernel, groups) for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
-        x = x.transpose(1, 2)  # (B, D, T): convolve over time
+        x = x.transpose(1, 2).unsqueeze(2)  # (B, D, 1, T): a channels-last view of the same memory
         for block in self.blocks:
             x = block(x)
-        return x.transpose(1, 2)
+        return x[:, :, 0, :].transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- 3. transformer

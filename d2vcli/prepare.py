@@ -104,6 +104,7 @@ class PrepareSummary:
     splits: list[SplitSummary]
     dictionary: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    workdir: Optional[str] = None  # outputs inside it are shown relative to it
 
     def split(self, name: str) -> SplitSummary:
         for s in self.splits:
@@ -122,8 +123,14 @@ class PrepareSummary:
             row = [s.split, s.status, s.utterances, f"{s.hours:.3f}", skipped]
             if show_norm:
                 row.append(s.normalized)
-            rows.append(row + ["\n".join(s.outputs)])
-        return table(f"d2v prepare {self.command}", cols, rows)
+            rows.append(row + ["\n".join(self._short(p) for p in s.outputs)])
+        title = f"d2v prepare {self.command}" + (f" (workspace {self.workdir})" if self.workdir else "")
+        return table(title, cols, rows)
+
+    def _short(self, path: str) -> str:
+        if self.workdir and path.startswith(self.workdir.rstrip("/") + "/"):
+            return os.path.relpath(path, self.workdir)
+        return path
 
 
 @dataclass
@@ -152,15 +159,17 @@ class Header:
 # --------------------------------------------------------------------------- walking
 
 
-def _walk(root: Path, exts: frozenset[str]) -> Iterable[os.DirEntry]:
-    """Every file under `root` whose lower-cased suffix is in `exts` (recursive, unsorted)."""
+def _walk(root: Path, exts: frozenset[str], exclude: Optional[Path] = None) -> Iterable[os.DirEntry]:
+    """Every file under `root` whose lower-cased suffix is in `exts` (recursive, unsorted), outside `exclude`."""
     stack = [str(root)]
+    skip = str(exclude) if exclude is not None else None
     while stack:
         try:
             with os.scandir(stack.pop()) as it:
                 for e in it:
                     if e.is_dir(follow_symlinks=True):
-                        stack.append(e.path)
+                        if e.path != skip:
+                            stack.append(e.path)
                     elif os.path.splitext(e.name)[1].lower() in exts:
                         yield e
         except PermissionError:
@@ -421,61 +430,61 @@ def _prepare_split(
         headers = scan_headers([it.path for it in items], workers, on_progress=lambda n: bar.advance(task, n))
 
         # Sample rate and channels: an error unless we convert.
-        wrong = [(it, h) for it, h in zip(items, headers) if not h.error
-                 and (h.sample_rate != SAMPLE_RATE or h.channels != 1)]
+        wrong = [k for k, h in enumerate(headers) if not h.error and (h.sample_rate != SAMPLE_RATE or h.channels != 1)]
         audio_dir = ws.data_dir / "audio" / split
         if wrong and not opts.resample:
-            it, h = wrong[0]
+            it, h = items[wrong[0]], headers[wrong[0]]
             raise PrepareError(
                 f"{len(wrong)} of {len(items)} audio files in split '{split}' are not 16 kHz mono "
                 f"(e.g. {it.path}: {h.sample_rate} Hz, {h.channels} channel{'s' if h.channels > 1 else ''}). "
                 f"Pass --resample to convert them to 16 kHz mono FLAC under {audio_dir}/."
             )
-        paths = {it.id: str(it.path) for it in items}
-        lengths = {it.id: h.frames for it, h in zip(items, headers)}
-        errors = {it.id: h.error for it, h in zip(items, headers)}
+        # Indexed by position: ids need not be unique across directories (fairseq imports).
+        paths = [str(it.path) for it in items]
+        lengths = [h.frames for h in headers]
+        errors = [h.error for h in headers]
         if wrong:
             task = bar.add_task(f"resample {split}", total=len(wrong))
-            jobs = [(str(it.path), str(audio_dir / f"{it.id}.flac")) for it, _ in wrong]
+            jobs = [(paths[k], str(audio_dir / f"{items[k].id}.flac")) for k in wrong]
             for d in {Path(dst).parent for _, dst in jobs}:
                 d.mkdir(parents=True, exist_ok=True)
             results = _resample_all(jobs, workers, lambda n: bar.advance(task, n))
-            for (it, _), (_, dst), (n, err) in zip(wrong, jobs, results):
-                paths[it.id], lengths[it.id], errors[it.id] = dst, n, err
+            for k, (_, dst), (n, err) in zip(wrong, jobs, results):
+                paths[k], lengths[k], errors[k] = dst, n, err
 
     records: list[Record] = []
     skipped: list[tuple[str, str, str]] = []  # (path, reason, detail)
     normalized = 0
-    for it in items:
+    for k, it in enumerate(items):
         problem = it.problem
-        if errors[it.id]:  # broken audio outranks a missing transcript
-            reason, _, detail = errors[it.id].partition(": ")
+        if errors[k]:  # broken audio outranks a missing transcript
+            reason, _, detail = errors[k].partition(": ")
             problem = (reason, detail)
         if problem is None and opts.labeled:
             if it.text is None or not it.text.strip():
                 problem = ("no-transcript", "empty transcript" if it.text is not None else "no transcript")
             else:
                 problem = _text_problem(it.text, opts.vocab)
-        pieces = [(0, lengths[it.id])]
+        pieces = [(0, lengths[k])]
         if problem is None and segment is not None:
             try:
-                pieces = segment(it, lengths[it.id])
+                pieces = segment(it, lengths[k])
             except PrepareError as e:
                 problem = ("bad-vad", str(e))
         if problem is None and opts.labeled:
             targets = len(to_letters(it.text).split())
-            frames = num_frames(lengths[it.id])
+            frames = num_frames(lengths[k])
             if targets > frames:
                 problem = ("text-too-long", f"{targets} letters (with '|') but only {frames} frames "
-                                            f"({lengths[it.id] / SAMPLE_RATE:.2f} s)")
+                                            f"({lengths[k] / SAMPLE_RATE:.2f} s)")
         if problem is not None:
             skipped.append((str(it.path), problem[0], problem[1]))
             continue
         normalized += it.normalized
-        for k, (offset, length) in enumerate(pieces):
+        for j, (offset, length) in enumerate(pieces):
             records.append(Record(
-                id=it.id if segment is None else f"{it.id}-{k:04d}",
-                path=paths[it.id], num_samples=int(length), sample_rate=SAMPLE_RATE,
+                id=it.id if segment is None else f"{it.id}-{j:04d}",
+                path=paths[k], num_samples=int(length), sample_rate=SAMPLE_RATE,
                 speaker=it.speaker, text=it.text if opts.labeled else "", offset=int(offset),
             ))
 
@@ -547,7 +556,7 @@ def _finish(ws: Workspace, command: str, splits: list[SplitSummary], labeled: bo
     for s in splits:
         if s.orphan_transcripts:
             notes.append(f"{s.split}: {s.orphan_transcripts} transcript line(s) have no audio file (ignored)")
-    return PrepareSummary(command, splits, str(dictionary) if dictionary else None, notes)
+    return PrepareSummary(command, splits, str(dictionary) if dictionary else None, notes, str(ws.root))
 
 
 # --------------------------------------------------------------------------- librispeech
@@ -562,6 +571,11 @@ def _resolve_root(root: Optional[Path | str], env: str, what: str, example: str)
     if not path.is_dir():
         raise PrepareError(f"{what} root {path} is not a directory: pass --root {example}")
     return path
+
+
+def _split_list(splits: Optional[Sequence[str]]) -> list[str]:
+    """--splits may be repeated or comma-separated."""
+    return [x.strip() for s in splits or () for x in s.split(",") if x.strip()]
 
 
 def librispeech_root(root: Optional[Path | str]) -> Path:
@@ -587,6 +601,7 @@ def prepare_librispeech(
     synthetic corpus's `train`); default: every standard split present.
     """
     root = librispeech_root(root)
+    splits = _split_list(splits)
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
     if splits:
         missing = [s for s in splits if not (root / s).is_dir()]
@@ -843,7 +858,8 @@ def prepare_folder(
     seen: dict[str, int] = {}
     prefix = len(str(root)) + 1
     rels: dict[str, str] = {}
-    for e in _walk(root, audio_extensions()):
+    # The workspace may sit inside the folder: never pick up our own resampled audio.
+    for e in _walk(root, audio_extensions(), exclude=ws.root):
         rel = e.path[prefix:].replace(os.sep, "/")
         stem, ext = os.path.splitext(rel)
         utt_id = re.sub(r"\s+", "_", stem)
@@ -946,6 +962,7 @@ def fairseq_export(ws: Workspace, out: Path | str, splits: Optional[Sequence[str
     content would not change are not rewritten (the split reports "up to date").
     """
     out = Path(out).expanduser().resolve()
+    splits = _split_list(splits)
     if not splits:
         splits = sorted(p.stem for p in ws.data_dir.glob("*.jsonl")) if ws.data_dir.exists() else []
         if not splits:
@@ -978,7 +995,7 @@ def fairseq_export(ws: Workspace, out: Path | str, splits: Optional[Sequence[str
         dictionary = out / "dict.ltr.txt"
         _write_if_changed(dictionary, ws.dictionary.read_text(encoding="utf-8"))
     return PrepareSummary("fairseq-export", results, str(dictionary) if dictionary else None,
-                          [f"fairseq data dir: {out} (task.data={out})"])
+                          [f"fairseq data dir: {out} (task.data={out})"], str(ws.root))
 
 
 def prepare_fairseq_import(
@@ -997,7 +1014,7 @@ def prepare_fairseq_import(
     src = Path(src).expanduser().resolve()
     if not src.is_dir():
         raise PrepareError(f"{src} is not a directory: pass the fairseq data dir holding <split>.tsv files")
-    names = list(splits) if splits else sorted(p.stem for p in src.glob("*.tsv"))
+    names = _split_list(splits) or sorted(p.stem for p in src.glob("*.tsv"))
     if not names:
         raise PrepareError(f"no .tsv files in {src}")
     vocab = Vocab.load(src / "dict.ltr.txt") if (src / "dict.ltr.txt").exists() else Vocab.librispeech()

@@ -81,6 +81,53 @@ def pretrained_tiny(synthetic_workspace):
     from d2vcli.pretrain import pretrain
 
     cfg = resolve("pretrain", preset="speech-tiny", overrides=PRETRAIN_TINY_SET)
-    result = pretrain(cfg, synthetic_workspace, name="pretrained-tiny")
+    # One intra-op thread: this model's ops are too small to share, and on a busy machine
+    # spinning OpenMP threads make the run several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = pretrain(cfg, synthetic_workspace, name="pretrained-tiny")
+    finally:
+        torch.set_num_threads(threads)
     assert result.status == "done", result.message
     return result.checkpoint
+
+
+# ----------------------------------------------------------------------------- LM and decoding
+
+
+@pytest.fixture(scope="session")
+def kenlm_tools():
+    """lmplz and build_binary: from PATH or the cache, built there on first use (once per machine, 1-2 min)."""
+    from d2vcli.lm import find_kenlm_tools
+
+    return find_kenlm_tools(build=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_lm(synthetic_workspace, kenlm_tools):
+    """`LMReport` of a word 4-gram + lexicon built from the synthetic corpus's lm-text.txt into
+    <synthetic_workspace>/lm/ (4gram.bin, lexicon.txt, report.json); `d2v decode` there then uses it by default."""
+    from d2vcli.lm import prepare_lm
+
+    text = synthetic_workspace.root / "corpus" / "synthetic" / "lm-text.txt"
+    return prepare_lm(synthetic_workspace, text=text, order=4, memory="64M")
+
+
+@pytest.fixture(scope="session")
+def random_ctc_checkpoint(synthetic_workspace):
+    """best.pt of <synthetic_workspace>/runs/ctc-random: an untrained speech-tiny Data2VecForCTC saved as
+    kind "ctc" (the synthetic dictionary, normalize=True). Decodes to garbage; for plumbing and caching tests."""
+    from d2vcli import config as cfgmod
+    from d2vcli.checkpoint import save_checkpoint
+    from d2vcli.model import Data2VecForCTC, build_backbone
+    from d2vcli.vocab import Vocab
+
+    cfg = cfgmod.resolve("pretrain", preset="speech-tiny")
+    vocab = Vocab.load(synthetic_workspace.dictionary)
+    torch.manual_seed(0)
+    model = Data2VecForCTC(build_backbone(cfg.model), len(vocab))
+    path = synthetic_workspace.run_dir("ctc-random") / "best.pt"
+    save_checkpoint(path, {"kind": "ctc", "arch": cfgmod.to_dict(cfg.model), "normalize": True,
+                           "model": model.state_dict(), "vocab": list(vocab.symbols), "config": cfgmod.to_dict(cfg)})
+    return path

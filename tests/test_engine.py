@@ -209,6 +209,10 @@ def test_existing_run_needs_resume_and_resume_continues(tmp_path):
     run_toy(tmp_path, straight, cfg, name="straight")
     with pytest.raises(engine.RunDirError, match=r"--resume.*--name"):
         engine.prepare_run(Workspace.resolve(tmp_path / "ws"), "straight", cfg, False, CPU)
+    other_arch = toy_cfg(max_updates=4)
+    other_arch.model.embed_dim = 128
+    with pytest.raises(engine.RunDirError, match=r"model.embed_dim 768 -> 128"):
+        engine.prepare_run(Workspace.resolve(tmp_path / "ws"), "straight", other_arch, True, CPU)
 
     first = ToyTask()
     result, _ = run_toy(tmp_path, first, cfg, name="split", stop_at=2)
@@ -220,3 +224,13 @@ def test_existing_run_needs_resume_and_resume_continues(tmp_path):
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [r["step"] for r in read_jsonl(run.metrics_path)] == [1, 2, 3, 4]
+
+
+def test_clipping_bounds_the_update_gradient(tmp_path):
+    task = ToyTask()
+    cfg = toy_cfg(max_updates=2)
+    cfg.optim.clip_norm = 0.01
+    _, run = run_toy(tmp_path, task, cfg)
+    for grads, row in zip(task.grads, read_jsonl(run.metrics_path)):
+        assert row["gnorm"] > 0.01  # logged before clipping
+        assert torch.sqrt(sum((g**2).sum() for g in grads)).item() == pytest.approx(0.01, rel=1e-4)

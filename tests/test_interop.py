@@ -127,7 +127,9 @@ def test_imported_checkpoint_is_an_ordinary_d2v_checkpoint(imported_ctc):
     arch = cfgmod.from_dict(state[ck.ARCH_KEY], cfgmod.ModelConfig)
     # the naming trap: data2vec-audio's num_conv_pos_embeddings is the layer count, not the kernel
     assert (arch.pos_conv_depth, arch.pos_conv_kernel, arch.pos_conv_groups) == (5, 19, 16)
-    assert (imported_ctc.path.parent / "config.yaml").exists()
+    # the loader decode/evaluate/transcribe use takes it as is
+    model, vocab, normalize, _ = ck.load_ctc_model(imported_ctc.path)
+    assert len(vocab) == 32 and normalize is True and not model.training
 
 
 def test_export_loads_in_transformers_with_the_same_outputs(imported_ctc, hf_tiny_ctc, tmp_path):
@@ -190,14 +192,22 @@ def fairseq_ctc_file(hf_model, path, extra=None, drop=None, args=None):
     return path
 
 
+@pytest.fixture(scope="module")
+def fairseq_ctc_import(hf_tiny_ctc, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fairseq")
+    pt = fairseq_ctc_file(hf_tiny_ctc, tmp / "audio_tiny_ft.pt")
+    Vocab(tuple(LETTERS)).save(tmp / "dict.ltr.txt")
+    result = import_fairseq(pt, dict_path=tmp / "dict.ltr.txt", workspace=Workspace.resolve(tmp / "ws"))
+    # placed as a run of the workspace, so `--init imported-audio_tiny_ft` / decode by run name find it
+    assert result.path == tmp / "ws" / "runs" / "imported-audio_tiny_ft" / "last.pt"
+    assert Workspace.resolve(tmp / "ws").find_checkpoint("imported-audio_tiny_ft") == result.path
+    assert (result.path.parent / "config.yaml").exists()
+    return result
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_import_fairseq_ctc_matches_hf(hf_tiny_ctc, tmp_path, padded):
-    pt = fairseq_ctc_file(hf_tiny_ctc, tmp_path / "audio_tiny_ft.pt")
-    Vocab(tuple(LETTERS)).save(tmp_path / "dict.ltr.txt")
-    result = import_fairseq(pt, dict_path=tmp_path / "dict.ltr.txt", workspace=Workspace.resolve(tmp_path / "ws"))
-    assert result.path == tmp_path / "ws" / "runs" / "imported-audio_tiny_ft" / "last.pt"
-    assert Workspace.resolve(tmp_path / "ws").find_checkpoint("imported-audio_tiny_ft") == result.path
-    state, ours = load_d2v(result.path)
+def test_import_fairseq_ctc_matches_hf(fairseq_ctc_import, hf_tiny_ctc, padded):
+    state, ours = load_d2v(fairseq_ctc_import.path)
     assert state[ck.KIND_KEY] == "ctc" and state[ck.NORMALIZE_KEY] is True
     assert state[ck.ARCH_KEY]["layerdrop"] == 0.1  # the fine-tuning override, as fairseq applies it
     compare_ctc(ours, hf_tiny_ctc, padded)

@@ -278,8 +278,9 @@ def test_folder_transcript_table(ws, tmp_path, table):
     assert {r.id: r.text for r in read_manifest(ws.manifest("tab"))} == {"a": "HI THERE", "sub/b": "BYE"}
 
 
-def test_folder_sample_rate_and_resample(ws, tmp_path):
+def test_folder_sample_rate_and_resample(tmp_path):
     root = tmp_path / "cv"
+    ws = Workspace.resolve(root / "work")  # inside the folder: its resampled audio must not be re-read
     for k in range(3):
         _write(root / f"clip{k}.wav", seconds=0.5, sr=48_000, channels=2)
         (root / f"clip{k}.txt").write_text("a clip")
@@ -291,6 +292,8 @@ def test_folder_sample_rate_and_resample(ws, tmp_path):
         assert Path(r.path).parent == ws.data_dir / "audio" / "cv"
         wav, sr = read_audio(r.path)
         assert (sr, wav.ndim, len(wav), r.num_samples) == (SR, 1, SR // 2, SR // 2)
+    (root / "clip0.txt").write_text("changed")  # force a rescan
+    assert P.prepare_folder(ws, root, resample=True, workers=1).split("cv").utterances == 3
 
 
 def test_folder_unlabeled(ws, tmp_path):

@@ -36,6 +36,15 @@ from conftest import PRETRAIN_TINY_SET
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (see the pretrained_tiny fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cfg(*extra: str) -> C.Config:
     return C.resolve("pretrain", preset="speech-tiny", overrides=PRETRAIN_TINY_SET + list(extra))
 
@@ -236,3 +245,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_workspace):
     assert "Traceback" not in out and "--resume" in out
     state = ckpt.load_checkpoint(run_dir / "last.pt")
     assert 2 <= state[ckpt.STEP_KEY] < 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_pretraining_on_gpu_keeps_fp32_teacher(synthetic_workspace):
+    result = pretrain(tiny_cfg("train.max_updates=5", "train.device=cuda"), synthetic_workspace, name="gpu-bf16")
+    assert result.status == "done"
+    rows = read_jsonl(result.run_dir / "metrics.jsonl")
+    assert all(r["loss"] == r["loss"] and r["loss"] < 1e4 for r in rows) and "max_mem_gb" in rows[-1]
+    state = ckpt.load_checkpoint(result.checkpoint)
+    assert all(v.dtype == torch.float32 for v in state[ckpt.TEACHER_KEY].values() if v.is_floating_point())

@@ -1,0 +1,201 @@
+"""Pretraining throughput through the real engine: audio-seconds/second, peak memory, EMA cost, conv passes.
+
+    python benchmarks/bench_pretrain.py                          # tiny and base on CPU (+ GPU when present)
+    python benchmarks/bench_pretrain.py --device cuda --configs base,large --steps 12
+
+Each (config, device) case runs in its own subprocess, so peak memory is that case's alone.
+A case is `engine.train` over an in-memory loader of random "audio" crops (no disk I/O, so the
+number is the model + engine; the real data loader runs in worker processes beside it), with
+`train.log_every=1`: the throughput is the median over the updates after the first two (warm-up)
+of the engine's own audio_s_per_s. On top of that it reports:
+
+- EMA: the time of one `EMATeacher.step` (median of 20, after warm-up) as a fraction of an update;
+- conv passes per micro-batch: forward calls of the conv feature encoder counted with a hook (1 means
+  the teacher reuses the student's features and adds no conv-encoder pass), and teacher passes;
+- MFU on GPU: achieved FLOP/s over the GPU's dense bf16 peak, with 55.3 GFLOP per audio-second for
+  base (student fwd+bwd 45 + teacher transformer fwd 10.1, performance.md §6.2) and 151 for large
+  (student fwd+bwd 117 + teacher transformer fwd 34, the same method on §6.1's large column).
+
+CPU cases use small batches (a few seconds of audio) so they finish in a few minutes on 2 cores. On a
+shared machine pass --threads 1: idle OpenMP threads spinning against other processes can make
+2-thread runs several times slower than 1-thread ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GFLOP_PER_AUDIO_SECOND = {"base": 55.3, "large": 151.0}
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+# (preset, samples per crop, max_tokens) per device.
+CASES = {
+    ("tiny", "cpu"): ("speech-tiny", 64_000, 384_000),
+    ("base", "cpu"): ("speech-base", 64_000, 64_000),
+    ("tiny", "cuda"): ("speech-tiny", 250_000, 3_800_000),
+    ("base", "cuda"): ("speech-base", 250_000, 3_800_000),  # 15.6 s crops: LibriSpeech's typical batch
+    ("large", "cuda"): ("speech-large", 250_000, 1_200_000),
+}
+
+
+class RandomAudioLoader:
+    """Duck-types data.BatchLoader for the engine: fixed-size random batches, an endless epoch."""
+
+    def __init__(self, batch: int, samples: int, pin: bool):
+        self.batch, self.samples, self.pin = batch, samples, pin
+        self.index = 0
+        self.position = type("P", (), {"epoch": 1, "consumed": 0})()
+
+    def local_indices(self, epoch, consumed):
+        return [0]
+
+    def batches(self, epoch):
+        return [0]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            source = torch.randn(self.batch, self.samples, generator=g)
+            if self.pin:
+                source = source.pin_memory()
+            self.index += 1
+            self.position.consumed = self.index
+            yield {"source": source, "padding_mask": None, "ids": [], "num_samples": source.numel(),
+                   "epoch": 1, "index": self.index}
+
+    def state_dict(self):
+        return {"epoch": 1, "consumed": self.index}
+
+    def load_state_dict(self, state):
+        self.index = state["consumed"]
+
+
+def run_case(name: str, device: str, steps: int) -> dict:
+    from d2vcli import config as C
+    from d2vcli import engine
+    from d2vcli.distributed import DistInfo
+    from d2vcli.fileio import read_jsonl
+    from d2vcli.model import parameter_count
+    from d2vcli.pretrain import PretrainTask
+    from d2vcli.workspace import Workspace
+
+    preset, samples, max_tokens = CASES[(name, device)]
+    batch = max_tokens // samples
+    cfg = C.resolve("pretrain", preset=preset, overrides=[
+        f"data.max_tokens={max_tokens}", f"train.batch_seconds={batch * samples / 16000}",
+        f"train.max_updates={steps}", "train.log_every=1", f"train.save_every={10 * steps}",
+        f"train.device={'cuda' if device == 'cuda' else 'cpu'}",
+    ])
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    info = DistInfo(0, 1, 0, dev)
+    torch.manual_seed(0)
+    task = PretrainTask(cfg, dev)
+    conv_calls, teacher_calls = [0], [0]
+    task.model.backbone.feature_extractor.register_forward_hook(lambda *a: conv_calls.__setitem__(0, conv_calls[0] + 1))
+    task.teacher.module.register_forward_hook(lambda *a: teacher_calls.__setitem__(0, teacher_calls[0] + 1))
+    loader = RandomAudioLoader(batch, samples, pin=device == "cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.resolve(tmp)
+        run = engine.prepare_run(ws, "bench", cfg, False, info)
+        os.environ["D2V_PROGRESS"] = "0"
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = engine.train(cfg, task, loader, run, info, description=f"bench {name}")
+        rows = read_jsonl(run.metrics_path)
+    assert result.status == "done", result.message
+    micro = loader.index
+    speeds = [r["audio_s_per_s"] for r in rows[2:]] or [rows[-1]["audio_s_per_s"]]
+    audio_per_s = statistics.median(speeds)
+    update_s = batch * samples / 16000 / audio_per_s
+
+    # EMA step alone (what after_update adds to every update).
+    for _ in range(3):
+        task.teacher.step(0.999)
+    times = []
+    for _ in range(20):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        task.teacher.step(0.999)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    ema_s = statistics.median(times)
+
+    out = {
+        "config": name, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "params_m": parameter_count(task.model) / 1e6, "batch": f"{batch} x {samples / 16000:.1f} s",
+        "audio_s_per_s": audio_per_s, "update_s": update_s, "ema_ms": ema_s * 1e3,
+        "ema_fraction": ema_s / update_s, "conv_per_micro": conv_calls[0] / micro,
+        "teacher_per_micro": teacher_calls[0] / micro, "threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        gpu = next((k for k in PEAK_BF16 if k in out["device"]), None)
+        if gpu and name in GFLOP_PER_AUDIO_SECOND:
+            out["mfu"] = audio_per_s * GFLOP_PER_AUDIO_SECOND[name] * 1e9 / PEAK_BF16[gpu]
+    else:
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="tiny,base")
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    ap.add_argument("--steps", type=int, default=0, help="updates per case (default: 5 on CPU, 12 on GPU)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (default: torch's)")
+    ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "DEVICE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        name, device = args.worker
+        print("RESULT " + json.dumps(run_case(name, device, args.steps or (12 if device == "cuda" else 5))))
+        return
+
+    from d2vcli.ui import console, table
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        devices.remove("cuda")
+    results = []
+    for device in devices:
+        for name in args.configs.split(","):
+            if (name, device) not in CASES:
+                continue
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, device, "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                console.print(f"[red]{name} on {device} failed[/]\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                continue
+            results.append(json.loads(lines[-1][7:]))
+    rows = [(r["config"], r["device"], f"{r['params_m']:.1f}M", r["batch"], f"{r['audio_s_per_s']:.1f}",
+             f"{r['update_s']:.3f}", f"{r['peak_mem_gb']:.2f}", f"{r['ema_ms']:.2f} ({100 * r['ema_fraction']:.3g}%)",
+             f"{r['conv_per_micro']:.0f} / {r['teacher_per_micro']:.0f}",
+             f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-") for r in results]
+    from rich.console import Console
+
+    wide = Console(width=max(console.width, 150), highlight=False)  # a readable table in logs too
+    wide.print(table("d2v pretraining throughput (engine, random audio)",
+                     ["config", "device", "params", "micro-batch", "audio-s/s", "s/update", "peak GB",
+                      "EMA ms (% of update)", "conv / teacher passes per micro-batch", "MFU"], rows))
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Transcribe audio files with a fine-tuned CTC model, greedy or with the LM, optionally with word times.
+
+    d2v transcribe talk.mp3 call.wav [--model RUN_OR_CKPT] [--lm 4gram.bin | --no-lm] [--timestamps] [--out F]
+    from d2vcli.transcribe import transcribe; [t.text for t in transcribe(["a.flac"], ws)]
+
+Any file soundfile reads works (WAV, FLAC, OGG, MP3 with libsndfile >= 1.1, ...), at any sample
+rate (resampled to 16 kHz with `d2vcli.audio`'s band-limited resampler) and any channel count
+(averaged to mono). The waveform normalization stored in the checkpoint is applied to the
+whole file.
+
+Long files run through the model in windows of about `chunk_seconds` that are cut on the
+model's frame grid: each window covers a whole number of frames plus the conv receptive
+field, and the next starts exactly one window of frames later, so frame t of the file is
+always at t x 20 ms and the windows' frames simply concatenate. (Each window's transformer
+sees only that window, so a word cut by a boundary may be misrecognized.)
+
+Word timestamps come from the CTC alignment: the best path of the greedy or beam search,
+one token per 20 ms frame (total conv stride 320 samples at 16 kHz, computed from the
+checkpoint's architecture). A word starts at the first frame of its first letter and ends
+after the last frame of its last letter.
+
+Output (stdout or --out FILE): `PATH<TAB>TEXT` per file, with --timestamps followed by one
+`<TAB>START<TAB>END<TAB>WORD` line per word (seconds); a --out file ending in .json gets a JSON
+list instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from d2vcli.config import DecodeConfig
+from d2vcli.decode import (
+    BeamOptions, BeamSearcher, WordTiming, build_search_spec, find_ctc_checkpoint, frame_seconds_of,
+    greedy_decode, load_tuned, resolve_device, run_name, word_timings,
+)
+from d2vcli.fileio import atomic_write_text
+from d2vcli.lm import resolve_lm, workspace_lm
+
+
+@dataclass
+class Transcript:
+    path: str
+    text: str
+    seconds: float            # audio duration
+    sample_rate: int          # of the file, before resampling
+    channels: int
+    words: Optional[list[WordTiming]] = field(default=None)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.words is None:
+            d.pop("words")
+        return d
+
+
+def receptive_field(conv_layers) -> tuple[int, int]:
+    """(samples one frame sees, samples between frames) of the conv feature encoder: (400, 320) for base."""
+    field_, jump = 1, 1
+    for _, kernel, stride in conv_layers:
+        field_ += (kernel - 1) * jump
+        jump *= stride
+    return field_, jump
+
+
+def frame_windows(num_samples: int, conv_layers, chunk_seconds: float, sample_rate: int = 16_000
+                  ) -> list[tuple[int, int]]:
+    """(start, end) sample windows whose frames tile the file's frame grid exactly."""
+    rf, hop = receptive_field(conv_layers)
+    frames_per_window = max(1, int(chunk_seconds * sample_rate) // hop)
+    step = frames_per_window * hop
+    windows = []
+    start = 0
+    while True:
+        end = min(num_samples, start + step + rf - hop)
+        windows.append((start, end))
+        if end >= num_samples:
+            break
+        start += step
+    return windows
+
+
+def transcribe(
+    audio: Sequence[Path | str],
+    ws=None,
+    model: Optional[str | Path] = None,
+    lm: Optional[str | Path] = "auto",
+    lexicon: Optional[str | Path] = None,
+    lexicon_free: bool = False,
+    cfg: Optional[DecodeConfig] = None,
+    timestamps: bool = False,
+    use_tuned: bool = True,
+    chunk_seconds: float = 30.0,
+    trust: bool = False,
+    device: str = "auto",
+) -> list[Transcript]:
+    """Transcribe files; `model` is a checkpoint, run directory or run name (default: newest fine-tuned run).
+
+    `lm` as in `decode.decode`: "auto" (the workspace LM, if any), a path/name, or None (greedy).
+    """
+    from d2vcli.audio import read_audio, to_mono_16k
+    from d2vcli.checkpoint import load_ctc_model
+    from d2vcli.data import normalize_waveform
+    from d2vcli.ui import err_console as console  # stdout carries the transcripts
+    from d2vcli.workspace import Workspace
+
+    ws = ws if ws is not None else Workspace.resolve(None)
+    cfg = cfg or DecodeConfig()
+    missing = [str(p) for p in audio if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"audio file not found: {', '.join(missing)}")
+    ckpt = find_ctc_checkpoint(ws, model)
+    lm_path = workspace_lm(ws) if lm == "auto" else resolve_lm(ws, lm)
+    net, vocab, normalize, _ = load_ctc_model(ckpt, trust=trust)
+    spec = build_search_spec(ws, vocab, lm_path, lexicon, lexicon_free)
+    searcher = BeamSearcher(spec) if spec else None
+    options = BeamOptions.from_config(cfg)
+    if spec and use_tuned and (t := load_tuned(ws.decode_dir / run_name(ws, ckpt), spec)) is not None:
+        b = t["best"]
+        options = replace(options, lm_weight=b["lm_weight"], word_score=b["word_score"], sil_weight=b["sil_weight"])
+        console.print(f"using tuned LM weights from {ws.decode_dir / run_name(ws, ckpt) / 'tuned.json'}")
+    dev = resolve_device(device)
+    net.to(dev)
+    conv_layers = net.backbone.conv_layers
+    frame_s = frame_seconds_of(conv_layers)
+
+    out = []
+    for path in audio:
+        t0 = time.perf_counter()
+        wav, sr = read_audio(path)
+        channels = 1 if wav.ndim == 1 else wav.shape[1]
+        x = to_mono_16k(wav, sr)
+        seconds = len(x) / 16_000
+        if normalize and len(x):
+            x = normalize_waveform(x)
+        lp = _log_probs(net, x, conv_layers, chunk_seconds, dev)
+        if searcher is not None:
+            hyp = searcher.decode(lp, options, with_path=timestamps)
+        else:
+            hyp = greedy_decode(lp, vocab, with_path=timestamps)
+        words = word_timings(hyp.path, vocab.tokens, frame_s, hyp.words) if timestamps else None
+        out.append(Transcript(str(path), hyp.text, round(seconds, 3), sr, channels, words))
+        if len(audio) > 1:
+            console.print(f"{path}: {seconds:.1f} s of audio in {time.perf_counter() - t0:.2f} s", markup=False)
+    return out
+
+
+def _log_probs(net, x: np.ndarray, conv_layers, chunk_seconds: float, device) -> np.ndarray:
+    """(T, V) float32 log-probabilities for a whole normalized 16 kHz waveform, window by window."""
+    import torch
+
+    from d2vcli.manifest import num_frames
+
+    rf, _ = receptive_field(conv_layers)
+    if len(x) < rf:  # shorter than one frame: nothing to recognize
+        return np.zeros((0, net.proj.out_features), dtype=np.float32)
+    parts = []
+    with torch.inference_mode():
+        for start, end in frame_windows(len(x), conv_layers, chunk_seconds):
+            if end - start < rf:
+                continue
+            src = torch.from_numpy(np.ascontiguousarray(x[start:end])).unsqueeze(0).to(device)
+            logits = net(src)["logits"][0].float()
+            parts.append(torch.log_softmax(logits, dim=-1).cpu().numpy())
+    lp = np.concatenate(parts) if parts else np.zeros((0, net.proj.out_features), dtype=np.float32)
+    expected = num_frames(len(x), conv_layers)
+    return lp[:expected]
+
+
+def format_transcripts(transcripts: Sequence[Transcript], timestamps: bool) -> str:
+    lines = []
+    for t in transcripts:
+        lines.append(f"{t.path}\t{t.text}")
+        if timestamps and t.words:
+            lines.extend(f"\t{w.start:.2f}\t{w.end:.2f}\t{w.word}" for w in t.words)
+    return "\n".join(lines) + "\n"
+
+
+def write_transcripts(transcripts: Sequence[Transcript], out: Path, timestamps: bool) -> None:
+    out = Path(out)
+    if out.suffix == ".json":
+        atomic_write_text(out, json.dumps([t.to_dict() for t in transcripts], indent=1, ensure_ascii=False) + "\n")
+    else:
+        atomic_write_text(out, format_transcripts(transcripts, timestamps))
