@@ -232,6 +232,39 @@ def pretrain_cmd(
     raise typer.Exit(result.exit_code)
 
 
+# ----------------------------------------------------------------------------- finetune
+
+
+@app.command("finetune")
+def finetune_cmd(
+    preset: Optional[str] = PresetOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    init: Optional[str] = typer.Option(None, "--init", help="Pretrained model to start from: a `d2v pretrain` run "
+                                       "name, a run directory or a checkpoint (sets finetune.init)."),
+    from_teacher: bool = typer.Option(False, "--from-teacher", help="Initialize the encoder from the EMA teacher "
+                                      "instead of the student (finetune.init_from=teacher)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """CTC fine-tuning on letters. Architecture and input normalization come from the pretrained checkpoint."""
+    from d2vcli.finetune import FinetuneDataError, finetune
+
+    cfg = resolve_config("finetune", preset, config_file, overrides)
+    start = {"init": init} if init else {}
+    if from_teacher:
+        start["init_from"] = "teacher"
+    cfg = cfgmod.merge(cfg, {"finetune": start})
+    try:
+        # Prints the config once completed from the checkpoint (its architecture and normalize).
+        result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+    except FinetuneDataError as e:
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    raise typer.Exit(result.exit_code)
+
+
 # ----------------------------------------------------------------------------- import / export (interop)
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert fairseq or Hugging Face data2vec checkpoints to d2v.")
@@ -252,7 +285,7 @@ def _print_import(result) -> None:
             ("normalize", result.normalize)]
     if result.kind == "ctc":
         rows.append(("vocabulary", f"{result.vocab_size} outputs"))
-    console.print(table("imported", ["", ""], rows))
+    console.print(table("imported", ["field", "value"], rows))
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     run = result.path.parent.name
@@ -497,12 +530,14 @@ def doctor_cmd(
 
 def main() -> None:
     """Entry point: user errors print one clear message, not a traceback."""
+    from d2vcli.audio import AudioError
     from d2vcli.checkpoint import CheckpointError
+    from d2vcli.prepare import PrepareError
 
     try:
         app()
-    except (cfgmod.ConfigError, CheckpointError, FileNotFoundError) as e:
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    except (cfgmod.ConfigError, CheckpointError, PrepareError, AudioError, FileNotFoundError) as e:
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         raise SystemExit(2)
 
 

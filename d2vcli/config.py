@@ -52,7 +52,11 @@ class DataConfig:
     max_tokens: int = f(3_800_000, "Samples per device per micro-batch (batch size x length after cropping/padding).")
     min_sample_size: int = f(32_000, "Utterances shorter than this many samples are skipped (2 s).")
     max_sample_size: int = f(320_000, "Longer utterances are randomly cropped to this many samples (20 s); pretraining only.")
-    normalize: bool = f(True, "Normalize each waveform to zero mean and unit variance (data2vec was pretrained with it).")
+    normalize: Optional[bool] = f(
+        True,
+        "Normalize each waveform to zero mean and unit variance (data2vec was pretrained with it). "
+        "Fine-tuning: null (the default) = the pretrained checkpoint's setting, which is enforced.",
+    )
     num_workers: int = f(4, "DataLoader worker processes per device.")
 
 
@@ -139,7 +143,6 @@ class TrainConfig:
     keep_last: int = f(2, "Rolling checkpoints to keep (besides last.pt and best.pt).")
     keep_every: int = f(0, "Also keep every checkpoint whose update is a multiple of this; 0 = none.")
     max_nonfinite: int = f(10, "Stop after this many consecutive non-finite losses.")
-    compile: bool = f(False, "torch.compile the model (GPU).")
     device: str = f("auto", "auto, cpu, cuda or cuda:N.")
 
 
@@ -235,7 +238,7 @@ def finetune_base() -> Config:
     """
     cfg = Config()
     cfg.data = dataclasses.replace(
-        cfg.data, train_splits=("train-clean-100",), max_tokens=3_200_000, min_sample_size=0
+        cfg.data, train_splits=("train-clean-100",), max_tokens=3_200_000, min_sample_size=0, normalize=None
     )
     cfg.model = dataclasses.replace(
         cfg.model, dropout=0.0, attention_dropout=0.0, activation_dropout=0.1, layerdrop=0.1, feature_grad_mult=0.0
@@ -410,6 +413,9 @@ def resolve(
         cfg = merge(cfg, load_yaml(Path(config_file)))
     for item in overrides or []:
         cfg = merge(cfg, parse_set(item))
+    if command != "finetune" and cfg.data.normalize is None:
+        raise ConfigError("data.normalize=null means 'as the pretrained checkpoint' and only applies to "
+                          "`d2v finetune`; set it to true or false")
     cfg.validate()
     return cfg
 

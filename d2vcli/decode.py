@@ -282,7 +282,6 @@ _MAPS: dict[str, np.ndarray] = {}
 
 def _init_worker(spec: SearchSpec) -> None:
     global _SEARCHER
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     _SEARCHER = BeamSearcher(spec)
 
 
@@ -340,9 +339,13 @@ class BeamPool:
         return self
 
     def __exit__(self, *exc) -> None:
+        global _SEARCHER
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        else:
+            _SEARCHER = None
+            _MAPS.clear()
 
     def _chunks(self, em: "Emissions") -> list[list[tuple[int, int, int]]]:
         # Longest utterances first, so the slowest chunks do not finish last; chunks small enough

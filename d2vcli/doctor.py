@@ -183,7 +183,7 @@ def _end_to_end() -> Check:
             hyp = searcher.decode(lp, BeamOptions())
     except Exception as e:  # noqa: BLE001 - any failure here is what the check reports
         return Check("end-to-end decode", "fail", f"{type(e).__name__}: {e}",
-                     "fix the failures above first; then reinstall: pip install --force-reinstall flashlight-text kenlm")
+                     "fix the failures above, then: pip install --force-reinstall flashlight-text kenlm")
     if hyp.text != sentence:
         return Check("end-to-end decode", "fail", f"expected {sentence!r}, the LM decoder gave {hyp.text!r}",
                      "pip install --force-reinstall flashlight-text kenlm")

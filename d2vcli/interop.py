@@ -241,11 +241,11 @@ class ImportResult:
 def _write(state: dict, out: Optional[Path], workspace: Optional[Workspace], source: Path,
            notes: list[str]) -> ImportResult:
     """Save to `out`, or into a run directory of the workspace (with its config.yaml, like any run)."""
-    if out is None:
-        out = default_import_path(workspace or Workspace.resolve(), source)
-        cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), out.parent / "config.yaml")
-    out = Path(out)
+    in_run_dir = out is None
+    out = default_import_path(workspace or Workspace.resolve(), source) if in_run_dir else Path(out)
     ck.save_checkpoint(out, state)
+    if in_run_dir:
+        cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), out.parent / "config.yaml")
     return ImportResult(
         path=out, kind=state[ck.KIND_KEY], arch=state[ck.ARCH_KEY], normalize=state[ck.NORMALIZE_KEY],
         vocab_size=len(SPECIALS) + len(state.get(ck.VOCAB_KEY, [])) if state[ck.KIND_KEY] == "ctc" else 0,
@@ -255,13 +255,18 @@ def _write(state: dict, out: Optional[Path], workspace: Optional[Workspace], sou
 
 def default_import_path(workspace: Workspace, source: Path) -> Path:
     """runs/imported-<stem>/last.pt: found later by run name (`--init imported-<stem>`)."""
-    return workspace.run_dir(f"imported-{Path(source).stem or Path(source).resolve().name}") / "last.pt"
+    source = Path(source)
+    name = source.resolve().name if source.is_dir() else source.stem
+    return workspace.run_dir(f"imported-{name}") / "last.pt"
 
 
 def _vocab_for(num_outputs: int, dict_path: Optional[Path], source: Path) -> tuple[Vocab, list[str]]:
     notes = []
     if dict_path:
-        vocab = Vocab.load(dict_path)
+        try:
+            vocab = Vocab.load(dict_path)
+        except ValueError as e:
+            raise InteropError(f"{e}") from None
     else:
         vocab = Vocab.librispeech()
         notes.append("vocabulary: the LibriSpeech letter dictionary (fairseq dict.ltr.txt); pass --dict otherwise")

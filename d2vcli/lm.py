@@ -53,9 +53,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Literal, Optional, Sequence
+from typing import IO, Iterable, Iterator, Literal, Optional
 
-from d2vcli.fileio import atomic_open, atomic_write_text
+from d2vcli.fileio import atomic_write_text
 from d2vcli.vocab import SPECIALS, WORD_SEP, Vocab, normalize_text, to_letters
 
 # Debian packages needed to build lmplz / build_binary (kenlm BUILDING + its CMakeLists).
@@ -68,6 +68,8 @@ KENLM_TOOLS = ("lmplz", "build_binary")
 ENV_CACHE = "D2V_CACHE"
 ENV_KENLM_SOURCE = "D2V_KENLM_SOURCE"  # a kenlm sdist (.tar.gz) or source dir, for offline machines
 LM_SPECIAL_WORDS = ("<s>", "</s>", "<unk>")
+# The KenLM inside the flashlight-text and kenlm wheels is compiled with the default maximum order.
+KENLM_MAX_ORDER = 6
 
 Case = Literal["upper", "lower", "mixed", "uncased"]
 Unit = Literal["word", "letter"]
@@ -566,7 +568,7 @@ class LMReport:
         for n in self.notes:
             rows.append(("note", "", n))
         for p in self.problems:
-            rows.append(("ERROR", "", p))
+            rows.append(("ERROR", "", p.split(". ")[0] + " (details below)"))
         return table("LM validation", ["check", "result", "details"], rows)
 
 
@@ -635,8 +637,11 @@ def prepare_lm(
     t0 = time.time()
     if (arpa is None) == (text is None):
         raise LMError("give exactly one of --arpa FILE (an existing ARPA LM) and --text FILE (a corpus to train on)")
-    if unit == "letter" and arpa is not None and words is not None:
+    if unit == "letter" and words is not None:
         raise LMError("--words makes no sense for a letter LM (it has no lexicon)")
+    if text is not None and not 2 <= order <= KENLM_MAX_ORDER:
+        raise LMError(f"--order must be between 2 and {KENLM_MAX_ORDER}: the KenLM compiled into flashlight-text and "
+                      f"the kenlm wheel loads n-grams up to order {KENLM_MAX_ORDER}")
     dict_path = Path(dictionary) if dictionary else ws.dictionary
     vocab = Vocab.load(dict_path)
     dict_case = dictionary_case(vocab)
@@ -657,7 +662,7 @@ def prepare_lm(
                                        match_case, dict_case, discount_fallback, memory, tmp)
             if used_fallback:
                 console.print(f"[yellow]note:[/] {DISCOUNT_FALLBACK_WHY}")
-                notes.append(DISCOUNT_FALLBACK_WHY)
+                notes.append("lmplz --discount_fallback: the corpus is too small for Kneser-Ney discount estimates")
             if not normalize:
                 notes.append("corpus used as is (--no-normalize)")
         else:
@@ -703,10 +708,11 @@ def prepare_lm(
             report.skipped_words = len(skipped)
             report.skipped_examples = skipped[:10]
             report.lexicon_case = word_case(w for w, _ in lexicon_entries)
-            for what, case in (("the LM vocabulary", lm_case), ("the lexicon", report.lexicon_case)):
-                msg = case_mismatch_message(case, dict_case, what, fix)
-                if msg and msg not in report.problems:
-                    report.problems.append(msg)
+            msg = case_mismatch_message(lm_case, dict_case, "the LM vocabulary", fix)
+            if msg is None and report.lexicon_case != lm_case:  # only a --words list can differ from the LM
+                msg = case_mismatch_message(report.lexicon_case, dict_case, "the lexicon (--words)", fix)
+            if msg:
+                report.problems.append(msg)
             if words and lexicon_entries:
                 lm_vocab = set(info.unigrams)
                 missing = sum(w not in lm_vocab for w, _ in lexicon_entries)
@@ -830,7 +836,8 @@ def _run_lmplz(tools: KenLMTools, corpus: Path, arpa_out: Path, order: int, unit
         tail = "\n".join(log.strip().splitlines()[-6:])
         hint = ""
         if "discount_fallback" in log:
-            hint = "\nThe corpus is too small for Kneser-Ney discounts: pass --discount-fallback always, or use more text."
+            hint = ("\nThe corpus is too small for Kneser-Ney discounts: pass --discount-fallback always, "
+                    "or use more text.")
         raise LMError(f"lmplz failed on {corpus} (exit {code}):\n{tail}{hint}")
     return policy == "always"
 

@@ -26,7 +26,7 @@ Deliberate differences from fairseq (none changes a number):
 - The mask embedding is written with `torch.where` instead of fairseq's in-place
   index_put, so the unmasked features (the teacher's input) never need a defensive clone.
 - LayerDrop draws from torch's RNG (fairseq: numpy's), so `torch.manual_seed` fixes it.
-Precision (autocast), distribution (DDP) and torch.compile are applied by the engine,
+Precision (autocast) and distribution (DDP) are applied by the engine,
 never here; the only precision choices in this file are the fp32 islands fairseq has.
 """
 

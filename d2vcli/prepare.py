@@ -17,8 +17,8 @@ pure and idempotent and shares one pipeline per split:
 2. **fingerprint** the inputs (paths, sizes, mtimes of audio and transcript files, and
    the options). If `data/<split>.stamp.json` holds the same fingerprint and the manifest
    exists, the split is "up to date" and nothing is read or written;
-3. **scan** the audio headers in parallel (`scan_headers`; a process pool measured
-   faster than threads, see benchmarks/bench_prepare.py);
+3. **scan** the audio headers in parallel (`scan_headers`: a process pool for large
+   inputs; threads measured no faster than one process, see benchmarks/bench_prepare.py);
 4. check the sample rate: anything other than 16 kHz mono is an error unless
    `resample=True`, which writes 16 kHz mono FLAC under `data/audio/<split>/`;
 5. **validate**: unreadable or corrupt audio, zero-length audio, a missing transcript,
@@ -277,6 +277,11 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+# Below this many files a pool costs more than it saves (benchmarks/bench_prepare.py: 4,000 cached
+# headers take about 0.5 s in one process, and a 2-process pool was slower).
+POOL_MIN_FILES = 4096
+
+
 def scan_headers(
     paths: Sequence[str | Path],
     workers: int = 0,
@@ -286,13 +291,15 @@ def scan_headers(
 ) -> list[Header]:
     """Audio headers of `paths`, in order, read by `workers` processes or threads (0 = all cores).
 
-    Small inputs (< 2 batches) are read in this process: starting a pool costs more.
+    Fewer than POOL_MIN_FILES files are read in this process: starting a pool costs more.
+    Processes, not threads, by default: with threads the Python side of each header read
+    holds the GIL, so they measured no faster than one process.
     """
     paths = [str(p) for p in paths]
     workers = workers or default_workers()
     batches = [paths[i: i + batch] for i in range(0, len(paths), batch)]
     out: list[Header] = []
-    if workers == 1 or len(batches) < 2:
+    if workers == 1 or len(batches) < 2 or len(paths) < POOL_MIN_FILES:
         for b in batches:
             out += _read_headers(b)
             if on_progress:
@@ -923,9 +930,14 @@ def prepare_synthetic(
     from d2vcli import synthetic
     from d2vcli.ui import progress
 
+    if size not in synthetic.SIZES:
+        raise PrepareError(f"unknown synthetic corpus size {size!r}; pass --size with one of {', '.join(synthetic.SIZES)}")
     out = Path(out) if out is not None else default_synthetic_dir(ws)
-    with progress() as bar:
-        info = synthetic.generate_corpus(out, size=size, seed=seed, progress=bar)
+    try:
+        with progress() as bar:
+            info = synthetic.generate_corpus(out, size=size, seed=seed, progress=bar)
+    except FileExistsError as e:
+        raise PrepareError(str(e)) from e
     summary = prepare_librispeech(ws, info.root, splits=synthetic.SPLITS, strict=strict, workers=workers,
                                   command="synthetic")
     summary.notes.append(f"corpus: {info.root} (size {size}, seed {seed})")

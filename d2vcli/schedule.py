@@ -84,5 +84,5 @@ if __name__ == "__main__":
     cfg = pretrain_base()
     total = int(sys.argv[1]) if len(sys.argv) > 1 else cfg.train.max_updates
     w, h, d = tri_stage_phases(total, cfg.schedule.phase_ratio)
-    for s in (0, w // 2, w, w + h, w + h + d // 2, w + h + d, total - 1):
+    for s in sorted({0, w // 2, w, w + h, w + h + d // 2, total - 1, w + h + d}):
         print(f"update {s:>8}: lr {lr_at(s, cfg.optim.lr, cfg.schedule, total):.3e}")

@@ -62,11 +62,10 @@ def synthetic_workspace(tmp_path_factory):
 # ----------------------------------------------------------------------------- pretraining
 
 # A pretraining run small enough for a test session: speech-tiny with 4 s batches (2 s crops),
-# no dropout (so runs are comparable across process counts), every update logged.
+# every update logged.
 PRETRAIN_TINY_SET = [
     "data.max_tokens=64000", "data.max_sample_size=32000", "train.batch_seconds=4",
     "train.max_updates=20", "train.log_every=1", "train.save_every=10",
-    "model.dropout=0.0", "model.attention_dropout=0.0",
 ]
 
 

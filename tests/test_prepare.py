@@ -346,7 +346,8 @@ def test_fairseq_export_refuses_segments(ws, tmp_path):
 # --------------------------------------------------------------------------- scan, CLI, audio
 
 
-def test_scan_headers_pool_matches_serial(tmp_path):
+def test_scan_headers_pool_matches_serial(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "POOL_MIN_FILES", 0)  # use the pools even for 7 files
     paths = [_write(tmp_path / f"{k}.flac", seconds=0.05 * (k + 1)) for k in range(6)]
     (tmp_path / "bad.flac").write_bytes(b"not audio")
     paths.append(tmp_path / "bad.flac")

@@ -120,7 +120,7 @@ def test_teacher_averages_layers_and_copies_pos_conv():
 
 
 def test_step_loss_uses_masked_frames_only(synthetic_workspace):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("model.dropout=0.0", "model.attention_dropout=0.0")  # so both computations agree
     torch.manual_seed(0)
     task = PretrainTask(cfg, torch.device("cpu"))
     batch = next(iter(build_loader(cfg, synthetic_workspace, CPU)))
@@ -192,7 +192,8 @@ def test_resume_reproduces_the_straight_run_exactly(pretrained_tiny, synthetic_w
 
 
 def test_two_processes_match_one_process_with_accumulation(synthetic_workspace, tmp_path):
-    steps = ["train.max_updates=3", "model.layerdrop=0.0"]
+    # Dropout off: each process draws its own dropout masks, so only the deterministic math can match.
+    steps = ["train.max_updates=3", "model.dropout=0.0", "model.attention_dropout=0.0", "model.layerdrop=0.0"]
     one = pretrain(tiny_cfg(*steps, "train.batch_seconds=8"), synthetic_workspace, name="ddp-one")
     assert one.status == "done"
     env = dict(os.environ, OMP_NUM_THREADS="1", D2V_PROGRESS="0")

@@ -1,0 +1,615 @@
+"""CTC fine-tuning of a pretrained data2vec model on letters: `d2v finetune`.
+
+    d2v finetune --preset finetune-100h --init speech-base          # a pretrain run name or a checkpoint path
+    d2v finetune --preset finetune-10m --init speech-base --from-teacher
+    d2v finetune --preset finetune-tiny --init pretrained-tiny     # about a minute on CPU (synthetic corpus)
+    d2v finetune --preset finetune-100h --resume                    # continue the run exactly
+    torchrun --nproc_per_node 8 -m d2vcli finetune --preset finetune-960h --init speech-base
+
+Python: `finetune(cfg, workspace, name=..., resume=...) -> engine.TrainResult`.
+
+It plugs `FinetuneTask` into the one training loop (`d2vcli.engine`), following fairseq's
+`wav2vec_ctc` + `audio_finetuning` + `ctc` criterion (docs: data2vec-reference §6):
+
+- **Start.** The encoder comes from a `d2v pretrain` (or `d2v import`) checkpoint of kind
+  "pretrain": the student's weights, or with `finetune.init_from=teacher` the EMA teacher's
+  transformer in place of the student's (fairseq `load_ema`). Its regression head is dropped and
+  a fresh Linear(D, V) head (xavier, bias 0) is added (`Data2VecForCTC`).
+- **What comes from where.** The architecture is the checkpoint's (`arch`); the config supplies
+  only regularization (model.dropout, attention_dropout, activation_dropout, dropout_input,
+  layerdrop, feature_grad_mult, finetune.final_dropout, masking.*) and the optimization recipe.
+  The resolved config printed at start and saved in the run shows the checkpoint's architecture.
+  An architecture value set in the config that disagrees with the checkpoint is an error.
+- **Waveform normalization** is the checkpoint's `normalize`, always: `data.normalize: null`
+  (the fine-tuning default) follows it, and a different explicit value is an error, so
+  fairseq's normalize-mismatch trap (reference P3, user-pain P19) cannot happen.
+- **Letters.** The vocabulary is `<workdir>/data/dict.ltr.txt` (blank `<s>` = 0, `|` between
+  words) and is stored in every checkpoint (`vocab`), so decoding never reads a side file. A
+  transcript with a character outside it is an error naming the manifest line.
+- **Utterances CTC cannot learn** (fewer frames than letters plus repeated-letter blanks) or too
+  short to hold the time mask are left out of training, counted and listed in the log.
+- **Step.** Time spans are replaced by `mask_emb` and channel spans zeroed (`compute_mask_indices`
+  with the masking config; training only, keyed by the batch so resumed runs repeat them). CTC
+  loss on fp32 log-softmax, blank 0, summed, `zero_infinity`; sample size = utterances
+  (fairseq `sentence_avg`). The logged loss is per utterance in nats (fairseq divides by ln 2).
+- **Freezing.** With `model.feature_grad_mult: 0` the conv feature encoder is frozen for the whole
+  run (no gradient, not in the optimizer). For the first `finetune.freeze_updates` updates the
+  whole encoder runs under no_grad and only the head trains; parameters without a gradient are
+  skipped by Adam, so frozen weights get no moments and do not move.
+- **Validation** every `finetune.validate_every` updates from `finetune.validate_after` on:
+  greedy CTC decoding of each `data.valid_splits` manifest, corpus WER and CER in percent
+  (`d2vcli.evaluate.score`), the per-utterance CTC loss and the share of empty (all-blank)
+  hypotheses. `finetune.best_metric` (default dev-other/wer, lower is better) selects best.pt;
+  `finetune.early_stop_patience` validations without improvement end the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2vcli import checkpoint as ckpt
+from d2vcli import config as cfgmod
+from d2vcli import distributed, engine
+from d2vcli.config import Config, ConfigError, ModelConfig
+from d2vcli.data import STREAM_MASK, AudioDataset, BatchLoader, batch_rng, read_splits
+from d2vcli.distributed import DistInfo
+from d2vcli.engine import StepOutput, TrainResult
+from d2vcli.manifest import SAMPLE_RATE, Record, num_frames
+from d2vcli.masking import compute_channel_mask, compute_mask_indices
+from d2vcli.model import BLANK, Data2VecForCTC, build_backbone, parameter_count
+from d2vcli.ui import console
+from d2vcli.vocab import SPECIALS, Vocab
+
+# The fields of ModelConfig that fine-tuning may change; every other field is architecture and
+# comes from the pretrained checkpoint (fairseq's arg_overrides, reference §6.2).
+REGULARIZATION_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "layerdrop",
+                         "feature_grad_mult")
+VALID_METRICS = ("wer", "cer", "loss")
+
+
+class FinetuneDataError(ValueError):
+    """A manifest that fine-tuning cannot use; the message names the file and line and the fix."""
+
+
+# ----------------------------------------------------------------------------- the starting checkpoint
+
+
+@dataclass
+class Start:
+    """What a run starts from: the checkpoint read and the config completed from it."""
+
+    cfg: Config  # architecture and normalize filled in from the checkpoint
+    path: Path
+    state: dict
+    resuming: bool  # True: `path` is this run's own ctc checkpoint; False: a pretrained one
+
+    @property
+    def vocab(self) -> Optional[Vocab]:
+        """The stored vocabulary of a resumed run (None when starting from a pretrained model)."""
+        letters = self.state.get(ckpt.VOCAB_KEY) if self.resuming else None
+        return Vocab(tuple(letters)) if letters else None
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint `--resume` continues from (the engine's rule): last.pt, else the newest step-N.pt."""
+    if (run_dir / "last.pt").is_file():
+        return run_dir / "last.pt"
+    steps = [(int(p.stem[5:]), p) for p in run_dir.glob("step-*.pt") if p.stem[5:].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def merge_architecture(model: ModelConfig, arch: dict, source: Path) -> ModelConfig:
+    """The checkpoint's architecture with the config's regularization fields.
+
+    An architecture field the config sets away from its default and away from the checkpoint's
+    value is an error: the user asked for a network the checkpoint does not hold.
+    """
+    stored = cfgmod.from_dict(arch, ModelConfig)
+    defaults = ModelConfig()
+    conflicts = []
+    for fl in dataclasses.fields(ModelConfig):
+        if fl.name in REGULARIZATION_FIELDS:
+            continue
+        asked, have = getattr(model, fl.name), getattr(stored, fl.name)
+        if asked != getattr(defaults, fl.name) and asked != have:
+            conflicts.append(f"model.{fl.name}={asked!r} (the checkpoint has {have!r})")
+    if conflicts:
+        raise ConfigError(
+            f"the architecture comes from the pretrained checkpoint {source}, but the config sets "
+            f"{', '.join(conflicts)}. Fine-tuning can only change regularization "
+            f"({', '.join('model.' + n for n in REGULARIZATION_FIELDS)}); remove the other model.* settings."
+        )
+    return dataclasses.replace(stored, **{n: getattr(model, n) for n in REGULARIZATION_FIELDS})
+
+
+def resolve_normalize(asked: Optional[bool], stored: bool, source: Path) -> bool:
+    """The checkpoint's waveform normalization; an explicit different `data.normalize` is an error."""
+    if asked is not None and bool(asked) != bool(stored):
+        raise ConfigError(
+            f"data.normalize={str(asked).lower()} but {source} was trained with "
+            f"normalize={str(bool(stored)).lower()}. The encoder only works on input scaled the way it was "
+            f"trained on (fairseq asserts the same), so fine-tuning always uses the checkpoint's setting: "
+            f"remove data.normalize from your config (or set it to null)."
+        )
+    return bool(stored)
+
+
+def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
+    """Read the checkpoint this run starts from and complete `cfg` from it.
+
+    With `resume` and a checkpoint in `run_dir`, that (ctc) checkpoint; otherwise the pretrained
+    checkpoint `finetune.init` (a path, run directory or run name in the workspace).
+    """
+    own = latest_checkpoint(run_dir) if resume and run_dir.exists() else None
+    if own is not None:
+        path, kind = own, "ctc"
+    else:
+        if not cfg.finetune.init:
+            raise ConfigError(
+                "no pretrained model to fine-tune: pass --init RUN_OR_CHECKPOINT (or --set finetune.init=...), "
+                "e.g. the name of a `d2v pretrain` run in this workspace or a checkpoint from `d2v import`."
+            )
+        path, kind = workspace.find_checkpoint(cfg.finetune.init), "pretrain"
+    state = ckpt.load_checkpoint(path, expect_kind=kind)
+    for key in (ckpt.ARCH_KEY, ckpt.NORMALIZE_KEY, ckpt.MODEL_KEY):
+        if key not in state:
+            raise ckpt.CheckpointError(f"{path} has no '{key}' entry; it is not a complete d2v checkpoint")
+    model_cfg = merge_architecture(cfg.model, state[ckpt.ARCH_KEY], path)
+    normalize = resolve_normalize(cfg.data.normalize, state[ckpt.NORMALIZE_KEY], path)
+    cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, normalize=normalize),
+                              objective=_objective_of(state, cfg.objective, model_cfg.num_layers))
+    cfg.validate()
+    return Start(cfg=cfg, path=path, state=state, resuming=own is not None)
+
+
+def _objective_of(state: dict, default: cfgmod.ObjectiveConfig, num_layers: int) -> cfgmod.ObjectiveConfig:
+    """The pretraining objective the checkpoint records (unused here, but it must fit its layer count,
+    and the run's config then tells how its encoder was pretrained)."""
+    try:
+        objective = cfgmod.from_dict(state.get(ckpt.CONFIG_KEY, {}).get("objective", {}), cfgmod.ObjectiveConfig)
+    except ConfigError:
+        objective = default
+    if objective.average_top_k_layers > num_layers:
+        objective = dataclasses.replace(objective, average_top_k_layers=num_layers)
+    return objective
+
+
+def encoder_state(state: dict, init_from: str, path: Path) -> dict:
+    """Backbone weights (keys relative to `backbone.`) of a pretrained checkpoint, student or teacher."""
+    model = state[ckpt.MODEL_KEY]
+    backbone = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
+    if init_from == "teacher":
+        teacher = state.get(ckpt.TEACHER_KEY)
+        if not teacher:
+            raise ckpt.CheckpointError(
+                f"{path} holds no EMA teacher weights, so finetune.init_from=teacher (--from-teacher) cannot be "
+                f"used; fine-tune from the student (the default) instead."
+            )
+        for k, v in teacher.items():
+            backbone[f"transformer.{k}"] = v
+    return backbone
+
+
+def build_ctc_model(cfg: Config, vocab_size: int) -> Data2VecForCTC:
+    """Data2VecForCTC for `cfg.model` (already the checkpoint's architecture); conv encoder frozen
+    (requires_grad off) when feature_grad_mult is 0, as it then runs under no_grad anyway."""
+    model = Data2VecForCTC(build_backbone(cfg.model), vocab_size, cfg.finetune.final_dropout)
+    if cfg.model.feature_grad_mult == 0:
+        model.backbone.feature_extractor.requires_grad_(False)
+    return model
+
+
+def load_encoder(model: Data2VecForCTC, start: Start, init_from: str) -> None:
+    """Copy the pretrained encoder into `model.backbone`; every backbone tensor must be provided."""
+    weights = encoder_state(start.state, init_from, start.path)
+    missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ckpt.CheckpointError(
+            f"{start.path}: the encoder weights do not fit the architecture stored with them "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). The file is damaged or was edited."
+        )
+
+
+# ----------------------------------------------------------------------------- labels and feasibility
+
+
+def ctc_min_frames(label: Sequence[int]) -> int:
+    """Frames CTC needs for `label`: one per token plus a blank between each repeated pair."""
+    return len(label) + sum(1 for a, b in zip(label, label[1:]) if a == b)
+
+
+def maskable(frames: int, mask_prob: float, mask_length: int, min_masks: int) -> bool:
+    """Whether `compute_mask_indices` can mask an utterance of `frames` frames without covering it.
+
+    Spans start in [0, frames - mask_length) unless that range holds fewer starts than spans; only
+    then can the whole utterance be covered (fairseq raises there), so require more starts than
+    the largest possible number of spans.
+    """
+    if mask_prob <= 0:
+        return True
+    most_spans = max(min_masks, int(mask_prob * frames / mask_length) + 1)
+    return frames - mask_length > most_spans
+
+
+def _line_of(manifest: Path, utt_id: str) -> int:
+    """1-based line of `utt_id` in a manifest (only read on the error path)."""
+    needle = f'"id": "{utt_id}"'
+    for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if needle in line:
+            return i
+    return 0
+
+
+def check_labels(workspace, splits: Sequence[str], vocab: Vocab) -> None:
+    """Every utterance of `splits` has a transcript spelled with `vocab`'s letters, or an error naming
+    the manifest line (d2v prepare filters these, so this catches hand-made or stale manifests)."""
+    for split in splits:
+        path = workspace.require_manifest(split)
+        for r in read_splits(workspace, [split]):
+            if not r.text.strip():
+                raise FinetuneDataError(
+                    f"{path}:{_line_of(path, r.id)}: utterance {r.id} has no transcript; fine-tuning needs "
+                    f"labelled splits (check data.train_splits / data.valid_splits)."
+                )
+            bad = vocab.unknown_chars(r.text)
+            if bad:
+                raise FinetuneDataError(
+                    f"{path}:{_line_of(path, r.id)}: the transcript of {r.id} has characters that are not in the "
+                    f"letter dictionary ({' '.join(sorted(map(repr, bad)))}). Re-run `d2v prepare` (it normalizes "
+                    f"transcripts and rebuilds dict.ltr.txt), or fix the transcript."
+                )
+
+
+@dataclass
+class TrainingSet:
+    records: list[Record]
+    infeasible: list[str]  # ids: fewer frames than CTC needs
+    too_short_to_mask: list[str]  # ids: the time mask could cover every frame
+
+
+def select_trainable(records: Sequence[Record], vocab: Vocab, cfg: Config) -> TrainingSet:
+    """Drop utterances CTC cannot align (or the time mask could swallow), keeping their ids."""
+    keep, infeasible, short = [], [], []
+    m = cfg.masking
+    for r in records:
+        frames = num_frames(r.num_samples, cfg.model.conv_layers)
+        if frames < ctc_min_frames(vocab.encode(r.text)):
+            infeasible.append(r.id)
+        elif not maskable(frames, m.mask_prob, m.mask_length, m.min_masks):
+            short.append(r.id)
+        else:
+            keep.append(r)
+    return TrainingSet(keep, infeasible, short)
+
+
+# ----------------------------------------------------------------------------- loss and greedy decoding
+
+
+def ctc_loss(logits: Tensor, frame_pad: Optional[Tensor], target: Tensor, target_lengths: Tensor) -> Tensor:
+    """Summed CTC loss over the batch (fairseq `ctc` criterion), in fp32.
+
+    logits (B, T, V), frame_pad (B, T) True = padding or None, target (B, L) padded with <pad>,
+    target_lengths (B,). Blank 0, reduction sum, zero_infinity (an unalignable utterance adds 0
+    and no NaN gradient). cuDNN's CTC is off as in fairseq: it needs int32 targets on the CPU
+    and gives different results for some lengths.
+    """
+    B, T, _ = logits.shape
+    lprobs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
+    if frame_pad is not None:
+        input_lengths = (~frame_pad).sum(-1)  # (B,)
+    else:
+        input_lengths = torch.full((B,), T, dtype=torch.long, device=logits.device)
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.ctc_loss(lprobs, target, input_lengths, target_lengths, blank=BLANK, reduction="sum",
+                          zero_infinity=True)
+
+
+def greedy_decode(logits: Tensor, frame_pad: Optional[Tensor]) -> list[list[int]]:
+    """Best path: per-frame argmax, repeats collapsed, blanks dropped; padded frames ignored.
+
+    logits (B, T, V) -> one token-id list per utterance.
+    """
+    best = logits.argmax(-1)  # (B, T)
+    new = torch.ones_like(best, dtype=torch.bool)
+    new[:, 1:] = best[:, 1:] != best[:, :-1]  # first frame of each run
+    keep = new & (best != BLANK)
+    if frame_pad is not None:
+        keep &= ~frame_pad
+    best, keep = best.cpu(), keep.cpu()
+    return [row[k].tolist() for row, k in zip(best, keep)]
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+@contextlib.contextmanager
+def encoder_frozen(model: Data2VecForCTC, frozen: bool) -> Iterator[None]:
+    """Run `model.backbone` under no_grad inside the forward while `frozen` (fairseq freeze_finetune_updates).
+
+    The engine calls the model through its DDP wrapper, so the freeze has to act inside the
+    wrapped forward: a pre-hook on the backbone switches gradients off and a hook switches them
+    back on for the head. No activations are kept for the encoder and its parameters get no
+    gradient, which Adam skips.
+    """
+    if not frozen:
+        yield
+        return
+    grad_was_enabled = torch.is_grad_enabled()
+
+    def grad_off(module, args) -> None:
+        torch.set_grad_enabled(False)
+
+    def grad_back(module, args, output) -> None:
+        torch.set_grad_enabled(grad_was_enabled)
+
+    pre = model.backbone.register_forward_pre_hook(grad_off)
+    post = model.backbone.register_forward_hook(grad_back)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+        torch.set_grad_enabled(grad_was_enabled)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class FinetuneTask:
+    """Letter CTC fine-tuning for the engine (see engine.TrainTask for the interface)."""
+
+    kind = "ctc"
+
+    def __init__(self, cfg: Config, model: Data2VecForCTC, vocab: Vocab, valid_sets: dict[str, AudioDataset],
+                 info: DistInfo):
+        self.cfg, self.model, self.vocab, self.valid_sets, self.info = cfg, model, vocab, valid_sets, info
+        ft, m = cfg.finetune, cfg.masking
+        # Steps that leave trainable parameters without a gradient: the freeze (whole encoder),
+        # LayerDrop (skipped layers) and no time masking (mask_emb unused). DDP must look for them.
+        self.find_unused_parameters = ft.freeze_updates > 0 or cfg.model.layerdrop > 0 or m.mask_prob <= 0
+        self.amp_dtype = engine.resolve_precision(cfg.train.precision, info.device)
+        self.empty_validations = 0
+
+    # -- training
+
+    def masks(self, batch: dict, frames: int, frame_pad: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(time mask (B, T), channel mask (B, D)) for one training batch, from the batch's own RNG."""
+        m = self.cfg.masking
+        B, device = batch["source"].shape[0], batch["source"].device
+        rng = batch_rng(self.cfg.train.seed, batch["epoch"], batch["index"], STREAM_MASK)
+        time_mask = channel_mask = None
+        if m.mask_prob > 0:
+            time_mask = compute_mask_indices((B, frames), frame_pad, m.mask_prob, m.mask_length,
+                                             min_masks=m.min_masks, require_same_masks=m.require_same_masks, rng=rng)
+            time_mask = torch.from_numpy(time_mask).to(device, non_blocking=True)
+        if m.mask_channel_prob > 0:
+            channel_mask = compute_channel_mask(B, self.model.backbone.embed_dim, m.mask_channel_prob,
+                                                m.mask_channel_length, rng)
+            channel_mask = torch.from_numpy(channel_mask).to(device, non_blocking=True)
+        return time_mask, channel_mask
+
+    def train_step(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
+        source, padding_mask = batch["source"], batch["padding_mask"]  # (B, S), (B, S)
+        backbone = self.model.backbone
+        frames = num_frames(source.shape[1], backbone.conv_layers)
+        frame_pad = backbone.frame_padding_mask(padding_mask, frames)  # (B, T) | None
+        time_mask, channel_mask = self.masks(batch, frames, frame_pad)
+        with encoder_frozen(self.model, step < self.cfg.finetune.freeze_updates):
+            out = model(source, padding_mask, time_mask=time_mask, channel_mask=channel_mask)
+        loss = ctc_loss(out["logits"], out["padding_mask"], batch["target"], batch["target_lengths"])
+        return StepOutput(loss=loss, sample_size=source.shape[0])
+
+    def after_update(self, step: int) -> None:
+        return None
+
+    def stop_reason(self, step: int, metrics: dict) -> None:
+        return None
+
+    # -- validation
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, step: int) -> dict:
+        """Greedy WER/CER (percent), loss per utterance and share of empty hypotheses on each valid split.
+
+        Each rank decodes its share of the batches; totals are summed over ranks.
+        """
+        from d2vcli.evaluate import score
+
+        result = {}
+        for split, dataset in self.valid_sets.items():
+            refs, hyps, loss = decode_dataset(model, dataset, self.vocab, self.cfg.data.max_tokens, self.info,
+                                              self.amp_dtype)
+            s = score(refs, hyps)
+            totals = torch.tensor([s.words.errors, s.words.ref, s.chars.errors, s.chars.ref, loss, len(refs),
+                                   sum(1 for h in hyps if not h)], dtype=torch.float64, device=self.info.device)
+            w_err, w_ref, c_err, c_ref, loss_sum, n, empty = distributed.all_reduce_sum(totals).tolist()
+            result[f"{split}/wer"] = 100.0 * w_err / max(w_ref, 1)
+            result[f"{split}/cer"] = 100.0 * c_err / max(c_ref, 1)
+            result[f"{split}/loss"] = loss_sum / max(n, 1)
+            result[f"{split}/empty"] = empty / max(n, 1)
+        self._warn_if_only_blanks(result, step)
+        return result
+
+    def _warn_if_only_blanks(self, result: dict, step: int) -> None:
+        empties = [v for k, v in result.items() if k.endswith("/empty")]
+        if not empties or min(empties) < 0.99:
+            self.empty_validations = 0
+            return
+        self.empty_validations += 1
+        if self.info.is_main and self.empty_validations >= 2:
+            ft = self.cfg.finetune
+            console.print(
+                f"[yellow]warning:[/] the model still emits only blanks at update {step} "
+                f"({self.empty_validations} validations in a row). CTC models start this way, and leave it "
+                f"some hundreds to thousands of updates after the encoder unfreezes (finetune.freeze_updates="
+                f"{ft.freeze_updates}). If it persists: check the learning rate (optim.lr), that the transcripts "
+                f"match the audio, and that the pretrained model is healthy."
+            )
+
+    # -- checkpoints
+
+    def checkpoint_state(self) -> dict:
+        return {
+            ckpt.ARCH_KEY: cfgmod.to_dict(self.cfg.model),
+            ckpt.NORMALIZE_KEY: bool(self.cfg.data.normalize),
+            ckpt.VOCAB_KEY: list(self.vocab.symbols),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        stored = tuple(state.get(ckpt.VOCAB_KEY) or ())
+        if stored != self.vocab.symbols:
+            raise ckpt.CheckpointError("the checkpoint's vocabulary differs from the run's; resume with the "
+                                       "checkpoint it was written with")
+
+
+@torch.no_grad()
+def decode_dataset(model: nn.Module, dataset: AudioDataset, vocab: Vocab, max_tokens: int, info: DistInfo,
+                   amp_dtype: Optional[torch.dtype] = None) -> tuple[list[str], list[str], float]:
+    """Greedy transcripts of this rank's share of `dataset`: (references, hypotheses, summed CTC loss).
+
+    `model` must be in eval mode: no masks, no dropout, deterministic.
+    """
+    # Never leave an utterance out of the score: the batch limit grows to the longest one.
+    max_tokens = max(max_tokens, int(dataset.sizes.max()))
+    loader = BatchLoader(dataset, "pad", max_tokens, seed=0, shuffle=False, rank=info.rank,
+                         world_size=info.world_size, drop_uneven=False)
+    refs, hyps, loss = [], [], 0.0
+    autocast = torch.autocast(info.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    for batch in loader:
+        source = batch["source"].to(info.device, non_blocking=True)
+        padding_mask = batch["padding_mask"].to(info.device, non_blocking=True)
+        with autocast:
+            out = model(source, padding_mask)
+        logits = out["logits"].float()
+        loss += float(ctc_loss(logits, out["padding_mask"], batch["target"].to(info.device),
+                               batch["target_lengths"].to(info.device)))
+        hyps.extend(vocab.decode(ids) for ids in greedy_decode(logits, out["padding_mask"]))
+        refs.extend(batch["texts"])
+    return refs, hyps, loss
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def check_validation(cfg: Config) -> None:
+    """`finetune.best_metric` must name a validated split and a reported metric."""
+    ft = cfg.finetune
+    if not cfg.data.valid_splits or ft.validate_every <= 0 or not ft.best_metric:
+        return
+    split, _, metric = ft.best_metric.rpartition("/")
+    if split not in cfg.data.valid_splits or metric not in VALID_METRICS:
+        choices = ", ".join(f"{s}/{m}" for s in cfg.data.valid_splits for m in VALID_METRICS[:2])
+        raise ConfigError(
+            f"finetune.best_metric '{ft.best_metric}' is not something validation reports; with "
+            f"data.valid_splits {list(cfg.data.valid_splits)} choose one of: {choices} "
+            f"(or add the split to data.valid_splits)."
+        )
+
+
+def _warn_schedule(cfg: Config) -> None:
+    """Recipe values copied to a small run can silently waste it (user-pain P8)."""
+    ft, total = cfg.finetune, cfg.train.max_updates
+    if ft.freeze_updates >= total:
+        console.print(f"[yellow]warning:[/] finetune.freeze_updates={ft.freeze_updates} >= train.max_updates="
+                      f"{total}: only the output layer will ever train.")
+    if cfg.data.valid_splits and ft.validate_every > 0 and max(ft.validate_after, ft.validate_every) > total:
+        console.print(f"[yellow]warning:[/] no validation will run: finetune.validate_after={ft.validate_after}, "
+                      f"validate_every={ft.validate_every}, train.max_updates={total}.")
+
+
+def _describe_skips(split_names: Sequence[str], ts: TrainingSet, cfg: Config) -> None:
+    if ts.infeasible:
+        console.print(f"skipped {len(ts.infeasible)} utterance(s) of {', '.join(split_names)} whose transcript needs "
+                      f"more CTC frames than the audio has: {', '.join(ts.infeasible[:10])}"
+                      f"{' ...' if len(ts.infeasible) > 10 else ''}", markup=False)
+    if ts.too_short_to_mask:
+        console.print(f"skipped {len(ts.too_short_to_mask)} utterance(s) too short for masking.mask_length="
+                      f"{cfg.masking.mask_length}: {', '.join(ts.too_short_to_mask[:10])}"
+                      f"{' ...' if len(ts.too_short_to_mask) > 10 else ''}", markup=False)
+
+
+def finetune(
+    cfg: Config,
+    workspace,
+    name: Optional[str] = None,
+    resume: bool = False,
+    preset: Optional[str] = None,
+    stop_at: Optional[int] = None,
+) -> TrainResult:
+    """Run (or resume) CTC fine-tuning in <workdir>/runs/<name>; returns how it ended.
+
+    Prints the resolved config, whose model section is the checkpoint's architecture.
+    `stop_at` saves and returns after that many updates (status "paused") without changing
+    the schedule, so a run can be split into parts that together equal one uninterrupted run.
+    """
+    from d2vcli.pretrain import check_manifests
+    from d2vcli.ui import print_config
+
+    info = distributed.setup(cfg.train.device)
+    try:
+        name = distributed.broadcast_object(name or engine.default_run_name("finetune", preset))
+        start = load_start(cfg, workspace, workspace.run_dir(name), resume)
+        cfg = start.cfg
+        check_manifests(workspace, cfg.data.train_splits)
+        for split in cfg.data.valid_splits:
+            workspace.require_manifest(split)
+        check_validation(cfg)
+        vocab = start.vocab or Vocab.load(workspace.dictionary)
+        check_labels(workspace, list(cfg.data.train_splits) + list(cfg.data.valid_splits), vocab)
+        if info.is_main:
+            a = cfg.model
+            source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
+            print_config(cfg, title=f"finetune config (model architecture from {start.path.name})")
+            console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
+                          f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
+                          f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
+            _warn_schedule(cfg)
+        run = engine.prepare_run(workspace, name, cfg, resume, info)
+
+        train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
+        if info.is_main:
+            _describe_skips(cfg.data.train_splits, train, cfg)
+        if not train.records:
+            raise FinetuneDataError(f"no utterance of {', '.join(cfg.data.train_splits)} can be trained on "
+                                    f"(see the skipped utterances above)")
+        dataset = AudioDataset(train.records, normalize=cfg.data.normalize,
+                               min_sample_size=cfg.data.min_sample_size, vocab=vocab)
+        valid = {split: AudioDataset(read_splits(workspace, [split]), normalize=cfg.data.normalize, vocab=vocab)
+                 for split in cfg.data.valid_splits}
+
+        torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
+        model = build_ctc_model(cfg, len(vocab))
+        if not start.resuming:
+            load_encoder(model, start, cfg.finetune.init_from)
+        start.state = {}  # free the pretrained weights
+        model.to(info.device)
+        task = FinetuneTask(cfg, model, vocab, valid, info)
+
+        loader = BatchLoader(dataset, "pad", cfg.data.max_tokens, cfg.train.seed, rank=info.rank,
+                             world_size=info.world_size, num_workers=cfg.data.num_workers,
+                             pin_memory=info.device.type == "cuda")
+        if info.is_main:
+            console.print(
+                f"data: {len(dataset):,} utterances, {dataset.seconds / 3600:.2f} h from "
+                f"{', '.join(cfg.data.train_splits)} ({dataset.skipped:,} shorter than {cfg.data.min_sample_size} "
+                f"samples and {loader.too_long:,} longer than data.max_tokens left out); "
+                f"{len(loader.batches(1)):,} batches per epoch; validation on {', '.join(valid) or 'nothing'}")
+            console.print(f"model: {parameter_count(model, trainable_only=True):,} trainable of "
+                          f"{parameter_count(model):,} parameters; encoder frozen for the first "
+                          f"{cfg.finetune.freeze_updates} updates", markup=False)
+        ft = cfg.finetune
+        validate = ft.validate_every if cfg.data.valid_splits else 0
+        return engine.train(cfg, task, loader, run, info, description="finetune", validate_every=validate,
+                            validate_after=ft.validate_after, best_metric=ft.best_metric or None,
+                            early_stop_patience=ft.early_stop_patience, stop_at=stop_at)
+    finally:
+        distributed.teardown()
