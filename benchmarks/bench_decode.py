@@ -19,9 +19,13 @@ decoder and any worker pool already built (both build once per process and are r
 RTF = decode seconds / audio seconds (lower is faster); utt/s is throughput. The last column is
 pyctcdecode's time over ours for the same beam and worker count. Goal: >= 5x at equal or better WER.
 
-pyctcdecode runs its defaults for pruning (beam_prune_logp -10, token_min_logp -5, which
-already make it faster than an unpruned search); ours runs fairseq's defaults (beam threshold 50,
-every token considered per frame).
+Pruning differs between the two, so d2v runs twice:
+- "d2v default": fairseq's flashlight defaults (beam threshold 50, every token considered at
+  every frame): at a large beam almost nothing is pruned, so all `beam` hypotheses are kept;
+- "d2v pruned": pruning matched to pyctcdecode's defaults: beam threshold 10 (= its
+  beam_prune_logp -10) and the 8 best tokens per frame (its token_min_logp -5 keeps a handful);
+pyctcdecode always runs its defaults. The speedup column compares each d2v row with pyctcdecode
+at the same beam and worker count.
 """
 
 from __future__ import annotations
@@ -129,8 +133,10 @@ def _pyctc_decode(args):
     return _PYCTC.decode(lp, beam_width=beam)
 
 
-def run_ours(spec: SearchSpec, em, beam: int, workers: int, lm_weight: float, word_score: float):
-    options = BeamOptions(beam=beam, lm_weight=lm_weight, word_score=word_score)
+def run_ours(spec: SearchSpec, em, beam: int, workers: int, lm_weight: float, word_score: float,
+             threshold: float = 50.0, tokens: int = 0):
+    options = BeamOptions(beam=beam, beam_threshold=threshold, beam_size_token=tokens, lm_weight=lm_weight,
+                          word_score=word_score)
     with BeamPool(spec, workers) as pool:
         pool.run(em, [options], description="warm-up")  # workers started and decoders built
         t0 = time.perf_counter()
@@ -184,17 +190,22 @@ def main() -> None:
     spec = SearchSpec(tuple(vocab.tokens), "lexicon", str(ws.lm_dir / "4gram.bin"), str(ws.lm_dir / "lexicon.txt"))
 
     rows = []
+    variants = [("d2v default", 50.0, 0), ("d2v pruned", 10.0, 8)]
     for beam in (int(b) for b in args.beams.split(",")):
         for workers in (int(w) for w in args.workers.split(",")):
-            texts, s = run_ours(spec, em, beam, workers, args.lm_weight, args.word_score)
-            ours = {"decoder": "d2v (flashlight)", "beam": beam, "workers": workers, "seconds": s,
-                    "wer": wer(em.refs, texts)}
-            rows.append(ours)
+            group = []
+            for name, threshold, tokens in variants:
+                texts, s = run_ours(spec, em, beam, workers, args.lm_weight, args.word_score, threshold, tokens)
+                group.append({"decoder": name, "beam": beam, "workers": workers, "seconds": s,
+                              "wer": wer(em.refs, texts)})
             if not args.skip_pyctcdecode:
                 texts, s = run_pyctc(ws, vocab, em, beam, workers, args.lm_weight, args.word_score)
-                rows.append({"decoder": "pyctcdecode", "beam": beam, "workers": workers, "seconds": s,
-                             "wer": wer(em.refs, texts), "speedup": s / ours["seconds"]})
-            print(json.dumps(rows[-1]) if args.skip_pyctcdecode else json.dumps(rows[-2:]), flush=True)
+                for r in group:
+                    r["speedup"] = s / r["seconds"]
+                group.append({"decoder": "pyctcdecode", "beam": beam, "workers": workers, "seconds": s,
+                              "wer": wer(em.refs, texts)})
+            rows += group
+            print(json.dumps(group), flush=True)
 
     from d2vcli.ui import console, table
 
@@ -205,7 +216,7 @@ def main() -> None:
                     f"{r['speedup']:.1f}x" if "speedup" in r else ""))
     console.print(table(f"decoding {len(em)} utterances ({audio / 60:.1f} min), {args.vocab}-word 4-gram, "
                         f"lm_weight {args.lm_weight}, word_score {args.word_score}",
-                        ["decoder", "beam", "workers", "WER", "seconds", "RTF", "utt/s", "d2v speedup"], out))
+                        ["decoder", "beam", "workers", "WER", "seconds", "RTF", "utt/s", "vs pyctcdecode"], out))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

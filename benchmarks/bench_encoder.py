@@ -41,7 +41,7 @@ def build_pair(size: str, device: str):
     hf_cfg = Data2VecAudioConfig(**SIZES[size], layerdrop=0.0, mask_time_prob=0.05)
     hf = Data2VecAudioModel(hf_cfg).eval().to(device)
     ours = build_backbone(model_config_from_hf(hf_cfg.to_dict(), "hf")).eval()
-    state, unmatched = rename(hf.state_dict(), lambda k: HF_MODEL_MAP.to_d2v(k))
+    state, unmatched = rename(hf.state_dict(), HF_MODEL_MAP.to_d2v)
     assert not unmatched, unmatched
     ours.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=True)
     return ours.to(device), hf

@@ -528,6 +528,21 @@ def doctor_cmd(
     raise typer.Exit(0 if report.ok else 1)
 
 
+# ----------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo_cmd(
+    compare_init: bool = typer.Option(False, "--compare-init", help="Also fine-tune from a random encoder with the "
+                                      "same budget and report both (what pretraining buys)."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """The whole pipeline on a generated corpus, on CPU: prepare, pretrain, finetune, LM, decode, evaluate."""
+    from d2vcli.demo import DemoSettings, print_demo, run_demo
+
+    print_demo(run_demo(Workspace.resolve(workdir), DemoSettings(compare_init=compare_init)))
+
+
 def main() -> None:
     """Entry point: user errors print one clear message, not a traceback."""
     from d2vcli.audio import AudioError

@@ -441,8 +441,15 @@ def from_dict(data: dict, cls: type = Config) -> Any:
     return merge(cls(), data)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists on one line: `conv_layers: [[512, 10, 5], ...]`."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 def save(cfg: Any, path: Path) -> None:

@@ -722,15 +722,15 @@ def search_space(cfg: DecodeConfig, trials: int, search: str, seed: int = 0) -> 
 def tune_lm(pool: BeamPool, em: Emissions, base: BeamOptions, cfg: DecodeConfig, trials: Optional[int] = None,
             search: Optional[str] = None, beam: Optional[int] = None) -> TuneResult:
     """Search lm_weight / word_score / sil_weight on cached emissions; every trial runs in the pool."""
-    from d2vcli.evaluate import score
+    from d2vcli.evaluate import word_errors
 
     search = search or cfg.tune_search
     beam = beam or cfg.tune_beam
     cands = search_space(cfg, trials or cfg.tune_trials, search)
     hyps = pool.run(em, [t.options(base, beam) for t in cands], description=f"tuning on {em.split}")
     for t, hs in zip(cands, hyps):
-        sc = score(em.refs, [h.text for h in hs], with_chars=False)
-        t.wer, t.errors = sc.words.rate, sc.words.errors
+        counts = word_errors(em.refs, [h.text for h in hs])
+        t.wer, t.errors = counts.rate, counts.errors
     return TuneResult(em.split, beam, search, cands)
 
 
@@ -807,13 +807,13 @@ class DecodeResult:
         return asdict(self.options) if self.options else None
 
     def table(self):
-        from d2vcli.evaluate import score
+        from d2vcli.evaluate import word_errors
         from d2vcli.ui import table
 
         rows = []
         for (split, tag), o in self.outputs.items():
-            sc = score(o.refs, o.hyps, with_chars=False)
-            rows.append((split, tag, len(o.ids), f"{sc.words.rate:.2f}", f"{o.audio_seconds / 60:.1f}",
+            rows.append((split, tag, len(o.ids), f"{word_errors(o.refs, o.hyps).rate:.2f}",
+                         f"{o.audio_seconds / 60:.1f}",
                          f"{o.decode_seconds:.2f}", f"{o.rtf:.4f}", f"{len(o.ids) / max(o.decode_seconds, 1e-9):.1f}"))
         return table(f"decode {self.run}", ["split", "tag", "utts", "WER", "audio min", "decode s", "RTF", "utt/s"],
                      rows)

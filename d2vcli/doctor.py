@@ -17,6 +17,8 @@ missing optional piece never shows up later as a NameError.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import sys
 import tempfile
@@ -161,6 +163,20 @@ def _tiny_arpa() -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """KenLM prints an ARPA-loading banner on fd 2; the check's result says what matters."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _end_to_end() -> Check:
     import numpy as np
 
@@ -179,7 +195,8 @@ def _end_to_end() -> Check:
             lp = simulate_emissions(sentence, vocab, rng, confusions={"E": "I", "T": "D", "P": "B"},
                                     confusion_prob=1.0)
             greedy = greedy_decode(lp, vocab).text
-            searcher = BeamSearcher(SearchSpec(tuple(vocab.tokens), "lexicon", str(arpa), str(lexicon)))
+            with _quiet_stderr():
+                searcher = BeamSearcher(SearchSpec(tuple(vocab.tokens), "lexicon", str(arpa), str(lexicon)))
             hyp = searcher.decode(lp, BeamOptions())
     except Exception as e:  # noqa: BLE001 - any failure here is what the check reports
         return Check("end-to-end decode", "fail", f"{type(e).__name__}: {e}",

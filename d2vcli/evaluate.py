@@ -65,13 +65,36 @@ def _distance_matrix(r: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 
 def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
-    """Unit-cost Levenshtein distance between two token sequences."""
-    if not ref:
+    """Unit-cost Levenshtein distance between two token sequences (no alignment).
+
+    Myers' bit-parallel algorithm (Hyyrö's formulation for global distance): one column of the
+    DP table is a pair of bit vectors over the reference, updated with a dozen integer operations
+    per hypothesis token, so character-level distances of long sentences cost microseconds.
+    """
+    m = len(ref)
+    if m == 0:
         return len(hyp)
-    if not hyp:
-        return len(ref)
-    r, h = _ids(ref, hyp)
-    return int(_distance_matrix(r, h)[-1, -1])
+    peq: dict[str, int] = {}
+    for i, tok in enumerate(ref):
+        peq[tok] = peq.get(tok, 0) | (1 << i)
+    full = (1 << m) - 1
+    top = 1 << (m - 1)
+    pv, mv, dist = full, 0, m
+    for tok in hyp:
+        eq = peq.get(tok, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | (~(xh | pv) & full)
+        mh = pv & xh
+        if ph & top:
+            dist += 1
+        elif mh & top:
+            dist -= 1
+        ph = ((ph << 1) | 1) & full
+        mh = (mh << 1) & full
+        pv = mh | (~(xv | ph) & full)
+        mv = ph & xv
+    return dist
 
 
 @dataclass
@@ -135,16 +158,13 @@ def chars_of(text: str) -> list[str]:
 
 @dataclass
 class ErrorCounts:
-    """Corpus totals of one unit (words or characters)."""
+    """Corpus totals of one unit (words or characters); sub/dele/ins only where alignments were made."""
 
     ref: int = 0
+    errors: int = 0
     sub: int = 0
     dele: int = 0
     ins: int = 0
-
-    @property
-    def errors(self) -> int:
-        return self.sub + self.dele + self.ins
 
     @property
     def rate(self) -> float:
@@ -155,13 +175,20 @@ class ErrorCounts:
 
     def add(self, a: Alignment, ref_len: int) -> None:
         self.ref += ref_len
+        self.errors += a.errors
         self.sub += a.count("S")
         self.dele += a.count("D")
         self.ins += a.count("I")
 
-    def to_dict(self) -> dict:
-        return {"rate": round(self.rate, 4), "errors": self.errors, "ref": self.ref, "sub": self.sub,
-                "del": self.dele, "ins": self.ins}
+    def add_distance(self, distance: int, ref_len: int) -> None:
+        self.ref += ref_len
+        self.errors += distance
+
+    def to_dict(self, detailed: bool = True) -> dict:
+        d = {"rate": round(self.rate, 4), "errors": self.errors, "ref": self.ref}
+        if detailed:
+            d.update({"sub": self.sub, "del": self.dele, "ins": self.ins})
+        return d
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
@@ -180,11 +207,12 @@ class Scores:
 
     words: ErrorCounts
     chars: ErrorCounts
-    alignments: list[Alignment]
+    alignments: list[Alignment]   # word alignments, one per utterance
     utt_errors: list[int]
 
 
 def score(refs: Sequence[str], hyps: Sequence[str], with_chars: bool = True) -> Scores:
+    """Word alignments and totals (with S/D/I), plus character error totals (distance only)."""
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     words, chars = ErrorCounts(), ErrorCounts()
@@ -196,9 +224,20 @@ def score(refs: Sequence[str], hyps: Sequence[str], with_chars: bool = True) -> 
         alignments.append(a)
         utt_errors.append(a.errors)
         if with_chars:
-            rc, hc = chars_of(ref), chars_of(hyp)
-            chars.add(align(rc, hc), len(rc))
+            rc = chars_of(ref)
+            chars.add_distance(edit_distance(rc, chars_of(hyp)), len(rc))
     return Scores(words, chars, alignments, utt_errors)
+
+
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> ErrorCounts:
+    """Corpus word totals without alignments (the fast path, e.g. for LM tuning)."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    total = ErrorCounts()
+    for ref, hyp in zip(refs, hyps):
+        rw = words_of(ref)
+        total.add_distance(edit_distance(rw, words_of(hyp)), len(rw))
+    return total
 
 
 # ============================================================================ artefacts and results
@@ -216,7 +255,8 @@ class SplitScore:
 
     def to_dict(self) -> dict:
         return {"utterances": self.utterances, "wer": round(self.words.rate, 4), "cer": round(self.chars.rate, 4),
-                "words": self.words.to_dict(), "chars": self.chars.to_dict(), "empty_hyps": self.empty_hyps,
+                "words": self.words.to_dict(), "chars": self.chars.to_dict(detailed=False),
+                "empty_hyps": self.empty_hyps,
                 "repeats": self.repeats}
 
 

@@ -25,7 +25,6 @@ data2vec 2.0 (`data2vec_multi`) checkpoints have another layout and are refused.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import json
 import re
@@ -372,16 +371,12 @@ def _section(cfg: Any, name: str) -> dict:
 
 
 def _fairseq_cfg(raw: dict, source: Path) -> dict:
-    """The hydra cfg as nested dicts; pre-hydra files keep a flat argparse Namespace in `args`."""
+    """The hydra cfg as nested plain dicts (data2vec postdates fairseq's move to hydra, so its files have one)."""
     cfg = raw.get("cfg")
-    if cfg is not None:
-        return {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(cfg).items()}
-    args = raw.get("args")
-    if args is not None:
-        flat = dict(vars(args)) if hasattr(args, "__dict__") else dict(args)
-        flat.setdefault("_name", flat.get("arch"))
-        return {"model": flat, "task": flat}
-    raise InteropError(f"{source}: a fairseq checkpoint needs a 'cfg' (or 'args') entry with the architecture")
+    if cfg is None:
+        raise InteropError(f"{source}: no 'cfg' entry. Files with only argparse 'args' predate data2vec "
+                           f"(wav2vec 2.0 era) and are not supported")
+    return {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(cfg).items()}
 
 
 def convert_fairseq(raw: Any, source: Path, dict_path: Optional[Path] = None, use_ema: bool = False) -> tuple[dict, list[str]]:

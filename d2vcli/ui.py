@@ -41,7 +41,7 @@ def print_config(cfg: Any, title: str = "resolved config") -> None:
     from d2vcli.config import to_yaml
 
     console.rule(f"[bold]{title}")
-    console.print(to_yaml(cfg).rstrip(), markup=False)
+    console.print(to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
     console.rule()
 
 

@@ -138,7 +138,9 @@ def test_missing_lm_error_names_the_path_and_how_to_build_one(tmp_path):
 
 def test_letter_lm_for_lexicon_free_decoding(synthetic_workspace, kenlm_tools, tmp_path):
     ws = scratch_workspace(tmp_path, synthetic_workspace)
-    r = prepare_lm(ws, text=lm_text(synthetic_workspace), order=6, unit="letter", memory="64M")
+    corpus = tmp_path / "lm-text.txt.gz"  # compressed corpora are read directly
+    corpus.write_bytes(gzip.compress(lm_text(synthetic_workspace).read_bytes()))
+    r = prepare_lm(ws, text=corpus, order=6, unit="letter", memory="64M")
     assert r.unit == "letter" and r.lexicon is None and r.lm.endswith("letter-6gram.bin")
     model = lmmod.load_kenlm(r.lm)
     assert lmmod.is_letter_lm(model) and "H" in model and "HORSE" not in model
