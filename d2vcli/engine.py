@@ -467,7 +467,7 @@ class _Trainer:
             ckpt.CONFIG_KEY: cfgmod.to_dict(self.cfg),
             ckpt.ENGINE_KEY: {
                 "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
-                "best": self.best, "bad_validations": self.bad_validations,
+                "best": self.best, "best_metric": self.best_metric, "bad_validations": self.bad_validations,
                 "audio_seconds": self.audio_seconds, "train_seconds": self.train_seconds,
                 "world_size": self.info.world_size,
             },
@@ -723,17 +723,20 @@ class _Trainer:
         result = distributed.broadcast_object(result)
         if not result:
             return False
+        improved = False
+        if self.best_metric and self.best_metric in result:
+            value = float(result[self.best_metric])
+            improved = self.best is None or value < self.best
+            if improved:
+                self.best, self.bad_validations = value, 0
+            else:
+                self.bad_validations += 1
+            # The best value so far goes into the log line too (and into every checkpoint's engine state).
+            result = {**result, "best": self.best}
         log.write({"step": self.step, **result}, prefix="valid")
         if self.info.is_main:
             console.print("valid " + " ".join(f"{k}={_fmt(v)}" for k, v in result.items()), markup=False)
-        if not self.best_metric or self.best_metric not in result:
-            return False
-        value = float(result[self.best_metric])
-        if self.best is None or value < self.best:
-            self.best, self.bad_validations = value, 0
-            return True
-        self.bad_validations += 1
-        return False
+        return improved
 
 
 class _Interval:

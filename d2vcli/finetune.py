@@ -2,7 +2,7 @@
 
     d2v finetune --preset finetune-100h --init speech-base          # a pretrain run name or a checkpoint path
     d2v finetune --preset finetune-10m --init speech-base --from-teacher
-    d2v finetune --preset finetune-tiny --init pretrained-tiny     # about a minute on CPU (synthetic corpus)
+    d2v finetune --preset finetune-tiny --init demo-pretrain       # about 3 minutes on CPU (synthetic corpus)
     d2v finetune --preset finetune-100h --resume                    # continue the run exactly
     torchrun --nproc_per_node 8 -m d2vcli finetune --preset finetune-960h --init speech-base
 
@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,7 +62,7 @@ from d2vcli.config import Config, ConfigError, ModelConfig
 from d2vcli.data import STREAM_MASK, AudioDataset, BatchLoader, batch_rng, read_splits
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
-from d2vcli.manifest import SAMPLE_RATE, Record, num_frames
+from d2vcli.manifest import Record, num_frames
 from d2vcli.masking import compute_channel_mask, compute_mask_indices
 from d2vcli.model import BLANK, Data2VecForCTC, build_backbone, parameter_count
 from d2vcli.ui import console
@@ -159,7 +158,10 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
                 "e.g. the name of a `d2v pretrain` run in this workspace or a checkpoint from `d2v import`."
             )
         path, kind = workspace.find_checkpoint(cfg.finetune.init), "pretrain"
-    state = ckpt.load_checkpoint(path, expect_kind=kind)
+    try:
+        state = ckpt.load_checkpoint(path, expect_kind=kind)
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(f"{e}{_kind_hint(path, kind, run_dir.name)}") from None
     for key in (ckpt.ARCH_KEY, ckpt.NORMALIZE_KEY, ckpt.MODEL_KEY):
         if key not in state:
             raise ckpt.CheckpointError(f"{path} has no '{key}' entry; it is not a complete d2v checkpoint")
@@ -168,7 +170,29 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
     cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, normalize=normalize),
                               objective=_objective_of(state, cfg.objective, model_cfg.num_layers))
     cfg.validate()
+    m = cfg.masking
+    if not maskable(model_cfg.embed_dim, m.mask_channel_prob, m.mask_channel_length, 0):
+        raise ConfigError(
+            f"masking.mask_channel_length={m.mask_channel_length} with mask_channel_prob={m.mask_channel_prob} can "
+            f"zero every one of this model's {model_cfg.embed_dim} channels (model.embed_dim, from {path}); use "
+            f"spans of at most {model_cfg.embed_dim // 4} channels (fairseq's 64 is for 768)."
+        )
     return Start(cfg=cfg, path=path, state=state, resuming=own is not None)
+
+
+def _kind_hint(path: Path, expected: str, run_name: str) -> str:
+    """What to do instead when `path` is a checkpoint of the other kind (read again only on this error path)."""
+    try:
+        found = ckpt.load_raw(path).get(ckpt.KIND_KEY)
+    except Exception:  # noqa: BLE001 - the original error already says what is wrong with the file
+        return ""
+    if found == expected or found not in ckpt.KINDS:
+        return ""
+    if expected == "ctc":
+        return (f" --resume continues a fine-tuning run, and runs/{run_name} is not one: to fine-tune from it, "
+                f"pass --init {run_name} with a new --name.")
+    return (" finetune.init (--init) takes a pretrained model; to continue a fine-tuning run, use its --name "
+            "with --resume.")
 
 
 def _objective_of(state: dict, default: cfgmod.ObjectiveConfig, num_layers: int) -> cfgmod.ObjectiveConfig:

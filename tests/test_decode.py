@@ -48,15 +48,6 @@ def constructed(synthetic_workspace, tmp_path_factory):
     return vocab, em
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny models' ops are too small to share; on a busy machine OpenMP threads only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _greedy(vocab, em):
     return [greedy_decode(em[i], vocab).text for i in range(len(em))]
 

@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from d2vcli.evaluate import align, edit_distance, evaluate, score
 
@@ -28,15 +27,6 @@ TRICKY = [
     ("A A A A", "A"),                                                # deletions only
     ("AB CD", "ABCD"),                                               # merged words
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny models' ops are too small to share; on a busy machine OpenMP threads only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ours(refs, hyps):

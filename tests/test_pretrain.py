@@ -36,15 +36,6 @@ from conftest import PRETRAIN_TINY_SET
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (see the pretrained_tiny fixture)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(*extra: str) -> C.Config:
     return C.resolve("pretrain", preset="speech-tiny", overrides=PRETRAIN_TINY_SET + list(extra))
 

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from typer.testing import CliRunner
 
 from d2vcli.audio import read_audio, resample, to_mono_16k
@@ -19,15 +18,6 @@ from d2vcli.lm import read_lexicon
 from d2vcli.manifest import num_frames, read_manifest
 from d2vcli.transcribe import frame_windows, receptive_field, transcribe
 from d2vcli.vocab import Vocab
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny models' ops are too small to share; on a busy machine OpenMP threads only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
