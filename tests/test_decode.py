@@ -268,3 +268,17 @@ def test_doctor_names_the_fix_for_a_missing_decoder(monkeypatch):
     assert by_name["flashlight KenLM"].status == "fail" and "pip install" in by_name["flashlight KenLM"].fix
     assert by_name["end-to-end decode"].status == "fail" and "skipped" in by_name["end-to-end decode"].detail
     assert by_name["kenlm (Python)"].status == "ok"
+
+
+def test_lm_beats_greedy_with_the_finetuned_model_on_the_synthetic_test_sets(synthetic_workspace, synthetic_lm,
+                                                                            finetuned_tiny):
+    """The real pipeline: the tiny fine-tuned model, the 4-gram from the corpus's LM text, and the
+    synthetic test splits. Lexicon + LM beam search must beat greedy decoding on every one."""
+    from d2vcli.config import Config
+    from d2vcli.evaluate import evaluate
+
+    result = evaluate(synthetic_workspace, Config().decode, checkpoint=finetuned_tiny,
+                      splits=["test-clean", "test-other"], lm="auto", use_tuned=False)
+    for split in ("test-clean", "test-other"):
+        greedy, lm = result.wer(split, "greedy"), result.wer(split, "lm")
+        assert lm < greedy, f"{split}: 4-gram WER {lm:.1f} is not below greedy WER {greedy:.1f}"
