@@ -34,7 +34,7 @@ demo: setup
 	$(BIN)/d2v demo
 
 test: setup
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -x tests
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
