@@ -513,7 +513,7 @@ def transcribe_cmd(
         write_transcripts(result, out, timestamps)
         err_console.print(f"wrote {out}", markup=False)
     else:
-        console.print(format_transcripts(result, timestamps), end="", markup=False, highlight=False)
+        console.print(format_transcripts(result, timestamps), end="", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("doctor")

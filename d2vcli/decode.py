@@ -630,6 +630,12 @@ def find_ctc_checkpoint(ws, ref: Optional[str | Path] = None) -> Path:
     candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for p in candidates:
         if peek_kind(p) == "ctc":
+            from d2vcli.ui import err_console
+
+            # Said on stderr so `d2v transcribe` output stays clean; with several runs, the newest
+            # may not be the one the user means.
+            err_console.print(f"no model given: using the newest fine-tuned run '{p.parent.name}' ({p}); "
+                              f"name another run to choose", markup=False, highlight=False, soft_wrap=True)
             return p.resolve()
     raise FileNotFoundError(
         f"no fine-tuned (CTC) run in {ws.runs_dir}. Fine-tune one with `d2v finetune`, import one with "
