@@ -32,6 +32,36 @@ ConfigOpt = typer.Option(None, "--config", help="A YAML file of config overrides
 SetOpt = typer.Option(None, "--set", help="Override one field: --set optim.lr=1e-4 (repeatable).")
 
 
+def user_error_types() -> tuple:
+    """Errors caused by the user's input: reported as one line with the fix, exit 2, no traceback."""
+    from d2vcli.audio import AudioError
+    from d2vcli.checkpoint import CheckpointError
+    from d2vcli.decode import DecodeError
+    from d2vcli.finetune import FinetuneDataError
+    from d2vcli.lm import LMError
+    from d2vcli.prepare import PrepareError
+
+    return (cfgmod.ConfigError, CheckpointError, PrepareError, AudioError, LMError, DecodeError,
+            FinetuneDataError, FileNotFoundError)
+
+
+def _report(e: BaseException) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+
+
+class _UserErrors:
+    """Inside a command: a user error becomes one line and exit 2 (so CliRunner sees it too)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and isinstance(exc, user_error_types()):
+            _report(exc)
+            raise typer.Exit(2)
+        return False
+
+
 def resolve_config(command, preset, config_file, overrides) -> cfgmod.Config:
     return cfgmod.resolve(command, preset=preset, config_file=config_file, overrides=overrides or [])
 
@@ -82,13 +112,8 @@ SplitsOpt = typer.Option(None, "--splits", help="Splits to prepare (repeatable).
 
 def _run_prepare(fn, *args, **kwargs) -> None:
     """Call one prepare function and print its summary; its input errors become one line (exit 2)."""
-    from d2vcli.prepare import PrepareError
-
-    try:
+    with _UserErrors():
         summary = fn(*args, **kwargs)
-    except PrepareError as e:
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-        raise typer.Exit(2)
     console.print(summary.table())
     for note in summary.notes:
         console.print(note, markup=False)
@@ -249,19 +274,16 @@ def finetune_cmd(
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """CTC fine-tuning on letters. Architecture and input normalization come from the pretrained checkpoint."""
-    from d2vcli.finetune import FinetuneDataError, finetune
+    from d2vcli.finetune import finetune
 
     cfg = resolve_config("finetune", preset, config_file, overrides)
     start = {"init": init} if init else {}
     if from_teacher:
         start["init_from"] = "teacher"
     cfg = cfgmod.merge(cfg, {"finetune": start})
-    try:
+    with _UserErrors():
         # Prints the config once completed from the checkpoint (its architecture and normalize).
         result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
-    except FinetuneDataError as e:
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-        raise typer.Exit(2)
     raise typer.Exit(result.exit_code)
 
 
@@ -354,23 +376,6 @@ DecodeWorkersOpt = typer.Option(None, "--workers", help="Beam-search processes (
 DeviceOpt = typer.Option("auto", "--device", help="Device for the acoustic model: auto, cpu, cuda, cuda:N.")
 NoTunedOpt = typer.Option(False, "--no-tuned", help="Ignore decode/<run>/tuned.json (use the config's LM weights).")
 _TUNED_KEYS = ("decode.lm_weight", "decode.word_score", "decode.sil_weight")
-
-
-class _UserErrors:
-    """Turn the decode stack's input errors (bad LM, lexicon, audio, missing package) into one line, exit 2."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        from d2vcli.audio import AudioError
-        from d2vcli.decode import DecodeError
-        from d2vcli.lm import LMError
-
-        if exc is not None and isinstance(exc, (LMError, DecodeError, AudioError)):
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-            raise typer.Exit(2)
-        return False
 
 
 def _splits(values: Optional[List[str]]) -> Optional[list]:
@@ -545,14 +550,10 @@ def demo_cmd(
 
 def main() -> None:
     """Entry point: user errors print one clear message, not a traceback."""
-    from d2vcli.audio import AudioError
-    from d2vcli.checkpoint import CheckpointError
-    from d2vcli.prepare import PrepareError
-
     try:
         app()
-    except (cfgmod.ConfigError, CheckpointError, PrepareError, AudioError, FileNotFoundError) as e:
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    except user_error_types() as e:
+        _report(e)
         raise SystemExit(2)
 
 
