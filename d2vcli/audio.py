@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from d2vcli.errors import UserError
+
 SAMPLE_RATE = 16_000
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Audio that cannot be read; the message names the file."""
 
 

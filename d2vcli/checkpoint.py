@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import torch
 
+from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_open
 
 FORMAT_VERSION = 1
@@ -55,7 +56,7 @@ SOURCE_KEY = "source"
 TRUST_FLAG = "--trust-checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used here; the message names the file and the fix."""
 
 

@@ -12,6 +12,7 @@ from typing import List, Literal, Optional
 import typer
 
 from d2vcli import config as cfgmod
+from d2vcli.errors import UserError
 from d2vcli.ui import console, err_console
 from d2vcli.workspace import Workspace
 
@@ -34,15 +35,7 @@ SetOpt = typer.Option(None, "--set", help="Override one field: --set optim.lr=1e
 
 def user_error_types() -> tuple:
     """Errors caused by the user's input: reported as one line with the fix, exit 2, no traceback."""
-    from d2vcli.audio import AudioError
-    from d2vcli.checkpoint import CheckpointError
-    from d2vcli.decode import DecodeError
-    from d2vcli.finetune import FinetuneDataError
-    from d2vcli.lm import LMError
-    from d2vcli.prepare import PrepareError
-
-    return (cfgmod.ConfigError, CheckpointError, PrepareError, AudioError, LMError, DecodeError,
-            FinetuneDataError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def _report(e: BaseException) -> None:

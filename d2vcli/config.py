@@ -25,6 +25,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from d2vcli.errors import UserError
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -274,7 +276,7 @@ PRESETS: dict[str, tuple[str, str]] = {
 DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem the user can fix; the message says how."""
 
 

@@ -68,6 +68,8 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
+from d2vcli.audio import SAMPLE_RATE
+from d2vcli.errors import UserError
 from d2vcli.config import DecodeConfig
 from d2vcli.fileio import atomic_open, atomic_write_text
 from d2vcli.lm import (
@@ -77,14 +79,13 @@ from d2vcli.lm import (
 from d2vcli.vocab import BLANK, SPECIALS, WORD_SEP, Vocab
 
 EMISSIONS_VERSION = 1
-SAMPLE_RATE = 16_000
 Mode = Literal["lexicon", "lexicon_free"]
 
 FLASHLIGHT_FIX = "pip install flashlight-text"
 KENLM_FIX = "pip install --force-reinstall flashlight-text kenlm"
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """A decoding request that cannot run; the message says what to change."""
 
 

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from d2vcli.errors import UserError
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
@@ -75,7 +76,7 @@ REGULARIZATION_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "
 VALID_METRICS = ("wer", "cer", "loss")
 
 
-class FinetuneDataError(ValueError):
+class FinetuneDataError(UserError):
     """A manifest that fine-tuning cannot use; the message names the file and line and the fix."""
 
 

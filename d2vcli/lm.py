@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Literal, Optional
 
+from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_write_text
 from d2vcli.vocab import SPECIALS, WORD_SEP, Vocab, normalize_text, to_letters
 
@@ -84,7 +85,7 @@ DISCOUNT_FALLBACK_WHY = (
 )
 
 
-class LMError(ValueError):
+class LMError(UserError):
     """An LM resource that cannot be used (or built); the message says how to fix it."""
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from d2vcli.audio import SAMPLE_RATE
 from d2vcli.fileio import atomic_write_jsonl, read_jsonl
 
-SAMPLE_RATE = 16_000
 
 
 @dataclass(frozen=True)

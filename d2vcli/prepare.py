@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Literal, Optional, Sequence
 import numpy as np
 import soundfile as sf
 
+from d2vcli.errors import UserError
 from d2vcli.audio import AudioError, read_audio, to_mono_16k
 from d2vcli.fileio import atomic_open, atomic_write_text
 from d2vcli.manifest import SAMPLE_RATE, Record, num_frames, read_manifest, write_manifest
@@ -69,7 +70,7 @@ SKIP_REASONS: tuple[str, ...] = SkipReason.__args__  # type: ignore[attr-defined
 PoolKind = Literal["process", "thread"]
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """Input that `d2v prepare` cannot use; the message names the file or option and the fix."""
 
 

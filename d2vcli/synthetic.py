@@ -65,9 +65,9 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 
+from d2vcli.audio import SAMPLE_RATE
 from d2vcli.fileio import atomic_write_text
 
-SAMPLE_RATE = 16_000
 SPLITS = ("train", "dev-clean", "dev-other", "test-clean", "test-other")
 FORMAT_VERSION = 1
 Size = Literal["demo", "tiny"]
