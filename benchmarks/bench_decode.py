@@ -11,7 +11,7 @@ Setup (cached under $D2V_CACHE/bench-decode or ~/.cache/d2vcli/bench-decode, bui
 - a 4-gram KenLM binary estimated on them with `d2v prepare lm` (lmplz + build_binary) and its
   lexicon (the LM's unigrams, pyctcdecode gets the same list as `unigrams`).
 Test set: `--utts` new sentences from the same language (12-30 words, about 5-12 s of "audio" at
-20 ms per frame), turned into CTC log-probabilities by `decode.simulate_emissions` with noise and
+20 ms per frame), turned into CTC log-probabilities by `decode.simulate.simulate_emissions` with noise and
 letter confusions (greedy WER about 40 %).
 
 Each decoder decodes the whole set; the time is the wall clock of the decode itself, with the
@@ -42,10 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from d2vcli.decode import (  # noqa: E402
-    BeamOptions, BeamPool, SearchSpec, greedy_decode, save_emissions, simulate_emissions,
-)
-from d2vcli.evaluate import wer  # noqa: E402
+from d2vcli.decode.emissions import save_emissions  # noqa: E402
+from d2vcli.decode.search import BeamOptions, BeamPool, SearchSpec, greedy_decode  # noqa: E402
+from d2vcli.decode.simulate import simulate_emissions  # noqa: E402
+from d2vcli.scoring import wer  # noqa: E402
 from d2vcli.lm import kenlm_cache_dir, prepare_lm  # noqa: E402
 from d2vcli.vocab import LIBRISPEECH_LETTERS, Vocab  # noqa: E402
 from d2vcli.workspace import Workspace  # noqa: E402

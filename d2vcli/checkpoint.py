@@ -32,6 +32,8 @@ import torch
 
 from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_open
+from d2vcli.ui import err_console
+from d2vcli.vocab import SPECIALS, Vocab
 
 FORMAT_VERSION = 1
 KINDS = ("pretrain", "ctc")
@@ -183,3 +185,64 @@ def load_ctc_model(path: Path, trust: bool = False):
         )
     model.eval()
     return model, vocab, bool(state.get(NORMALIZE_KEY, True)), state
+
+
+# --- moved from decode (to be consolidated)
+
+
+def peek_kind(path: Path) -> Optional[str]:
+    """A checkpoint's kind without reading its tensors (memory-mapped load)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable files are simply not candidates
+        return None
+    return state.get(KIND_KEY) if isinstance(state, dict) else None
+
+
+def find_ctc_checkpoint(ws, ref: Optional[str | Path] = None) -> Path:
+    """`ref` (path, run dir or run name), else the newest fine-tuned run's best.pt (or last.pt)."""
+    if ref:
+        return ws.find_checkpoint(str(ref))
+    candidates = []
+    if ws.runs_dir.exists():
+        for d in ws.runs_dir.iterdir():
+            for name in ("best.pt", "last.pt"):
+                if (d / name).is_file():
+                    candidates.append(d / name)
+                    break
+    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in candidates:
+        if peek_kind(p) == "ctc":
+            # Said on stderr so `d2v transcribe` output stays clean; with several runs, the newest
+            # may not be the one the user means.
+            err_console.print(f"no model given: using the newest fine-tuned run '{p.parent.name}' ({p}); "
+                              f"name another run to choose", markup=False, highlight=False, soft_wrap=True)
+            return p.resolve()
+    raise FileNotFoundError(
+        f"no fine-tuned (CTC) run in {ws.runs_dir}. Fine-tune one with `d2v finetune`, import one with "
+        "`d2v import`, or pass a checkpoint: `d2v decode path/to/best.pt`."
+    )
+
+
+def run_name(ws, checkpoint: Path) -> str:
+    """decode/<run>/: the run's name for checkpoints inside runs/, else the file's stem."""
+    checkpoint = Path(checkpoint).resolve()
+    try:
+        rel = checkpoint.relative_to(ws.runs_dir.resolve())
+        return rel.parts[0]
+    except ValueError:
+        return checkpoint.stem
+
+
+def checkpoint_vocab(path: Path, trust: bool) -> Vocab:
+    """The checkpoint's dictionary, read without building the model."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - fall back to the full, checked load (clear errors, --trust-checkpoint)
+        state = load_checkpoint(path, expect_kind="ctc", trust=trust)
+    if not isinstance(state, dict) or state.get(KIND_KEY) != "ctc":
+        state = load_checkpoint(path, expect_kind="ctc", trust=trust)  # raises the kind/format error
+    letters = list(state.get(VOCAB_KEY) or [])
+    if letters[: len(SPECIALS)] == list(SPECIALS):
+        letters = letters[len(SPECIALS):]
+    return Vocab(tuple(letters))

@@ -436,7 +436,7 @@ def decode_cmd(
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Decode dev/test splits: greedy always, lexicon + KenLM beam search with an LM (emissions cached)."""
-    from d2vcli.decode import decode, print_result
+    from d2vcli.decode.run import decode, print_result
     from d2vcli.ui import print_config
 
     cfg = resolve_config("decode", None, config_file, overrides)

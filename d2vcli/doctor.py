@@ -11,8 +11,11 @@ its lexicon are written to a temporary directory, CTC emissions with deliberate 
 confusions are constructed for a sentence, and the lexicon beam search must return the
 sentence's words (greedy decoding of the same emissions misspells them).
 
-The same import checks guard `d2v decode --lm` at startup (`decode.require_flashlight`), so a
-missing optional piece never shows up later as a NameError.
+The same import checks guard `d2v decode --lm` at startup (`decode.search.require_flashlight`), so
+a missing optional piece never shows up later as a NameError.
+
+The third-party imports (torch, soundfile, flashlight-text, kenlm) stay inside the checks: a
+failed import is what a check reports, so it must happen there, not when this module loads.
 """
 
 from __future__ import annotations
@@ -23,8 +26,17 @@ import platform
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
+
+from d2vcli.decode.search import FLASHLIGHT_FIX, KENLM_FIX, BeamOptions, BeamSearcher, SearchSpec, greedy_decode
+from d2vcli.decode.simulate import simulate_emissions
+from d2vcli.lm import APT_FIX, LMError, find_kenlm_tools, kenlm_build_problems, kenlm_cache_dir, locate_kenlm_tools
+from d2vcli.ui import table
+from d2vcli.vocab import Vocab
 
 Status = Literal["ok", "warn", "fail", "info"]
 
@@ -48,8 +60,6 @@ class DoctorReport:
         return all(c.status != "fail" for c in self.checks)
 
     def table(self):
-        from d2vcli.ui import table
-
         style = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "info"}
         return table("d2v doctor", ["check", "status", "details", "fix"],
                      [(c.name, style[c.status], c.detail, c.fix) for c in self.checks])
@@ -89,8 +99,6 @@ def _soundfile() -> Check:
 
 
 def _flashlight() -> Check:
-    from d2vcli.decode import FLASHLIGHT_FIX
-
     try:
         import flashlight.lib.text.decoder as fl
         import flashlight.lib.text.dictionary  # noqa: F401
@@ -103,8 +111,6 @@ def _flashlight() -> Check:
         return Check("flashlight-text", "fail", f"missing {', '.join(absent)}",
                      "pip install --upgrade flashlight-text")
     try:
-        from importlib.metadata import version
-
         v = version("flashlight-text")
     except Exception:  # noqa: BLE001 - the version is only informative
         v = "unknown version"
@@ -112,8 +118,6 @@ def _flashlight() -> Check:
 
 
 def _flashlight_kenlm() -> Check:
-    from d2vcli.decode import KENLM_FIX
-
     try:
         from flashlight.lib.text.decoder.kenlm import KenLM  # noqa: F401
     except ImportError as e:
@@ -134,8 +138,6 @@ def _kenlm_module() -> Check:
 
 
 def _kenlm_tools(build: bool) -> Check:
-    from d2vcli.lm import APT_FIX, LMError, find_kenlm_tools, kenlm_build_problems, kenlm_cache_dir, locate_kenlm_tools
-
     tools = locate_kenlm_tools()
     if tools is None and build:
         try:
@@ -178,11 +180,6 @@ def _quiet_stderr():
 
 
 def _end_to_end() -> Check:
-    import numpy as np
-
-    from d2vcli.decode import BeamOptions, BeamSearcher, SearchSpec, greedy_decode, simulate_emissions
-    from d2vcli.vocab import Vocab
-
     vocab = Vocab.librispeech()
     sentence = " ".join(TINY_WORDS)
     try:

@@ -38,7 +38,7 @@ It plugs `FinetuneTask` into the one training loop (`d2vcli.engine`), following 
   skipped by Adam, so frozen weights get no moments and do not move.
 - **Validation** every `finetune.validate_every` updates from `finetune.validate_after` on:
   greedy CTC decoding of each `data.valid_splits` manifest, corpus WER and CER in percent
-  (`d2vcli.evaluate.score`), the per-utterance CTC loss and the share of empty (all-blank)
+  (`d2vcli.scoring.score`), the per-utterance CTC loss and the share of empty (all-blank)
   hypotheses. `finetune.best_metric` (default dev-other/wer, lower is better) selects best.pt;
   `finetune.early_stop_patience` validations without improvement end the run.
 """
@@ -61,11 +61,13 @@ from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
 from d2vcli.config import Config, ConfigError, ModelConfig
 from d2vcli.data import STREAM_MASK, AudioDataset, BatchLoader, batch_rng, read_splits
+from d2vcli.decode.search import greedy_batch
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
 from d2vcli.manifest import Record, num_frames
 from d2vcli.masking import compute_channel_mask, compute_mask_indices
 from d2vcli.model import BLANK, Data2VecForCTC, build_backbone, parameter_count
+from d2vcli.scoring import score
 from d2vcli.ui import console
 from d2vcli.vocab import SPECIALS, Vocab
 
@@ -316,7 +318,7 @@ def select_trainable(records: Sequence[Record], vocab: Vocab, cfg: Config) -> Tr
     return TrainingSet(keep, infeasible, short)
 
 
-# ----------------------------------------------------------------------------- loss and greedy decoding
+# ----------------------------------------------------------------------------- loss
 
 
 def ctc_loss(logits: Tensor, frame_pad: Optional[Tensor], target: Tensor, target_lengths: Tensor) -> Tensor:
@@ -336,21 +338,6 @@ def ctc_loss(logits: Tensor, frame_pad: Optional[Tensor], target: Tensor, target
     with torch.backends.cudnn.flags(enabled=False):
         return F.ctc_loss(lprobs, target, input_lengths, target_lengths, blank=BLANK, reduction="sum",
                           zero_infinity=True)
-
-
-def greedy_decode(logits: Tensor, frame_pad: Optional[Tensor]) -> list[list[int]]:
-    """Best path: per-frame argmax, repeats collapsed, blanks dropped; padded frames ignored.
-
-    logits (B, T, V) -> one token-id list per utterance.
-    """
-    best = logits.argmax(-1)  # (B, T)
-    new = torch.ones_like(best, dtype=torch.bool)
-    new[:, 1:] = best[:, 1:] != best[:, :-1]  # first frame of each run
-    keep = new & (best != BLANK)
-    if frame_pad is not None:
-        keep &= ~frame_pad
-    best, keep = best.cpu(), keep.cpu()
-    return [row[k].tolist() for row, k in zip(best, keep)]
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -447,8 +434,6 @@ class FinetuneTask:
 
         Each rank decodes its share of the batches; totals are summed over ranks.
         """
-        from d2vcli.evaluate import score
-
         result = {}
         for split, dataset in self.valid_sets.items():
             refs, hyps, loss = decode_dataset(model, dataset, self.vocab, self.cfg.data.max_tokens, self.info,
@@ -517,7 +502,7 @@ def decode_dataset(model: nn.Module, dataset: AudioDataset, vocab: Vocab, max_to
         logits = out["logits"].float()
         loss += float(ctc_loss(logits, out["padding_mask"], batch["target"].to(info.device),
                                batch["target_lengths"].to(info.device)))
-        hyps.extend(vocab.decode(ids) for ids in greedy_decode(logits, out["padding_mask"]))
+        hyps.extend(vocab.decode(ids) for ids in greedy_batch(logits, out["padding_mask"]))
         refs.extend(batch["texts"])
     return refs, hyps, loss
 

@@ -33,14 +33,22 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
+from d2vcli.audio import read_audio, to_mono_16k
+from d2vcli.checkpoint import find_ctc_checkpoint, load_ctc_model, run_name
 from d2vcli.config import DecodeConfig
-from d2vcli.decode import (
-    BeamOptions, BeamSearcher, WordTiming, build_search_spec, find_ctc_checkpoint, frame_seconds_of,
-    greedy_decode, load_tuned, resolve_device, run_name, word_timings,
-)
+from d2vcli.data import normalize_waveform
+from d2vcli.decode.emissions import frame_seconds_of, resolve_device
+from d2vcli.decode.run import build_search_spec
+from d2vcli.decode.search import BeamOptions, BeamSearcher, greedy_decode
+from d2vcli.decode.timings import WordTiming, word_timings
+from d2vcli.decode.tuning import load_tuned
 from d2vcli.fileio import atomic_write_text
 from d2vcli.lm import resolve_lm, workspace_lm
+from d2vcli.manifest import num_frames
+from d2vcli.ui import err_console as console  # stdout carries the transcripts
+from d2vcli.workspace import Workspace
 
 
 @dataclass
@@ -101,14 +109,8 @@ def transcribe(
 ) -> list[Transcript]:
     """Transcribe files; `model` is a checkpoint, run directory or run name (default: newest fine-tuned run).
 
-    `lm` as in `decode.decode`: "auto" (the workspace LM, if any), a path/name, or None (greedy).
+    `lm` as in `decode.run.decode`: "auto" (the workspace LM, if any), a path/name, or None (greedy).
     """
-    from d2vcli.audio import read_audio, to_mono_16k
-    from d2vcli.checkpoint import load_ctc_model
-    from d2vcli.data import normalize_waveform
-    from d2vcli.ui import err_console as console  # stdout carries the transcripts
-    from d2vcli.workspace import Workspace
-
     ws = ws if ws is not None else Workspace.resolve(None)
     cfg = cfg or DecodeConfig()
     missing = [str(p) for p in audio if not Path(p).is_file()]
@@ -152,10 +154,6 @@ def transcribe(
 
 def _log_probs(net, x: np.ndarray, conv_layers, chunk_seconds: float, device) -> np.ndarray:
     """(T, V) float32 log-probabilities for a whole normalized 16 kHz waveform, window by window."""
-    import torch
-
-    from d2vcli.manifest import num_frames
-
     rf, _ = receptive_field(conv_layers)
     if len(x) < rf:  # shorter than one frame: nothing to recognize
         return np.zeros((0, net.proj.out_features), dtype=np.float32)

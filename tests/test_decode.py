@@ -1,7 +1,7 @@
 """Decoding: greedy and lexicon + KenLM beam search, parallel workers, tuning, the emissions cache.
 
 Beam search is checked on constructed emissions (CTC posteriors built from the reference
-letters with noise and deliberate letter confusions, `decode.simulate_emissions`); the
+letters with noise and deliberate letter confusions, `decode.simulate.simulate_emissions`); the
 pipeline (checkpoint -> cached emissions -> outputs) on an untrained tiny CTC model.
 
 Run: python -m pytest -q tests/test_decode.py
@@ -18,13 +18,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from d2vcli.config import DecodeConfig
-from d2vcli.decode import (
-    BeamOptions, BeamPool, DecodeError, MissingDependency, build_search_spec, decode, greedy_decode, load_emissions,
-    save_emissions, simulate_emissions, tune_lm, word_timings,
-)
-from d2vcli.evaluate import wer
+from d2vcli.cli import app
+from d2vcli.config import Config, DecodeConfig
+from d2vcli.decode.emissions import load_emissions, save_emissions
+from d2vcli.decode.errors import DecodeError, MissingDependency
+from d2vcli.decode.run import build_search_spec, decode
+from d2vcli.decode.search import BeamOptions, BeamPool, greedy_decode
+from d2vcli.decode.simulate import simulate_emissions
+from d2vcli.decode.timings import word_timings
+from d2vcli.decode.tuning import tune_lm
+from d2vcli.doctor import run_checks
+from d2vcli.evaluate import evaluate
 from d2vcli.lm import LMError, prepare_lm
+from d2vcli.scoring import wer
 from d2vcli.manifest import read_manifest
 from d2vcli.model import Data2VecForCTC
 from d2vcli.vocab import Vocab
@@ -216,8 +222,6 @@ def test_decode_errors_are_clear(synthetic_workspace, synthetic_lm, random_ctc_c
 
 def test_cli_decode_with_only_lm_uses_the_newest_run_and_all_dev_test_splits(synthetic_workspace, synthetic_lm,
                                                                              random_ctc_checkpoint, tmp_path):
-    from d2vcli.cli import app
-
     ws = _scratch(tmp_path, synthetic_workspace)
     ws.lm_dir.mkdir()
     for name in ("4gram.bin", "lexicon.txt"):
@@ -243,9 +247,6 @@ def test_cli_decode_with_only_lm_uses_the_newest_run_and_all_dev_test_splits(syn
 
 
 def test_doctor_passes_here_with_an_end_to_end_decode(kenlm_tools):
-    from d2vcli.cli import app
-    from d2vcli.doctor import run_checks
-
     report = run_checks()
     assert report.ok, [(c.name, c.detail) for c in report.checks if c.status == "fail"]
     e2e = next(c for c in report.checks if c.name == "end-to-end decode")
@@ -256,8 +257,6 @@ def test_doctor_passes_here_with_an_end_to_end_decode(kenlm_tools):
 
 
 def test_doctor_names_the_fix_for_a_missing_decoder(monkeypatch):
-    from d2vcli.doctor import run_checks
-
     monkeypatch.setitem(sys.modules, "flashlight.lib.text.decoder", None)
     monkeypatch.setitem(sys.modules, "flashlight.lib.text.decoder.kenlm", None)
     report = run_checks()
@@ -274,9 +273,6 @@ def test_lm_beats_greedy_with_the_finetuned_model_on_the_synthetic_test_sets(syn
                                                                             finetuned_tiny):
     """The real pipeline: the tiny fine-tuned model, the 4-gram from the corpus's LM text, and the
     synthetic test splits. Lexicon + LM beam search must beat greedy decoding on every one."""
-    from d2vcli.config import Config
-    from d2vcli.evaluate import evaluate
-
     result = evaluate(synthetic_workspace, Config().decode, checkpoint=finetuned_tiny,
                       splits=["test-clean", "test-other"], lm="auto", use_tuned=False)
     for split in ("test-clean", "test-other"):

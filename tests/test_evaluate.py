@@ -11,7 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from d2vcli.evaluate import align, edit_distance, evaluate, score
+from d2vcli.decode.run import DecodeResult, SplitOutput
+from d2vcli.evaluate import evaluate, score_decoded
+from d2vcli.scoring import align, edit_distance, score
 
 jiwer = pytest.importorskip("jiwer")
 
@@ -108,9 +110,6 @@ def test_evaluate_writes_artefacts_that_agree_with_the_result(synthetic_workspac
 
 
 def test_case_mismatch_between_hypotheses_and_references_is_flagged(tmp_path):
-    from d2vcli.decode import DecodeResult, SplitOutput
-    from d2vcli.evaluate import score_decoded
-
     refs = ["THE HORSE RUNS", "A LAKE"]
     decoded = DecodeResult("x", None, tmp_path)
     decoded.outputs[("dev", "greedy")] = SplitOutput("dev", "greedy", ["a", "b"], refs, refs, [0.0, 0.0], 1.0, 0.1)

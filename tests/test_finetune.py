@@ -22,11 +22,12 @@ from d2vcli import checkpoint as ckpt
 from d2vcli import config as C
 from d2vcli.cli import app
 from d2vcli.data import AudioDataset, BatchLoader
+from d2vcli.decode.search import greedy_batch
 from d2vcli.distributed import DistInfo
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import (
     FinetuneDataError, FinetuneTask, build_ctc_model, ctc_loss, ctc_min_frames, decode_dataset, finetune,
-    greedy_decode, maskable, merge_architecture, select_trainable,
+    maskable, merge_architecture, select_trainable,
 )
 from d2vcli.manifest import Record, read_manifest, write_manifest
 from d2vcli.masking import compute_mask_indices
@@ -54,7 +55,7 @@ def scratch_workspace(tmp_path, src: Workspace) -> Workspace:
 
 
 def dev_cer(model, vocab, normalize, ws, split="dev-clean") -> float:
-    from d2vcli.evaluate import score
+    from d2vcli.scoring import score
 
     model.eval()
     dataset = AudioDataset(read_manifest(ws.manifest(split)), normalize, vocab=vocab)
@@ -287,7 +288,7 @@ def test_padded_frames_are_blank_and_do_not_count():
     for t, k in enumerate([0, 3, 3, 0, 3, 4]):
         toy[0, t, k] = 0.0
     pad = torch.tensor([[False, False, False, False, False, True]])
-    assert greedy_decode(toy, pad) == [[3, 3]] and greedy_decode(toy, None) == [[3, 3, 4]]
+    assert greedy_batch(toy, pad) == [[3, 3]] and greedy_batch(toy, None) == [[3, 3, 4]]
 
 
 # ----------------------------------------------------------------------------- data problems
