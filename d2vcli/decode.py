@@ -588,8 +588,8 @@ def compute_emissions(model, vocab: Vocab, normalize: bool, records, out_dir: Pa
                 items = pending.result()
                 pending = io_pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
                 col = collate_pad(items)
-                pad = col["padding_mask"]
-                out = model(col["source"].to(device), padding_mask=pad.to(device) if bool(pad.any()) else None)
+                pad = col.padding_mask
+                out = model(col.source.to(device), padding_mask=pad.to(device) if bool(pad.any()) else None)
                 lp = torch.log_softmax(out["logits"].float(), dim=-1).cpu().numpy()  # (B, T, V)
                 for row, i in enumerate(batch):
                     n = lengths[i]
