@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from d2vcli.interop import HF_MODEL_MAP, model_config_from_hf, rename
-from d2vcli.model import build_backbone
+from d2vcli.models.audio import build_backbone
 from d2vcli.ui import table
 
 console = Console(width=150, highlight=False)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from d2vcli.data import Batch
+
 GFLOP_PER_AUDIO_SECOND = {"base": 55.3, "large": 151.0}
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -71,8 +73,8 @@ class RandomAudioLoader:
                 source = source.pin_memory()
             self.index += 1
             self.position.consumed = self.index
-            yield {"source": source, "padding_mask": None, "ids": [], "num_samples": source.numel(),
-                   "epoch": 1, "index": self.index}
+            yield Batch(source=source, padding_mask=None, ids=[], num_samples=source.numel(), epoch=1,
+                        index=self.index)
 
     def state_dict(self):
         return {"epoch": 1, "consumed": self.index}
@@ -86,8 +88,9 @@ def run_case(name: str, device: str, steps: int) -> dict:
     from d2vcli import engine
     from d2vcli.distributed import DistInfo
     from d2vcli.fileio import read_jsonl
-    from d2vcli.model import parameter_count
+    from d2vcli.models.audio import parameter_count
     from d2vcli.pretrain import PretrainTask
+    from d2vcli.run_dir import prepare_run
     from d2vcli.workspace import Workspace
 
     preset, samples, max_tokens = CASES[(name, device)]
@@ -107,7 +110,7 @@ def run_case(name: str, device: str, steps: int) -> dict:
     loader = RandomAudioLoader(batch, samples, pin=device == "cuda")
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.resolve(tmp)
-        run = engine.prepare_run(ws, "bench", cfg, False, info)
+        run = prepare_run(ws, "bench", cfg, False, info)
         os.environ["D2V_PROGRESS"] = "0"
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -164,7 +164,7 @@ def load_ctc_model(path: Path, trust: bool = False):
     directory, so inference cannot pair a model with the wrong dictionary or input scaling.
     """
     from d2vcli.config import ModelConfig, from_dict
-    from d2vcli.model import Data2VecForCTC, build_backbone
+    from d2vcli.models.audio import Data2VecForCTC, build_backbone
     from d2vcli.vocab import SPECIALS, Vocab
 
     path = Path(path)

@@ -7,9 +7,11 @@ Used by `d2vcli.pretrain` and `d2vcli.finetune`; nothing here is run directly.
     loader = BatchLoader(dataset, "crop", max_tokens=3_800_000, seed=1, max_sample_size=320_000,
                          rank=0, world_size=1, num_workers=4)
     for batch in loader:           # the rest of the current epoch; then loader.position moves to the next
-        batch["source"]            # (B, S) float32 waveform
+        batch.source               # (B, S) float32 waveform (a `Batch`)
 
-The recipe follows fairseq's raw-audio dataset (docs: data2vec-reference §4, §6.1):
+The recipe follows fairseq's raw-audio dataset (`fairseq/data/audio/raw_audio_dataset.py`, with
+`examples/data2vec/config/audio/pretraining/base_librispeech.yaml` and the fine-tuning configs;
+recipe values in `docs/recipe.md`):
 
 - Each utterance is read with soundfile (`Record.offset`/`num_samples` pick a segment of a longer
   file) and, when `normalize` is on, scaled to zero mean and unit variance over the **whole**
@@ -31,11 +33,14 @@ The recipe follows fairseq's raw-audio dataset (docs: data2vec-reference §4, §
   that cannot give every rank a batch is dropped (every rank must run the same number of steps);
   for evaluation (`drop_uneven=False`) it is kept.
 - `loader.position` = (epoch, global batches consumed in that epoch) is saved in checkpoints; after
-  `load_position` iteration continues with the next unseen batch, even with a different world size.
+  `load_state_dict` iteration continues with the next unseen batch, even with a different world size.
+- A file that cannot be read, or a manifest the data does not fit, raises `AudioError` / `DataError`
+  (both `d2vcli.errors.UserError`): the message names the file or utterance and the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from dataclasses import dataclass
 from typing import Iterator, Literal, Optional, Sequence
@@ -43,8 +48,11 @@ from typing import Iterator, Literal, Optional, Sequence
 import numpy as np
 import soundfile as sf
 import torch
+from torch import Tensor
 
-from d2vcli.manifest import SAMPLE_RATE, Record, read_manifest
+from d2vcli.audio import SAMPLE_RATE, AudioError
+from d2vcli.errors import UserError
+from d2vcli.manifest import Record, read_manifest
 from d2vcli.vocab import PAD, Vocab
 
 Collate = Literal["crop", "pad"]
@@ -54,6 +62,10 @@ STREAM_CROP = 0
 STREAM_MASK = 1
 
 NORMALIZE_EPS = 1e-5  # fairseq layer_norm default
+
+
+class DataError(UserError):
+    """Manifests that training cannot use as they are; the message names the utterance and the fix."""
 
 
 def batch_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
@@ -87,7 +99,7 @@ def normalize_waveform(wav: np.ndarray) -> np.ndarray:
 def load_audio(record: Record, normalize: bool) -> np.ndarray:
     """The record's samples as float32 mono (channels averaged), optionally normalized.
 
-    Raises ValueError naming the file when it is not 16 kHz or shorter than the manifest says.
+    Raises AudioError naming the file when it is unreadable, not 16 kHz or shorter than the manifest says.
     """
     try:
         wav, sr = sf.read(
@@ -95,17 +107,17 @@ def load_audio(record: Record, normalize: bool) -> np.ndarray:
             always_2d=True,
         )
     except (RuntimeError, sf.LibsndfileError) as e:
-        raise ValueError(
+        raise AudioError(
             f"cannot read audio {record.path} (utterance {record.id}): {e}. "
             f"Check the file, or re-run `d2v prepare` to rebuild the manifest."
         ) from None
     if sr != SAMPLE_RATE:
-        raise ValueError(
+        raise AudioError(
             f"{record.path} has sample rate {sr} Hz; d2v models take {SAMPLE_RATE} Hz audio. "
             f"Resample it (e.g. `sox in.flac -r 16000 out.flac`) and re-run `d2v prepare`."
         )
     if wav.shape[0] != record.num_samples:
-        raise ValueError(
+        raise AudioError(
             f"{record.path}: the manifest says {record.num_samples} samples from offset {record.offset}, "
             f"the file gives {wav.shape[0]}. The manifest is stale: re-run `d2v prepare`."
         )
@@ -139,7 +151,7 @@ class AudioDataset:
         self.records = [r for r in records if r.num_samples >= min_sample_size]
         self.skipped = len(records) - len(self.records)
         if not self.records:
-            raise ValueError(
+            raise DataError(
                 f"no utterance is at least data.min_sample_size={min_sample_size} samples long "
                 f"({len(records)} in the manifests). Lower it with --set data.min_sample_size=N."
             )
@@ -149,14 +161,14 @@ class AudioDataset:
             self.labels = []
             for r in self.records:
                 if not r.text.strip():
-                    raise ValueError(
+                    raise DataError(
                         f"utterance {r.id} ({r.path}) has no transcript; fine-tuning needs labelled splits "
                         f"(check data.train_splits / data.valid_splits)."
                     )
                 try:
                     self.labels.append(vocab.encode(r.text))
                 except KeyError as e:
-                    raise ValueError(
+                    raise DataError(
                         f"utterance {r.id}: {e.args[0]}. Add the character to dict.ltr.txt or normalize the "
                         f"transcript (d2v prepare does both)."
                     ) from None
@@ -221,7 +233,39 @@ def epoch_batches(sizes: np.ndarray, max_tokens: int, seed: int, epoch: int, shu
 # ----------------------------------------------------------------------------- collation
 
 
-def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generator) -> dict:
+@dataclass(frozen=True)
+class Batch:
+    """One collated batch, what a task's `train_step` receives.
+
+    `epoch` and `index` (the global batch index in that epoch) are the key of `batch_rng`; the
+    loader sets them, bare collation leaves them 0. `target`, `target_lengths` and `texts` are
+    set only for labelled data ("pad" collation with a vocabulary).
+    """
+
+    source: Tensor  # (B, S) float32 waveform
+    padding_mask: Optional[Tensor]  # (B, S) bool, True = padding; None when nothing is padded (crop)
+    ids: list[str]
+    num_samples: int  # real (unpadded) samples in the batch
+    target: Optional[Tensor] = None  # (B, L) int64 letter ids, padded with vocab.PAD
+    target_lengths: Optional[Tensor] = None  # (B,) int64
+    texts: Optional[list[str]] = None
+    epoch: int = 0
+    index: int = 0
+
+    def _map_tensors(self, fn) -> "Batch":
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: fn(v) for k, v in tensors.items() if isinstance(v, Tensor)})
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
+        """The same batch with its tensors on `device` (asynchronous copies from pinned memory)."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread (`pin_memory=True`), which only knows tensors and containers."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generator) -> Batch:
     """Crop every utterance to the batch's shortest (at most max_sample_size) at random offsets."""
     target = min(min(len(it.source) for it in items), max_sample_size)
     source = np.empty((len(items), target), dtype=np.float32)  # (B, S)
@@ -229,15 +273,11 @@ def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generat
         extra = len(it.source) - target
         start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
         source[b] = it.source[start:start + target]
-    return {
-        "source": torch.from_numpy(source),
-        "padding_mask": None,
-        "ids": [it.id for it in items],
-        "num_samples": int(source.size),
-    }
+    return Batch(source=torch.from_numpy(source), padding_mask=None, ids=[it.id for it in items],
+                 num_samples=int(source.size))
 
 
-def collate_pad(items: list[Item]) -> dict:
+def collate_pad(items: list[Item]) -> Batch:
     """Zero-pad to the longest; padding_mask (B, S) is True at padding. Adds labels when present."""
     lengths = [len(it.source) for it in items]
     longest = max(lengths)
@@ -246,21 +286,17 @@ def collate_pad(items: list[Item]) -> dict:
     for b, it in enumerate(items):
         source[b, : lengths[b]] = it.source
         padding_mask[b, : lengths[b]] = False
-    batch = {
-        "source": torch.from_numpy(source),
-        "padding_mask": torch.from_numpy(padding_mask),
-        "ids": [it.id for it in items],
-        "num_samples": int(sum(lengths)),
-    }
-    if items[0].label is not None:
-        target_lengths = [len(it.label) for it in items]
-        target = np.full((len(items), max(target_lengths)), PAD, dtype=np.int64)  # (B, L)
-        for b, it in enumerate(items):
-            target[b, : len(it.label)] = it.label
-        batch["target"] = torch.from_numpy(target)
-        batch["target_lengths"] = torch.tensor(target_lengths, dtype=torch.long)
-        batch["texts"] = [it.text for it in items]
-    return batch
+    batch = Batch(source=torch.from_numpy(source), padding_mask=torch.from_numpy(padding_mask),
+                  ids=[it.id for it in items], num_samples=int(sum(lengths)))
+    if items[0].label is None:
+        return batch
+    target_lengths = [len(it.label) for it in items]
+    target = np.full((len(items), max(target_lengths)), PAD, dtype=np.int64)  # (B, L)
+    for b, it in enumerate(items):
+        target[b, : len(it.label)] = it.label
+    return dataclasses.replace(batch, target=torch.from_numpy(target),
+                               target_lengths=torch.tensor(target_lengths, dtype=torch.long),
+                               texts=[it.text for it in items])
 
 
 # ----------------------------------------------------------------------------- loader
@@ -294,7 +330,7 @@ class _EpochBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.global_indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Batch:
         return self.loader.make_batch(self.batches[self.global_indices[i]], self.epoch, self.global_indices[i])
 
 
@@ -302,8 +338,8 @@ class BatchLoader:
     """Iterates one rank's batches of the current epoch, from the saved position on.
 
     Each `iter()` yields the rest of the current epoch and then moves `position` to the next
-    epoch, so a training loop is `while not done: for batch in loader: ...`. Every batch dict
-    carries "epoch" and "index" (its global index): the key for `batch_rng`.
+    epoch, so a training loop is `while not done: for batch in loader: ...`. Every `Batch`
+    carries `epoch` and `index` (its global index): the key for `batch_rng`.
     """
 
     def __init__(
@@ -352,29 +388,28 @@ class BatchLoader:
         """Batches this rank yields in a whole epoch (the current one)."""
         return len(self.local_indices(self.position.epoch, 0))
 
-    def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> dict:
+    def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
         items = [self.dataset[int(i)] for i in indices]
         if self.collate == "crop":
             batch = collate_crop(items, self.max_sample_size, batch_rng(self.seed, epoch, index, STREAM_CROP))
         else:
             batch = collate_pad(items)
-        batch["epoch"], batch["index"] = epoch, index
-        return batch
+        return dataclasses.replace(batch, epoch=epoch, index=index)
 
     # -- iteration and position
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         epoch, consumed = self.position.epoch, self.position.consumed
         indices = self.local_indices(epoch, consumed)
         batches = self.batches(epoch)
         if not batches:
-            raise ValueError(
+            raise DataError(
                 f"no batch fits: every utterance is longer than data.max_tokens={self.max_tokens} samples. "
                 f"Raise data.max_tokens or lower data.max_sample_size."
             )
         if self.num_workers > 0 and indices:
             view = _EpochBatches(self, batches, indices, epoch)
-            source: Iterator[dict] = iter(
+            source: Iterator[Batch] = iter(
                 torch.utils.data.DataLoader(
                     view, batch_size=None, shuffle=False, num_workers=self.num_workers,
                     pin_memory=self.pin_memory, collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
@@ -389,7 +424,7 @@ class BatchLoader:
             # Counted when handed over, not when a worker prefetched it: a checkpoint taken now
             # resumes exactly after this batch.
             # Global count: this rank's batch and the ones the other ranks took beside it.
-            self.position = DataPosition(epoch, batch["index"] - self.rank + self.world_size)
+            self.position = DataPosition(epoch, batch.index - self.rank + self.world_size)
             yield batch
         self.position = DataPosition(epoch + 1, 0)
 

@@ -76,7 +76,7 @@ def _random_init_checkpoint(ws, cfg: cfgmod.Config) -> Path:
     """A pretrain-kind checkpoint with untrained weights, so --compare-init fine-tunes from scratch
     through exactly the same code path as from the pretrained model."""
     from d2vcli import checkpoint as ckpt
-    from d2vcli.model import Data2VecForPretraining, build_backbone
+    from d2vcli.models.audio import Data2VecForPretraining, build_backbone
 
     path = ws.run_dir(SCRATCH_INIT_RUN) / "last.pt"
     if path.exists():

@@ -1,7 +1,8 @@
 """The training engine: the one loop behind `d2v pretrain` and `d2v finetune`.
 
 Not run directly: `d2vcli.pretrain.pretrain()` and `d2vcli.finetune` build a task and a data
-loader and call `train(cfg, task, loader, run, dist_info)`.
+loader, prepare the run directory (`d2vcli.run_dir.prepare_run`) and call
+`train(cfg, task, loader, run, dist_info)`.
 
 The engine owns the loop, precision, gradient accumulation, the LR schedule, clipping,
 non-finite handling, logging, checkpoints, resume, signals and DDP. The task owns the model
@@ -14,8 +15,8 @@ any object with these members works, there is no base class):
     find_unused_parameters   True when a step may leave parameters without a gradient
                              (LayerDrop, frozen parts): DDP must then look for them.
     train_step(model, batch, step) -> StepOutput
-        One micro-batch forward. Call `model` (the DDP wrapper in multi-process runs, so gradients
-        synchronize), not `task.model`. Runs under the engine's autocast; `step` = updates done.
+        One micro-batch forward on a `data.Batch` already on the device. Call `model` (the DDP
+        wrapper in multi-process runs, so gradients synchronize), not `task.model`. Runs under the engine's autocast; `step` = updates done.
         StepOutput.loss         scalar tensor, SUMMED over the micro-batch (not averaged)
         StepOutput.sample_size  what the loss is normalized by (masked frames, utterances, ...)
         StepOutput.metrics      {name: float | 0-dim tensor}, averaged over the micro-batches
@@ -32,7 +33,12 @@ any object with these members works, there is no base class):
     checkpoint_state() -> dict          extra checkpoint keys: arch, normalize, teacher, vocab, ...
     load_checkpoint_state(state) -> None    restores them on resume
 
-Semantics (fairseq's, see docs: data2vec-reference §4, §8):
+The loader is anything with the members of `BatchSource` (a typing.Protocol too): iteration
+over the rest of the current epoch's local batches, `position`, `local_indices`/`batches` for
+the epoch's size, and `state_dict`/`load_state_dict` for resume (`data.BatchLoader` is one).
+
+Semantics (fairseq's `fairseq_cli/train.py` + `fairseq/trainer.py`; recipe values in
+`docs/recipe.md`):
 
 - Batch size is audio seconds per update (`train.batch_seconds`). Accumulation =
   ceil(batch_seconds x 16000 / (world_size x max_tokens)), printed at start, so one GPU
@@ -64,31 +70,33 @@ Semantics (fairseq's, see docs: data2vec-reference §4, §8):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Protocol
+from typing import Any, Iterator, Literal, Optional, Protocol, Sized
 
 import numpy as np
 import torch
+from rich.progress import TextColumn
 from torch import nn
 
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed
+from d2vcli.audio import SAMPLE_RATE
 from d2vcli.config import Config, ConfigError
+from d2vcli.data import Batch, DataPosition
 from d2vcli.distributed import DistInfo
-from d2vcli.fileio import atomic_write_jsonl, read_jsonl
-from d2vcli.manifest import SAMPLE_RATE
+from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, bar_text, format_value
+from d2vcli.run_dir import Run
 from d2vcli.schedule import build_optimizer, lr_at
-from d2vcli.ui import console
+from d2vcli.ui import console, progress
 
 FP16_INIT_SCALE = 128.0  # fairseq fp16_init_scale
 FP16_MIN_SCALE = 1e-4  # fairseq min_loss_scale: below this the loss is exploding, not overflowing
@@ -109,7 +117,7 @@ class TrainTask(Protocol):
     kind: str
     find_unused_parameters: bool
 
-    def train_step(self, model: nn.Module, batch: dict, step: int) -> StepOutput: ...
+    def train_step(self, model: nn.Module, batch: Batch, step: int) -> StepOutput: ...
 
     def after_update(self, step: int) -> Optional[dict]: ...
 
@@ -120,6 +128,22 @@ class TrainTask(Protocol):
     def checkpoint_state(self) -> dict: ...
 
     def load_checkpoint_state(self, state: dict) -> None: ...
+
+
+class BatchSource(Protocol):
+    """What the engine asks of a data loader (see the module docstring)."""
+
+    position: DataPosition  # (epoch, global batches consumed in it): where the next batch comes from
+
+    def __iter__(self) -> Iterator[Batch]: ...  # the rest of the current epoch; then position moves on
+
+    def local_indices(self, epoch: int, consumed: int) -> list[int]: ...  # this rank's global batch indices
+
+    def batches(self, epoch: int) -> Sized: ...  # the epoch's global batches (only its length is read)
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 Status = Literal["done", "paused", "early_stop", "interrupted", "stopped", "diverged"]
@@ -142,96 +166,6 @@ class TrainResult:
         if self.status == "interrupted":
             return 128 + self.signum
         return 1
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-class RunDirError(ConfigError):
-    """The run directory cannot be used as asked; the message offers the ways out."""
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    dir: Path
-    resume_from: Optional[Path]
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
-
-    @property
-    def last(self) -> Path:
-        return self.dir / "last.pt"
-
-
-def default_run_name(command: str, preset: Optional[str]) -> str:
-    return preset or f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _checkpoints_in(run_dir: Path) -> list[Path]:
-    found = sorted(run_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]) if
-                   p.stem.split("-")[1].isdigit() else -1)
-    if (run_dir / "last.pt").exists():
-        found.append(run_dir / "last.pt")
-    return found
-
-
-def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo) -> Run:
-    """Create <workdir>/runs/<name> and write config.yaml there before any work starts.
-
-    An existing run with checkpoints is only continued with `resume`; `resume` without a
-    checkpoint starts fresh (so a preemptible job can always be launched with --resume).
-    """
-    name = distributed.broadcast_object(name)  # a timestamped default must be the same on every rank
-    run_dir = workspace.run_dir(name)
-    existing = _checkpoints_in(run_dir) if run_dir.exists() else []
-    if existing and not resume:
-        raise RunDirError(
-            f"run '{name}' already has checkpoints ({existing[-1].name} in {run_dir}). "
-            f"Pass --resume to continue it, or --name NEW_NAME to start a separate run."
-        )
-    resume_from = existing[-1] if (resume and existing) else None
-    config_path = run_dir / "config.yaml"
-    if resume_from is not None and config_path.exists():  # every rank checks, so every rank fails alike
-        _report_config_changes(cfgmod.load_yaml(config_path), cfgmod.to_dict(cfg), info.is_main)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfgmod.save(cfg, config_path)
-        if resume and resume_from is None:
-            console.print(f"--resume: no checkpoint in {run_dir}, starting a new run")
-    distributed.barrier()
-    return Run(name=name, dir=run_dir, resume_from=resume_from)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _report_config_changes(old: dict, new: dict, verbose: bool) -> None:
-    a, b = _flatten(old), _flatten(new)
-    changed = [k for k in b if a.get(k) != b[k]]
-    if not changed:
-        return
-    arch = [k for k in changed if k.startswith("model.") and k.split(".")[1] in (
-        "conv_layers", "embed_dim", "num_layers", "num_heads", "ffn_dim", "pos_conv_depth", "pos_conv_kernel",
-        "pos_conv_groups")]
-    if arch:
-        raise RunDirError(
-            "--resume with a different architecture than the run was started with: "
-            + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in arch)
-            + ". Resume with the original settings, or start a new run with --name."
-        )
-    if verbose:
-        console.print("[yellow]resuming with changed settings:[/] "
-                      + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in changed))
 
 
 # ----------------------------------------------------------------------------- derived settings
@@ -306,70 +240,6 @@ def seed_update(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
-# ----------------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when importable); rank 0 only.
-
-    Lines are appended and flushed rather than rewritten atomically: the log grows with the run,
-    and a torn last line is dropped on resume, when the file is rewritten (atomically) up to
-    the checkpoint's step.
-    """
-
-    def __init__(self, run: Run, enabled: bool, resume_step: Optional[int]):
-        self.enabled = enabled
-        self.fh = None
-        self.tb = None
-        if not enabled:
-            return
-        path = run.metrics_path
-        rows: list[dict] = []
-        if resume_step is not None and path.exists():
-            rows = [r for r in _read_jsonl_tolerant(path) if r.get("step", 0) <= resume_step]
-        atomic_write_jsonl(path, rows)
-        self.fh = open(path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            SummaryWriter = None
-        if SummaryWriter is not None:
-            self.tb = SummaryWriter(str(run.dir / "tensorboard"), purge_step=resume_step)
-
-    def write(self, row: dict, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        self.fh.write(json.dumps(row) + "\n")
-        self.fh.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _read_jsonl_tolerant(path: Path) -> list[dict]:
-    try:
-        return read_jsonl(path)
-    except ValueError:  # a line torn by a kill: keep the complete ones
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-        return rows
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
-
-
 # ----------------------------------------------------------------------------- signals
 
 
@@ -405,7 +275,7 @@ class _StopOnSignal:
 def train(
     cfg: Config,
     task: TrainTask,
-    loader,
+    loader: BatchSource,
     run: Run,
     info: DistInfo,
     *,
@@ -422,13 +292,10 @@ def train(
                     early_stop_patience, stop_at).run()
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
 class _Trainer:
-    def __init__(self, cfg, task, loader, run, info, description, validate_every, validate_after, best_metric,
-                 early_stop_patience, stop_at):
+    def __init__(self, cfg: Config, task: TrainTask, loader: BatchSource, run: Run, info: DistInfo,
+                 description: str, validate_every: int, validate_after: int, best_metric: Optional[str],
+                 early_stop_patience: int, stop_at: Optional[int]):
         self.cfg, self.task, self.loader, self.run_info, self.info = cfg, task, loader, run, info
         self.description = description
         self.validate_every, self.validate_after = validate_every, validate_after
@@ -511,7 +378,7 @@ class _Trainer:
 
     # -- data
 
-    def _micro_batches(self) -> Iterator[dict]:
+    def _micro_batches(self) -> Iterator[Batch]:
         """Micro-batches forever, epoch after epoch (an update may span an epoch boundary)."""
         while True:
             if not self.loader.local_indices(self.loader.position.epoch, 0):
@@ -524,7 +391,7 @@ class _Trainer:
 
     # -- one update
 
-    def _update(self, batches: Iterator[dict]) -> dict:
+    def _update(self, batches: Iterator[Batch]) -> UpdateResult:
         """Accumulate `self.accumulation` micro-batches, then step (or skip). Returns the update's numbers."""
         cfg = self.cfg
         seed_update(cfg.train.seed, self.info.rank, self.step)
@@ -538,8 +405,8 @@ class _Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                   enabled=self.amp_dtype is not None)
         for i in range(self.accumulation):
-            batch = _to_device(next(batches), self.device)
-            num_samples += batch["num_samples"]
+            batch = next(batches).to(self.device)
+            num_samples += batch.num_samples
             last = i == self.accumulation - 1
             sync = contextlib.nullcontext() if (last or not self.info.distributed) else self.model.no_sync()
             with sync:
@@ -603,10 +470,9 @@ class _Trainer:
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "finite": finite, "overflow": overflow, "loss": loss_total, "sample_size": size_total,
-            "samples": samples_total, "signal": signals > 0, "gnorm": gnorm_value, "lr": lr, "metrics": metrics,
-        }
+        return UpdateResult(finite=finite, overflow=overflow, loss=loss_total, sample_size=size_total,
+                            num_samples=samples_total, signalled=signals > 0, gnorm=gnorm_value, lr=lr,
+                            metrics=metrics)
 
     # -- the loop
 
@@ -614,16 +480,14 @@ class _Trainer:
         cfg, info = self.cfg, self.info
         if self.run_info.resume_from is not None:
             self.resume(self.run_info.resume_from)
-        log = MetricsLog(self.run_info, info.is_main, self.step if self.run_info.resume_from else None)
+        log = MetricsLog(self.run_info.metrics_path, self.run_info.dir / "tensorboard", info.is_main,
+                         self.step if self.run_info.resume_from else None)
         if info.is_main:
             console.print(f"batch: {describe_batch(cfg.train.batch_seconds, cfg.data.max_tokens, info, self.accumulation)}")
             console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device}; run dir {self.run_info.dir}")
         batches = self._micro_batches()
-        interval = _Interval()
+        interval = Interval()
         result: Optional[TrainResult] = None
-        from rich.progress import TextColumn
-
-        from d2vcli.ui import progress
         bar = progress(TextColumn("{task.fields[info]}")) if info.is_main else None
         try:
             with _StopOnSignal() as self._signal, (bar or contextlib.nullcontext()):
@@ -644,16 +508,17 @@ class _Trainer:
                     u = self._update(batches)
                     dt = time.perf_counter() - t0
                     self.train_seconds += dt
-                    self.audio_seconds += u["samples"] / SAMPLE_RATE
+                    self.audio_seconds += u.num_samples / SAMPLE_RATE
                     interval.add(u, dt)
                     if bar is not None:
-                        bar.update(bar_task, completed=self.step, info=_bar_text(u, interval))
-                    if u["finite"] and self.step % max(1, cfg.train.log_every) == 0:
-                        row = interval.row(self.step, self.loader.position.epoch, self)
+                        bar.update(bar_task, completed=self.step, info=bar_text(u, interval))
+                    if u.finite and self.step % max(1, cfg.train.log_every) == 0:
+                        row = interval.row(self.step, self.loader.position.epoch, skipped=self.nonfinite_total,
+                                           wall=self.train_seconds, extra=self._resource_metrics())
                         log.write(row)
                         if info.is_main and (bar is None or bar.disable):
-                            console.print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), markup=False)
-                        interval = _Interval()
+                            console.print(" ".join(f"{k}={format_value(v)}" for k, v in row.items()), markup=False)
+                        interval = Interval()
                     result = self._after(u, log)
         finally:
             log.close()
@@ -662,10 +527,19 @@ class _Trainer:
             console.print(f"[{colour}]{result.message}[/]")
         return result
 
-    def _after(self, u: dict, log: MetricsLog) -> Optional[TrainResult]:
+    def _resource_metrics(self) -> dict:
+        """The log line's engine extras: the fp16 loss scale and the peak GPU memory, when they apply."""
+        extra = {}
+        if self.scaler is not None:
+            extra["loss_scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            extra["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return extra
+
+    def _after(self, u: UpdateResult, log: MetricsLog) -> Optional[TrainResult]:
         """Everything that can follow an update: stop conditions, validation, checkpoints."""
         cfg = self.cfg
-        if not u["finite"] and not u["overflow"]:
+        if not u.finite and not u.overflow:
             if self.nonfinite_streak >= cfg.train.max_nonfinite:
                 path = self.save(periodic=False)
                 return TrainResult(
@@ -676,7 +550,7 @@ class _Trainer:
                     f"Weights from before the first bad update are in {path}; continue with --resume and --set.",
                     path, self.run_info.dir)
             return self._signal_result(u)
-        if u["overflow"]:
+        if u.overflow:
             if self.scaler.get_scale() < FP16_MIN_SCALE:
                 path = self.save(periodic=False)
                 return TrainResult(
@@ -685,7 +559,7 @@ class _Trainer:
                     f"loss is exploding. Lower optim.lr, set optim.clip_norm, or use train.precision=bf16/fp32. "
                     f"Saved {path}.", path, self.run_info.dir)
             return self._signal_result(u)
-        reason = self.task.stop_reason(self.step, u["metrics"])
+        reason = self.task.stop_reason(self.step, u.metrics)
         if reason:
             path = self.save(periodic=False)
             return TrainResult("stopped", self.step, f"stopped at update {self.step}: {reason}\n"
@@ -704,8 +578,8 @@ class _Trainer:
                                f"validations; best {self.best:.4g} in best.pt", path, self.run_info.dir)
         return self._signal_result(u)
 
-    def _signal_result(self, u: dict) -> Optional[TrainResult]:
-        if not u["signal"]:
+    def _signal_result(self, u: UpdateResult) -> Optional[TrainResult]:
+        if not u.signalled:
             return None
         path = self.save(periodic=False)
         signum = self._signal.signum or signal.SIGTERM
@@ -735,64 +609,8 @@ class _Trainer:
             result = {**result, "best": self.best}
         log.write({"step": self.step, **result}, prefix="valid")
         if self.info.is_main:
-            console.print("valid " + " ".join(f"{k}={_fmt(v)}" for k, v in result.items()), markup=False)
+            console.print("valid " + " ".join(f"{k}={format_value(v)}" for k, v in result.items()), markup=False)
         return improved
-
-
-class _Interval:
-    """Sums over the updates since the last log line."""
-
-    def __init__(self):
-        self.updates = 0
-        self.loss = 0.0
-        self.sample_size = 0.0
-        self.samples = 0.0
-        self.seconds = 0.0
-        self.gnorm = 0.0
-        self.metrics: dict[str, float] = {}
-        self.last: dict = {}
-
-    def add(self, u: dict, seconds: float) -> None:
-        self.seconds += seconds
-        self.samples += u["samples"]
-        self.last = u
-        if not u["finite"]:
-            return
-        self.updates += 1
-        self.loss += u["loss"]
-        self.sample_size += u["sample_size"]
-        self.gnorm += u["gnorm"]
-        for k, v in u["metrics"].items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + v
-
-    def row(self, step: int, epoch: int, trainer: _Trainer) -> dict:
-        n = max(1, self.updates)
-        row = {
-            "step": step,
-            "epoch": epoch,
-            "loss": self.loss / max(self.sample_size, 1e-12),
-            "lr": self.last.get("lr", 0.0),
-            "gnorm": self.gnorm / n,
-            "sample_size": self.sample_size / n,
-            **{k: v / n for k, v in self.metrics.items()},
-            "audio_s_per_s": self.samples / SAMPLE_RATE / max(self.seconds, 1e-9),
-            "skipped": trainer.nonfinite_total,
-            "wall": round(trainer.train_seconds, 3),
-        }
-        if trainer.scaler is not None:
-            row["loss_scale"] = trainer.scaler.get_scale()
-        if trainer.device.type == "cuda":
-            row["max_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
-        return row
-
-
-def _bar_text(u: dict, interval: _Interval) -> str:
-    if not u["finite"]:
-        return "skipped (non-finite)"
-    parts = [f"loss {u['loss'] / max(u['sample_size'], 1e-12):.4g}", f"lr {u['lr']:.2e}"]
-    parts += [f"{k} {_fmt(v)}" for k, v in u["metrics"].items()]
-    parts.append(f"{interval.samples / SAMPLE_RATE / max(interval.seconds, 1e-9):.0f} audio-s/s")
-    return "  ".join(parts)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -803,7 +621,5 @@ def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        import shutil
-
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

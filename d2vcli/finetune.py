@@ -9,7 +9,8 @@
 Python: `finetune(cfg, workspace, name=..., resume=...) -> engine.TrainResult`.
 
 It plugs `FinetuneTask` into the one training loop (`d2vcli.engine`), following fairseq's
-`wav2vec_ctc` + `audio_finetuning` + `ctc` criterion (docs: data2vec-reference §6):
+`wav2vec_ctc` + `audio_finetuning` + `ctc` criterion (`fairseq/models/wav2vec/wav2vec2_asr.py`,
+`fairseq/tasks/audio_finetuning.py`, `fairseq/criterions/ctc.py`; recipe values in `docs/recipe.md`):
 
 - **Start.** The encoder comes from a `d2v pretrain` (or `d2v import`) checkpoint of kind
   "pretrain": the student's weights, or with `finetune.init_from=teacher` the EMA teacher's
@@ -22,7 +23,8 @@ It plugs `FinetuneTask` into the one training loop (`d2vcli.engine`), following 
   An architecture value set in the config that disagrees with the checkpoint is an error.
 - **Waveform normalization** is the checkpoint's `normalize`, always: `data.normalize: null`
   (the fine-tuning default) follows it, and a different explicit value is an error, so
-  fairseq's normalize-mismatch trap (reference P3, user-pain P19) cannot happen.
+  the normalize-mismatch trap of fairseq setups (an encoder fine-tuned on input scaled otherwise
+  than in its pretraining) cannot happen.
 - **Letters.** The vocabulary is `<workdir>/data/dict.ltr.txt` (blank `<s>` = 0, `|` between
   words) and is stored in every checkpoint (`vocab`), so decoding never reads a side file. A
   transcript with a character outside it is an error naming the manifest line.
@@ -55,24 +57,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2vcli.errors import UserError
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
 from d2vcli.config import Config, ConfigError, ModelConfig
-from d2vcli.data import STREAM_MASK, AudioDataset, BatchLoader, batch_rng, read_splits
+from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
 from d2vcli.decode.search import greedy_batch
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
+from d2vcli.errors import UserError
 from d2vcli.manifest import Record, num_frames
-from d2vcli.masking import compute_channel_mask, compute_mask_indices
-from d2vcli.model import BLANK, Data2VecForCTC, build_backbone, parameter_count
+from d2vcli.models.audio import Data2VecForCTC, build_backbone, parameter_count
+from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
+from d2vcli.pretrain import check_manifests
+from d2vcli.run_dir import default_run_name, latest_checkpoint, prepare_run
 from d2vcli.scoring import score
-from d2vcli.ui import console
-from d2vcli.vocab import SPECIALS, Vocab
+from d2vcli.ui import console, print_config
+from d2vcli.vocab import BLANK, SPECIALS, Vocab
 
 # The fields of ModelConfig that fine-tuning may change; every other field is architecture and
-# comes from the pretrained checkpoint (fairseq's arg_overrides, reference §6.2).
+# comes from the pretrained checkpoint (fairseq's `arg_overrides` in wav2vec2_asr.py).
 REGULARIZATION_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "layerdrop",
                          "feature_grad_mult")
 VALID_METRICS = ("wer", "cer", "loss")
@@ -99,14 +103,6 @@ class Start:
         """The stored vocabulary of a resumed run (None when starting from a pretrained model)."""
         letters = self.state.get(ckpt.VOCAB_KEY) if self.resuming else None
         return Vocab(tuple(letters)) if letters else None
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint `--resume` continues from (the engine's rule): last.pt, else the newest step-N.pt."""
-    if (run_dir / "last.pt").is_file():
-        return run_dir / "last.pt"
-    steps = [(int(p.stem[5:]), p) for p in run_dir.glob("step-*.pt") if p.stem[5:].isdigit()]
-    return max(steps)[1] if steps else None
 
 
 def merge_architecture(model: ModelConfig, arch: dict, source: Path) -> ModelConfig:
@@ -229,7 +225,7 @@ def encoder_state(state: dict, init_from: str, path: Path) -> dict:
 def build_ctc_model(cfg: Config, vocab_size: int) -> Data2VecForCTC:
     """Data2VecForCTC for `cfg.model` (already the checkpoint's architecture); conv encoder frozen
     (requires_grad off) when feature_grad_mult is 0, as it then runs under no_grad anyway."""
-    model = Data2VecForCTC(build_backbone(cfg.model), vocab_size, cfg.finetune.final_dropout)
+    model = Data2VecForCTC(build_backbone(cfg.model), vocab_size, cfg.finetune.final_dropout, blank=BLANK)
     if cfg.model.feature_grad_mult == 0:
         model.backbone.feature_extractor.requires_grad_(False)
     return model
@@ -393,11 +389,11 @@ class FinetuneTask:
 
     # -- training
 
-    def masks(self, batch: dict, frames: int, frame_pad: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def masks(self, batch: Batch, frames: int, frame_pad: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(time mask (B, T), channel mask (B, D)) for one training batch, from the batch's own RNG."""
         m = self.cfg.masking
-        B, device = batch["source"].shape[0], batch["source"].device
-        rng = batch_rng(self.cfg.train.seed, batch["epoch"], batch["index"], STREAM_MASK)
+        B, device = batch.source.shape[0], batch.source.device
+        rng = batch_rng(self.cfg.train.seed, batch.epoch, batch.index, STREAM_MASK)
         time_mask = channel_mask = None
         if m.mask_prob > 0:
             time_mask = compute_mask_indices((B, frames), frame_pad, m.mask_prob, m.mask_length,
@@ -409,15 +405,15 @@ class FinetuneTask:
             channel_mask = torch.from_numpy(channel_mask).to(device, non_blocking=True)
         return time_mask, channel_mask
 
-    def train_step(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
-        source, padding_mask = batch["source"], batch["padding_mask"]  # (B, S), (B, S)
+    def train_step(self, model: nn.Module, batch: Batch, step: int) -> StepOutput:
+        source, padding_mask = batch.source, batch.padding_mask  # (B, S), (B, S)
         backbone = self.model.backbone
-        frames = num_frames(source.shape[1], backbone.conv_layers)
+        frames = backbone.num_frames(source.shape[1])
         frame_pad = backbone.frame_padding_mask(padding_mask, frames)  # (B, T) | None
         time_mask, channel_mask = self.masks(batch, frames, frame_pad)
         with encoder_frozen(self.model, step < self.cfg.finetune.freeze_updates):
             out = model(source, padding_mask, time_mask=time_mask, channel_mask=channel_mask)
-        loss = ctc_loss(out["logits"], out["padding_mask"], batch["target"], batch["target_lengths"])
+        loss = ctc_loss(out["logits"], out["padding_mask"], batch.target, batch.target_lengths)
         return StepOutput(loss=loss, sample_size=source.shape[0])
 
     def after_update(self, step: int) -> None:
@@ -495,15 +491,15 @@ def decode_dataset(model: nn.Module, dataset: AudioDataset, vocab: Vocab, max_to
     refs, hyps, loss = [], [], 0.0
     autocast = torch.autocast(info.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     for batch in loader:
-        source = batch["source"].to(info.device, non_blocking=True)
-        padding_mask = batch["padding_mask"].to(info.device, non_blocking=True)
+        source = batch.source.to(info.device, non_blocking=True)
+        padding_mask = batch.padding_mask.to(info.device, non_blocking=True)
         with autocast:
             out = model(source, padding_mask)
         logits = out["logits"].float()
-        loss += float(ctc_loss(logits, out["padding_mask"], batch["target"].to(info.device),
-                               batch["target_lengths"].to(info.device)))
+        loss += float(ctc_loss(logits, out["padding_mask"], batch.target.to(info.device),
+                               batch.target_lengths.to(info.device)))
         hyps.extend(vocab.decode(ids) for ids in greedy_batch(logits, out["padding_mask"]))
-        refs.extend(batch["texts"])
+        refs.extend(batch.texts)
     return refs, hyps, loss
 
 
@@ -526,7 +522,7 @@ def check_validation(cfg: Config) -> None:
 
 
 def _warn_schedule(cfg: Config) -> None:
-    """Recipe values copied to a small run can silently waste it (user-pain P8)."""
+    """Recipe values copied to a small run can silently waste it (e.g. a freeze longer than the run)."""
     ft, total = cfg.finetune, cfg.train.max_updates
     if ft.freeze_updates >= total:
         console.print(f"[yellow]warning:[/] finetune.freeze_updates={ft.freeze_updates} >= train.max_updates="
@@ -561,12 +557,9 @@ def finetune(
     `stop_at` saves and returns after that many updates (status "paused") without changing
     the schedule, so a run can be split into parts that together equal one uninterrupted run.
     """
-    from d2vcli.pretrain import check_manifests
-    from d2vcli.ui import print_config
-
     info = distributed.setup(cfg.train.device)
     try:
-        name = distributed.broadcast_object(name or engine.default_run_name("finetune", preset))
+        name = distributed.broadcast_object(name or default_run_name("finetune", preset))
         start = load_start(cfg, workspace, workspace.run_dir(name), resume)
         cfg = start.cfg
         check_manifests(workspace, cfg.data.train_splits)
@@ -583,7 +576,7 @@ def finetune(
                           f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
                           f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
             _warn_schedule(cfg)
-        run = engine.prepare_run(workspace, name, cfg, resume, info)
+        run = prepare_run(workspace, name, cfg, resume, info)
 
         train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
         if info.is_main:

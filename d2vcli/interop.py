@@ -160,7 +160,7 @@ def rename(state: dict, to_d2v) -> tuple[dict, list[str]]:
 
 def build_model(kind: Kind, arch: dict, vocab_size: int = 0) -> torch.nn.Module:
     """The d2v network for a checkpoint's kind and arch (a ModelConfig dict)."""
-    from d2vcli.model import Data2VecForCTC, Data2VecForPretraining, build_backbone
+    from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
 
     backbone = build_backbone(cfgmod.from_dict(arch, cfgmod.ModelConfig))
     return Data2VecForCTC(backbone, vocab_size) if kind == "ctc" else Data2VecForPretraining(backbone)

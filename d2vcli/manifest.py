@@ -13,8 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d2vcli.audio import SAMPLE_RATE
+from d2vcli.config import BASE_CONV_LAYERS
+from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_write_jsonl, read_jsonl
 
+
+class ManifestError(UserError):
+    """A manifest line that is not a record; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -33,18 +38,12 @@ class Record:
 
 
 def num_frames(num_samples: int, conv_layers=None) -> int:
-    """Frames the conv feature encoder makes from `num_samples` (floor((L - k) / s) + 1 per layer).
+    """Frames the conv feature encoder makes from `num_samples` (`models.audio.conv_output_length`);
+    `conv_layers` defaults to the base stack (2 s -> 99 frames, 20 s -> 999)."""
+    # Imported here, not at the top: `d2v prepare` reads and writes manifests and must not pay torch's import.
+    from d2vcli.models.audio import conv_output_length
 
-    With the base stack (total stride 320): 2 s -> 99 frames, 20 s -> 999.
-    """
-    from d2vcli.config import BASE_CONV_LAYERS
-
-    length = num_samples
-    for _, kernel, stride in conv_layers or BASE_CONV_LAYERS:
-        length = (length - kernel) // stride + 1
-        if length <= 0:
-            return 0
-    return length
+    return conv_output_length(int(num_samples), conv_layers or BASE_CONV_LAYERS)
 
 
 def write_manifest(path: Path, records: list[Record]) -> int:
@@ -60,5 +59,5 @@ def read_manifest(path: Path) -> list[Record]:
         try:
             out.append(Record(**row))
         except TypeError as e:
-            raise ValueError(f"{path}: line {i} is not a d2v manifest record ({e})") from e
+            raise ManifestError(f"{path}: line {i} is not a d2v manifest record ({e})") from e
     return out

@@ -47,6 +47,7 @@ from d2vcli.decode.tuning import load_tuned
 from d2vcli.fileio import atomic_write_text
 from d2vcli.lm import resolve_lm, workspace_lm
 from d2vcli.manifest import num_frames
+from d2vcli.models.audio import receptive_field
 from d2vcli.ui import err_console as console  # stdout carries the transcripts
 from d2vcli.workspace import Workspace
 
@@ -65,15 +66,6 @@ class Transcript:
         if self.words is None:
             d.pop("words")
         return d
-
-
-def receptive_field(conv_layers) -> tuple[int, int]:
-    """(samples one frame sees, samples between frames) of the conv feature encoder: (400, 320) for base."""
-    field_, jump = 1, 1
-    for _, kernel, stride in conv_layers:
-        field_ += (kernel - 1) * jump
-        jump *= stride
-    return field_, jump
 
 
 def frame_windows(num_samples: int, conv_layers, chunk_seconds: float, sample_rate: int = 16_000

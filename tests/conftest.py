@@ -146,7 +146,7 @@ def random_ctc_checkpoint(synthetic_workspace):
     kind "ctc" (the synthetic dictionary, normalize=True). Decodes to garbage; for plumbing and caching tests."""
     from d2vcli import config as cfgmod
     from d2vcli.checkpoint import save_checkpoint
-    from d2vcli.model import Data2VecForCTC, build_backbone
+    from d2vcli.models.audio import Data2VecForCTC, build_backbone
     from d2vcli.vocab import Vocab
 
     cfg = cfgmod.resolve("pretrain", preset="speech-tiny")

@@ -99,7 +99,7 @@ def _loader(records, **kw):
 
 
 def _epoch(loader):
-    return [(b["epoch"], b["index"], b["ids"], b["source"]) for b in loader]
+    return [(b.epoch, b.index, b.ids, b.source) for b in loader]
 
 
 def test_crop_collate_crops_to_the_shortest_at_random_offsets(records):
@@ -107,16 +107,16 @@ def test_crop_collate_crops_to_the_shortest_at_random_offsets(records):
     by_id = {r.id: load_audio(r, normalize=True) for r in records}
     seen_offsets = set()
     for b in loader:
-        lengths = [len(by_id[i]) for i in b["ids"]]
-        assert b["padding_mask"] is None
-        assert b["source"].shape == (len(lengths), min(min(lengths), 25000))  # no padding, capped
-        assert b["source"].shape[0] * b["source"].shape[1] <= 60000
-        for row, uid in zip(b["source"].numpy(), b["ids"]):
+        lengths = [len(by_id[i]) for i in b.ids]
+        assert b.padding_mask is None
+        assert b.source.shape == (len(lengths), min(min(lengths), 25000))  # no padding, capped
+        assert b.source.shape[0] * b.source.shape[1] <= 60000
+        for row, uid in zip(b.source.numpy(), b.ids):
             full = by_id[uid]
             starts = [s for s in range(len(full) - len(row) + 1) if np.array_equal(full[s:s + len(row)], row)]
             assert starts, "each row is a contiguous slice of its utterance"
             seen_offsets.add(starts[0])
-        assert b["num_samples"] == b["source"].numel()
+        assert b.num_samples == b.source.numel()
     assert len(seen_offsets) > 3, "offsets are random, not always 0"
 
 
@@ -124,15 +124,15 @@ def test_pad_collate_zero_pads_and_returns_mask_and_labels(records):
     vocab = Vocab(symbols=("|", "A", "B"))
     ds = AudioDataset(records[:3], normalize=False, vocab=vocab)
     batch = collate_pad([ds[0], ds[1], ds[2]])
-    src, mask = batch["source"], batch["padding_mask"]
+    src, mask = batch.source, batch.padding_mask
     assert src.shape == (3, 12000) and mask.dtype == torch.bool
     assert mask[0, 9000:].all() and not mask[0, :9000].any() and not mask[1].any()
     assert (src[0, 9000:] == 0).all()
-    assert batch["num_samples"] == 9000 + 12000 + 12000
-    assert batch["target_lengths"].tolist() == [len(vocab.encode("A B")), len(vocab.encode("AB BA")),
+    assert batch.num_samples == 9000 + 12000 + 12000
+    assert batch.target_lengths.tolist() == [len(vocab.encode("A B")), len(vocab.encode("AB BA")),
                                                 len(vocab.encode("A B"))]
-    assert batch["target"][0, batch["target_lengths"][0]:].eq(PAD).all()
-    assert batch["target"][1].tolist() == vocab.encode("AB BA")
+    assert batch.target[0, batch.target_lengths[0]:].eq(PAD).all()
+    assert batch.target[1].tolist() == vocab.encode("AB BA")
 
 
 def test_loader_is_deterministic_and_workers_do_not_change_batches(records):
@@ -188,7 +188,7 @@ def test_sharding_splits_global_batches_between_ranks(records):
     assert ranks[0].state_dict() == ranks[1].state_dict() == {"epoch": 1, "consumed": 2}
     one = _loader(records)
     one.load_state_dict(ranks[0].state_dict())
-    assert next(iter(one))["index"] == 2
+    assert next(iter(one)).index == 2
     # Evaluation keeps every batch.
     kept = [_epoch(_loader(records, rank=r, world_size=2, drop_uneven=False)) for r in range(2)]
     assert sorted(x[1] for s in kept for x in s) == list(range(n))

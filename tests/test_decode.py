@@ -32,7 +32,7 @@ from d2vcli.evaluate import evaluate
 from d2vcli.lm import LMError, prepare_lm
 from d2vcli.scoring import wer
 from d2vcli.manifest import read_manifest
-from d2vcli.model import Data2VecForCTC
+from d2vcli.models.audio import Data2VecForCTC
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 

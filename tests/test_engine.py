@@ -17,6 +17,7 @@ from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput
 from d2vcli.fileio import read_jsonl
 from d2vcli.schedule import cosine_lr, lr_at, tri_stage_phases
+from d2vcli.run_dir import RunDirError, prepare_run
 from d2vcli.workspace import Workspace
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -100,10 +101,10 @@ class ToyTask:
         self.updates, self.grads, self.batches = [], [], []
 
     def train_step(self, model, batch, step):
-        self.batches.append(batch["index"])
-        x = batch["source"][:, :4]  # (B, 4)
+        self.batches.append(batch.index)
+        x = batch.source[:, :4]  # (B, 4)
         loss = ((model(x) - x.sum(-1, keepdim=True)) ** 2).sum()
-        if batch["index"] in self.nan_batches:
+        if batch.index in self.nan_batches:
             loss = loss * float("nan")
         return StepOutput(loss, x.shape[0], {"seen": float(x.shape[0])})
 
@@ -141,7 +142,7 @@ def toy_cfg(accumulation=1, **train):
 def run_toy(tmp_path, task, cfg, name="toy", resume=False, stop_at=None):
     ws = Workspace.resolve(tmp_path / "ws")
     loader = BatchLoader(ToyDataset(), "pad", cfg.data.max_tokens, seed=cfg.train.seed)
-    run = engine.prepare_run(ws, name, cfg, resume, CPU)
+    run = prepare_run(ws, name, cfg, resume, CPU)
     return engine.train(cfg, task, loader, run, CPU, stop_at=stop_at), run
 
 
@@ -161,7 +162,7 @@ def test_gradient_is_the_sum_over_micro_batches_divided_by_total_sample_size(tmp
             p.copy_(q)
     total, size = 0.0, 0
     for b in micro:
-        x = b["source"][:, :4]
+        x = b.source[:, :4]
         total = total + ((ref(x) - x.sum(-1, keepdim=True)) ** 2).sum()
         size += x.shape[0]
     (total / size).backward()
@@ -207,12 +208,12 @@ def test_existing_run_needs_resume_and_resume_continues(tmp_path):
     cfg = toy_cfg(max_updates=4)
     straight = ToyTask()
     run_toy(tmp_path, straight, cfg, name="straight")
-    with pytest.raises(engine.RunDirError, match=r"--resume.*--name"):
-        engine.prepare_run(Workspace.resolve(tmp_path / "ws"), "straight", cfg, False, CPU)
+    with pytest.raises(RunDirError, match=r"--resume.*--name"):
+        prepare_run(Workspace.resolve(tmp_path / "ws"), "straight", cfg, False, CPU)
     other_arch = toy_cfg(max_updates=4)
     other_arch.model.embed_dim = 128
-    with pytest.raises(engine.RunDirError, match=r"model.embed_dim 768 -> 128"):
-        engine.prepare_run(Workspace.resolve(tmp_path / "ws"), "straight", other_arch, True, CPU)
+    with pytest.raises(RunDirError, match=r"model.embed_dim 768 -> 128"):
+        prepare_run(Workspace.resolve(tmp_path / "ws"), "straight", other_arch, True, CPU)
 
     first = ToyTask()
     result, _ = run_toy(tmp_path, first, cfg, name="split", stop_at=2)

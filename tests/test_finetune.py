@@ -30,8 +30,8 @@ from d2vcli.finetune import (
     maskable, merge_architecture, select_trainable,
 )
 from d2vcli.manifest import Record, read_manifest, write_manifest
-from d2vcli.masking import compute_mask_indices
-from d2vcli.model import Data2VecForCTC, build_backbone
+from d2vcli.objective.masking import compute_mask_indices
+from d2vcli.models.audio import Data2VecForCTC, build_backbone
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 
@@ -241,9 +241,9 @@ def test_masks_apply_in_training_only(synthetic_workspace):
     task.model.train()
     task.train_step(spy, batch, step=100)
     time_mask, channel_mask = seen[-1]
-    frame_pad = task.model.backbone.frame_padding_mask(batch["padding_mask"], time_mask.shape[1])
+    frame_pad = task.model.backbone.frame_padding_mask(batch.padding_mask, time_mask.shape[1])
     assert time_mask.any(dim=1).all() and not (time_mask & frame_pad).any()  # real frames only
-    assert channel_mask.any(dim=1).all() and channel_mask.shape == (batch["source"].shape[0], 64)
+    assert channel_mask.any(dim=1).all() and channel_mask.shape == (batch.source.shape[0], 64)
     task.train_step(spy, batch, step=100)
     assert torch.equal(seen[-1][0], time_mask) and torch.equal(seen[-1][1], channel_mask)  # keyed by the batch
 
@@ -254,8 +254,8 @@ def test_masks_apply_in_training_only(synthetic_workspace):
     assert decode_dataset(spy, dataset, vocab, 200_000, CPU) == (refs, hyps, loss)
     task.model.eval()
     with torch.no_grad():
-        plain = task.model(batch["source"], batch["padding_mask"])["logits"]
-        masked = task.model(batch["source"], batch["padding_mask"], time_mask=time_mask,
+        plain = task.model(batch.source, batch.padding_mask)["logits"]
+        masked = task.model(batch.source, batch.padding_mask, time_mask=time_mask,
                             channel_mask=channel_mask)["logits"]
     assert not torch.allclose(plain, masked)  # the masks do change what the encoder sees
 

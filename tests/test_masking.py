@@ -1,4 +1,4 @@
-"""Span masking (d2vcli/masking.py): the statistics data2vec's recipe relies on.
+"""Span masking (d2vcli/objective/masking.py): the statistics data2vec's recipe relies on.
 
 Run: python -m pytest -q tests/test_masking.py
 """
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2vcli.masking import compute_channel_mask, compute_mask_indices
+from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
 
 
 def test_pretraining_coverage_is_about_49_percent():

@@ -1,4 +1,4 @@
-"""The data2vec audio model (d2vcli/model.py): parity with HF transformers' Data2VecAudio and the
+"""The data2vec audio model (d2vcli/models/): parity with HF transformers' Data2VecAudio and the
 behaviours pretraining and fine-tuning rely on (targets, masking, padding, LayerDrop, CTC blanks).
 
 Run: python -m pytest -q tests/test_model.py
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from d2vcli import config as cfgmod
 from d2vcli.interop import HF_CTC_MAP, model_config_from_hf, rename
 from d2vcli.manifest import num_frames
-from d2vcli.model import (Data2VecAudio, Data2VecForCTC, Data2VecForPretraining, build_backbone,
+from d2vcli.models.audio import (Data2VecAudio, Data2VecForCTC, Data2VecForPretraining, build_backbone,
                           parameter_count)
 
 TOL = dict(atol=1e-5, rtol=1e-4)

@@ -19,17 +19,12 @@ from d2vcli import config as C
 from d2vcli import distributed, engine
 from d2vcli.cli import app
 from d2vcli.fileio import read_jsonl
-from d2vcli.model import Data2VecForPretraining, build_backbone
-from d2vcli.pretrain import (
-    EMATeacher,
-    PretrainTask,
-    build_loader,
-    build_targets,
-    compute_std,
-    ema_decay_at,
-    pretrain,
-    regression_loss,
-)
+from d2vcli.models.audio import Data2VecForPretraining, build_backbone
+from d2vcli.objective.monitors import compute_std
+from d2vcli.objective.targets import build_targets, regression_loss
+from d2vcli.objective.teacher import EMATeacher, ema_decay_at
+from d2vcli.pretrain import TEACHER_COPIED_PREFIXES, PretrainTask, build_loader, pretrain
+from d2vcli.run_dir import prepare_run
 
 from conftest import PRETRAIN_TINY_SET
 
@@ -93,7 +88,7 @@ def test_teacher_averages_layers_and_copies_pos_conv():
     cfg = tiny_cfg()
     torch.manual_seed(0)
     student = Data2VecForPretraining(build_backbone(cfg.model)).backbone.transformer
-    teacher = EMATeacher(student)
+    teacher = EMATeacher(student, copied_prefixes=TEACHER_COPIED_PREFIXES)
     assert not any(p.requires_grad for p in teacher.module.parameters()) and not teacher.module.training
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     with torch.no_grad():
@@ -116,12 +111,12 @@ def test_step_loss_uses_masked_frames_only(synthetic_workspace):
     task = PretrainTask(cfg, torch.device("cpu"))
     batch = next(iter(build_loader(cfg, synthetic_workspace, CPU)))
     out = task.train_step(task.model, batch, 0)
-    frames = task.model.backbone.num_frames(torch.tensor(batch["source"].shape[1])).item()
+    frames = task.model.backbone.num_frames(torch.tensor(batch.source.shape[1])).item()
     mask = task.time_mask(batch, frames, None)
     assert out.sample_size == int(mask.sum()) and 0 < out.sample_size < mask.numel()
     # The same numbers, computed directly: teacher on the unmasked features, top-K instance norm.
     with torch.no_grad():
-        student = task.model.backbone(batch["source"], time_mask=mask)
+        student = task.model.backbone(batch.source, time_mask=mask)
         pred = task.model.final_proj(student["x"][mask])
         _, layers = task.teacher.module(student["features"], None, return_layer_results=True)
         y = build_targets(layers, cfg.objective.average_top_k_layers)[mask]
@@ -135,7 +130,7 @@ def test_teacher_steps_once_per_update_with_accumulation(synthetic_workspace, tm
     task = PretrainTask(cfg, torch.device("cpu"))
     init = {k: v.clone() for k, v in task.model.backbone.transformer.state_dict().items()}
     loader = build_loader(cfg, synthetic_workspace, CPU)
-    run = engine.prepare_run(synthetic_workspace, "ema-accumulation", cfg, False, CPU)
+    run = prepare_run(synthetic_workspace, "ema-accumulation", cfg, False, CPU)
     result = engine.train(cfg, task, loader, run, CPU)
     assert result.step == 1 and loader.state_dict() == {"epoch": 1, "consumed": 3}
     decay = ema_decay_at(1, cfg.objective)

@@ -26,6 +26,7 @@ from d2vcli.data import Item, collate_pad, load_audio
 from d2vcli.decode.errors import DecodeError
 from d2vcli.fileio import atomic_write_text
 from d2vcli.manifest import num_frames, read_manifest
+from d2vcli.models.audio import receptive_field
 from d2vcli.ui import console, progress
 from d2vcli.vocab import Vocab
 
@@ -198,10 +199,8 @@ def emissions_key(checkpoint_sha: str, manifest: Path) -> str:
 
 
 def frame_seconds_of(conv_layers) -> float:
-    stride = 1
-    for _, _, s in conv_layers:
-        stride *= int(s)
-    return stride / SAMPLE_RATE
+    """Seconds between two frames of the conv encoder (0.02 for the base stack)."""
+    return receptive_field(conv_layers)[1] / SAMPLE_RATE
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -235,8 +234,8 @@ def compute_emissions(model, vocab: Vocab, normalize: bool, records, out_dir: Pa
                 items = pending.result()
                 pending = io_pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
                 col = collate_pad(items)
-                pad = col["padding_mask"]
-                out = model(col["source"].to(device), padding_mask=pad.to(device) if bool(pad.any()) else None)
+                pad = col.padding_mask
+                out = model(col.source.to(device), padding_mask=pad.to(device) if bool(pad.any()) else None)
                 lp = torch.log_softmax(out["logits"].float(), dim=-1).cpu().numpy()  # (B, T, V)
                 for row, i in enumerate(batch):
                     n = lengths[i]

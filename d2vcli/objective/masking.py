@@ -1,6 +1,7 @@
-"""Span masks for data2vec / wav2vec 2.0: which frames the student sees as `mask_emb`.
+"""Span masks for data2vec / wav2vec 2.0: which positions the student sees as `mask_emb`.
 
-Reference: fairseq `fairseq/data/data_utils.py::compute_mask_indices` (HEAD 3d262bb) with
+Modality-neutral: it masks positions of a (B, T) grid, whatever a position stands for (a 20 ms
+audio frame today). Follows fairseq `fairseq/data/data_utils.py::compute_mask_indices` (3d262bb) with
 the settings data2vec 1.0 uses: static span lengths, overlapping spans allowed, no
 mask dropout. Per row of the batch:
 
@@ -30,6 +31,14 @@ from typing import Optional
 
 import numpy as np
 
+# A leaf module (it imports nothing): the user-error base lets the CLI report masking settings
+# that cannot work as one line instead of a traceback.
+from d2vcli.errors import UserError
+
+
+class MaskingError(UserError):
+    """The masking settings would hide a whole utterance; the message names the settings to change."""
+
 
 def _as_numpy_bool(mask) -> Optional[np.ndarray]:
     if mask is None:
@@ -52,7 +61,7 @@ def _row_spans(sz: int, mask_prob: float, mask_length: int, min_masks: int, rng:
     idc = (starts[:, None] + np.arange(mask_length)[None, :]).reshape(-1)
     idc = np.unique(idc[idc < sz])
     if len(idc) >= sz:
-        raise ValueError(
+        raise MaskingError(
             f"masking would hide all {sz} frames of an utterance; raise data.min_sample_size "
             f"or lower masking.mask_prob / masking.mask_length"
         )
@@ -101,7 +110,7 @@ def compute_channel_mask(
     """A (B, C) bool array, True = channel zeroed in every frame (fine-tuning's channel masking).
 
     fairseq calls compute_mask_indices on (B, C) with min_masks 0 and require_same_masks, and
-    broadcasts the result over time; the model does the broadcast (Data2VecAudio channel_mask).
+    broadcasts the result over time; the model does the broadcast (its `channel_mask` argument).
     """
     return compute_mask_indices((batch_size, num_channels), None, mask_prob, mask_length, min_masks=0,
                                 require_same_masks=True, rng=rng)

@@ -1,4 +1,4 @@
-"""The data2vec 1.0 audio model: conv feature encoder, post-LN transformer, and the two heads.
+"""The data2vec 1.0 audio model: conv feature encoder, positional conv, the shared transformer, two heads.
 
 data2vec: A General Framework for Self-supervised Learning in Speech, Vision and Language
 (Baevski et al., 2022, arXiv 2202.03555). The network is wav2vec 2.0's (arXiv 2006.11477)
@@ -14,11 +14,13 @@ The classes below follow the data flow of the paper (Fig. 1 / Sec. 3):
       -> FeatureExtractor       conv blocks (conv -> fp32 LayerNorm -> GELU), 20 ms frames
       -> feature_norm + feature_proj   LayerNorm(C) and Linear(C -> D): the teacher's input
       -> mask_emb               masked frames are replaced by one learned vector (student only)
-      -> Transformer            x + PositionalConv(x) -> LayerNorm -> post-LN layers
+      -> Transformer            x + PositionalConv(x) -> LayerNorm -> LayerStack (models/encoder.py)
       -> heads                  Data2VecForPretraining.final_proj | Data2VecForCTC.proj
 
-Build it from a config with `build_backbone(cfg.model)`. Run `python -m d2vcli.model`
-to print the parameter count of every pretraining preset.
+Only the audio front end (waveform -> frames, the positional conv) and the heads live here; the
+layers themselves are the modality-neutral `d2vcli.models.encoder`. Build a backbone from a
+config with `build_backbone(cfg.model)`. Frame arithmetic of the conv stack (`conv_output_length`,
+`receptive_field`) is defined here once, for ints and tensors alike.
 
 Deliberate differences from fairseq (none changes a number):
 - fairseq pads the transformer input to a multiple of 2 frames and masks the pad as
@@ -32,14 +34,41 @@ never here; the only precision choices in this file are the fp32 islands fairseq
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BLANK = 0  # CTC blank index: fairseq's <s>, see d2vcli/vocab.py
+from d2vcli.models.encoder import LayerStack
+
 CONV_LN_EPS = 1e-5  # conv-block and positional-conv LayerNorms: eps fixed in fairseq and HF alike
+
+
+# --------------------------------------------------------------------------- 0. frame arithmetic
+
+Length = TypeVar("Length", int, Tensor)
+
+
+def conv_output_length(num_samples: Length, conv_layers: Sequence[Sequence[int]]) -> Length:
+    """Frames the conv encoder makes from `num_samples`: floor((L - k) / s) + 1 per block, at least 0.
+
+    Works on a Python int (manifests, window planning) and on an int tensor of any shape (the
+    model's frame padding). With the base stack (total stride 320): 2 s -> 99 frames, 20 s -> 999.
+    """
+    length = num_samples
+    for _, kernel, stride in conv_layers:
+        length = (length - kernel) // stride + 1  # once <= 0 it stays <= 0, so clamping at the end suffices
+    return length.clamp(min=0) if isinstance(length, Tensor) else max(0, length)
+
+
+def receptive_field(conv_layers: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(samples one frame sees, samples between frames) of the conv encoder: (400, 320) for base."""
+    field, hop = 1, 1
+    for _, kernel, stride in conv_layers:
+        field += (kernel - 1) * hop
+        hop *= stride
+    return field, hop
 
 
 # --------------------------------------------------------------------------- 1. feature encoder
@@ -156,82 +185,10 @@ class PositionalConv(nn.Module):
 # --------------------------------------------------------------------------- 3. transformer
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with q/k/v/out projections (bias) and scaling head_dim^-0.5.
-
-    `F.scaled_dot_product_attention` picks flash/memory-efficient kernels on GPU. Padded keys
-    get an additive large-negative bias rather than a boolean mask: a row whose keys are all
-    padding (an empty utterance) then gives a uniform softmax instead of NaN.
-    """
-
-    def __init__(self, dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:  # (B, T, D)
-        B, T, D = x.shape
-        H = self.num_heads
-
-        def heads(t: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, D/H)
-            return t.view(B, T, H, D // H).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        bias = None
-        if padding_mask is not None:
-            # Built here, not once per batch, because under autocast q's dtype is only known now.
-            bias = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(padding_mask[:, None, None, :], torch.finfo(q.dtype).min)  # (B, 1, 1, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-
-
-class TransformerLayer(nn.Module):
-    """Post-LN layer: h = LN(x + MHA(x)); f = fc2(GELU(fc1(h))); out = LN(h + f).
-
-    `f`, the FFN output before dropout, residual and LayerNorm, is returned too: data2vec's
-    targets average it over the teacher's top K layers (fairseq's `layer_result`).
-    """
-
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float,
-                 activation_dropout: float, layer_norm_eps: float):
-        super().__init__()
-        self.self_attn = SelfAttention(dim, num_heads, attention_dropout)
-        self.self_attn_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim)
-        self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.activation_dropout = nn.Dropout(activation_dropout)
-
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:  # (B, T, D)
-        h = self.self_attn_norm(x + self.dropout(self.self_attn(x, padding_mask)))
-        # fairseq computes this GELU in fp32 (`gelu(x.float()).type_as(x)`); a no-op in fp32.
-        a = self.fc1(h)
-        a = F.gelu(a.float()).type_as(a)  # (B, T, F)
-        ffn_out = self.fc2(self.activation_dropout(a))  # (B, T, D): the data2vec target
-        out = self.final_norm(h + self.dropout(ffn_out))
-        return out, ffn_out
-
-
-def init_bert_params(module: nn.Module) -> None:
-    """BERT init for the transformer (fairseq `init_bert_params`): Linear N(0, 0.02), bias 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 class Transformer(nn.Module):
     """x + PositionalConv(x) -> LayerNorm -> dropout -> post-LN layers with LayerDrop.
 
-    This is the part the EMA teacher copies (`copy.deepcopy(backbone.transformer)`); the
+    This is the part the EMA teacher copies (`EMATeacher(backbone.transformer, ...)`); the
     teacher runs in eval mode, so it never drops layers.
     """
 
@@ -239,17 +196,17 @@ class Transformer(nn.Module):
                  attention_dropout: float, activation_dropout: float, layerdrop: float, pos_conv_depth: int,
                  pos_conv_kernel: int, pos_conv_groups: int, layer_norm_eps: float):
         super().__init__()
-        self.layerdrop = layerdrop
         self.pos_conv = PositionalConv(embed_dim, pos_conv_depth, pos_conv_kernel, pos_conv_groups)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerLayer(embed_dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout,
-                             layer_norm_eps)
-            for _ in range(num_layers)
-        )
-        # Only Linear layers are re-initialized: the positional convs keep PyTorch's default init.
-        self.apply(init_bert_params)
+        # BERT init reaches only the stack's Linear layers: the positional convs keep PyTorch's default init.
+        self.layers = LayerStack(num_layers, embed_dim, num_heads, ffn_dim, dropout, attention_dropout,
+                                 activation_dropout, layer_norm_eps, layerdrop)
+
+    @property
+    def layerdrop(self) -> float:
+        """Probability of skipping each layer in training (held by the layer stack)."""
+        return self.layers.layerdrop
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 return_layer_results: bool = False) -> tuple[Tensor, Optional[list[Tensor]]]:
@@ -264,15 +221,7 @@ class Transformer(nn.Module):
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         x = x + self.pos_conv(x)  # one residual around the whole positional stack
         x = self.dropout(self.norm(x))  # post-LN model: normalize before the first layer
-        layer_results = [] if return_layer_results else None
-        for layer in self.layers:
-            # LayerDrop (fairseq P15): skip the layer when U[0, 1) <= p, in training only.
-            if self.training and self.layerdrop > 0 and torch.rand(()).item() <= self.layerdrop:
-                continue
-            x, ffn_out = layer(x, padding_mask)
-            if layer_results is not None:
-                layer_results.append(ffn_out)
-        return x, layer_results
+        return self.layers(x, padding_mask, return_layer_results=return_layer_results)
 
 
 # --------------------------------------------------------------------------- 4. the backbone
@@ -312,12 +261,9 @@ class Data2VecAudio(nn.Module):
                                        activation_dropout, layerdrop, pos_conv_depth, pos_conv_kernel,
                                        pos_conv_groups, layer_norm_eps)
 
-    def num_frames(self, num_samples: Tensor) -> Tensor:
-        """Frames the conv encoder makes from `num_samples` (any int tensor): floor((L - k) / s) + 1 per block."""
-        length = num_samples
-        for _, kernel, stride in self.conv_layers:
-            length = torch.div(length - kernel, stride, rounding_mode="floor") + 1
-        return length.clamp(min=0)
+    def num_frames(self, num_samples: Length) -> Length:
+        """Frames the conv encoder makes from `num_samples` (an int or any int tensor)."""
+        return conv_output_length(num_samples, self.conv_layers)
 
     def frame_padding_mask(self, padding_mask: Optional[Tensor], num_frames: int) -> Optional[Tensor]:
         """Sample-level padding (B, S) -> frame-level (B, T) from the true lengths; None if nothing is padded."""
@@ -385,11 +331,17 @@ class Data2VecForPretraining(nn.Module):
 
 
 class Data2VecForCTC(nn.Module):
-    """Student + dropout + Linear(D, V) letter head for CTC (fairseq `wav2vec_ctc`)."""
+    """Student + dropout + Linear(D, V) letter head for CTC (fairseq `wav2vec_ctc`).
 
-    def __init__(self, backbone: Data2VecAudio, vocab_size: int, final_dropout: float = 0.0):
+    `blank` is the CTC blank's index in the vocabulary, the output padded frames are forced to
+    (d2vcli.vocab.BLANK, fairseq's <s> = 0). It is an argument, not an import, so that the model
+    files depend on torch alone; it is not stored in the state dict.
+    """
+
+    def __init__(self, backbone: Data2VecAudio, vocab_size: int, final_dropout: float = 0.0, blank: int = 0):
         super().__init__()
         self.backbone = backbone
+        self.blank = blank
         self.final_dropout = nn.Dropout(final_dropout)
         self.proj = nn.Linear(backbone.embed_dim, vocab_size)
         nn.init.xavier_uniform_(self.proj.weight)
@@ -408,7 +360,7 @@ class Data2VecForCTC(nn.Module):
         frame_pad = out["padding_mask"]
         if frame_pad is not None:
             blank_row = torch.full((logits.shape[-1],), float("-inf"), dtype=logits.dtype, device=logits.device)
-            blank_row[BLANK] = 0.0
+            blank_row[self.blank] = 0.0
             logits = torch.where(frame_pad.unsqueeze(-1), blank_row, logits)
         return {"logits": logits, "padding_mask": frame_pad}
 
@@ -432,14 +384,3 @@ def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (base Data2VecForPretraining: 93,754,880, as fairseq's checkpoint)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-
-if __name__ == "__main__":
-    # Parameter count of every pretraining preset, with the regression head (matches fairseq's count).
-    from d2vcli import config as cfgmod
-
-    with torch.device("meta"):  # shapes only: no memory, no init time
-        for name, (command, _) in cfgmod.PRESETS.items():
-            if command != "pretrain":
-                continue
-            model = Data2VecForPretraining(build_backbone(cfgmod.resolve("pretrain", preset=name).model))
-            print(f"{name:<14} {parameter_count(model):>13,} parameters")

@@ -1,0 +1,163 @@
+"""What a training run reports: one update's numbers, their sums over a log interval, metrics.jsonl.
+
+    u = UpdateResult(...)                    # the engine, after each update
+    interval.add(u, seconds)                 # summed until the next log line
+    log.write(interval.row(step, epoch, skipped=..., wall=...))   # metrics.jsonl (+ TensorBoard)
+
+metrics.jsonl has one JSON object per line: {"step", "epoch", "loss", "lr", "gnorm", "sample_size",
+<task metrics>, "audio_s_per_s", "skipped", "wall", ["loss_scale"], ["max_mem_gb"]} for training and
+the task's validation result for validation lines. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from d2vcli.audio import SAMPLE_RATE
+from d2vcli.fileio import atomic_write_jsonl, read_jsonl
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """One update (or skipped attempt) as the engine saw it, all-reduced over ranks.
+
+    `finite` False: a non-finite loss or gradient skipped the update; `overflow` True: an fp16
+    gradient overflow made the GradScaler skip it (not counted as non-finite).
+    """
+
+    finite: bool
+    overflow: bool
+    loss: float  # summed over micro-batches and ranks
+    sample_size: float  # the total the loss is normalized by
+    num_samples: float  # audio samples processed
+    signalled: bool  # some rank received SIGINT/SIGTERM
+    gnorm: float  # gradient norm before clipping
+    lr: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's, averaged over micro-batches
+
+    @property
+    def skipped(self) -> bool:
+        return not self.finite
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when importable); rank 0 only.
+
+    Lines are appended and flushed rather than rewritten atomically: the log grows with the run,
+    and a torn last line is dropped on resume, when the file is rewritten (atomically) up to
+    the checkpoint's step.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Path, enabled: bool, resume_step: Optional[int]):
+        self.enabled = enabled
+        self.fh = None
+        self.tb = None
+        if not enabled:
+            return
+        rows: list[dict] = []
+        if resume_step is not None and path.exists():
+            rows = [r for r in _read_jsonl_tolerant(path) if r.get("step", 0) <= resume_step]
+        atomic_write_jsonl(path, rows)
+        self.fh = open(path, "a", encoding="utf-8")
+        try:  # here, not at the top: tensorboard is optional and only rank 0 of a training run needs it
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
+
+    def write(self, row: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _read_jsonl_tolerant(path: Path) -> list[dict]:
+    try:
+        return read_jsonl(path)
+    except ValueError:  # a line torn by a kill: keep the complete ones
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+        return rows
+
+
+def format_value(v: Any) -> str:
+    """A metric for the console: 4 significant digits, scientific below 1e-3."""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+class Interval:
+    """Sums over the updates since the last log line."""
+
+    def __init__(self):
+        self.updates = 0
+        self.loss = 0.0
+        self.sample_size = 0.0
+        self.samples = 0.0
+        self.seconds = 0.0
+        self.gnorm = 0.0
+        self.metrics: dict[str, float] = {}
+        self.last: Optional[UpdateResult] = None
+
+    def add(self, u: UpdateResult, seconds: float) -> None:
+        self.seconds += seconds
+        self.samples += u.num_samples
+        self.last = u
+        if not u.finite:
+            return
+        self.updates += 1
+        self.loss += u.loss
+        self.sample_size += u.sample_size
+        self.gnorm += u.gnorm
+        for k, v in u.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def audio_per_second(self) -> float:
+        return self.samples / SAMPLE_RATE / max(self.seconds, 1e-9)
+
+    def row(self, step: int, epoch: int, skipped: int, wall: float, extra: Optional[dict] = None) -> dict:
+        """The metrics.jsonl line: means over the interval's finite updates; `extra` is appended
+        (the engine's loss scale and peak memory, when they apply)."""
+        n = max(1, self.updates)
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.loss / max(self.sample_size, 1e-12),
+            "lr": self.last.lr if self.last is not None else 0.0,
+            "gnorm": self.gnorm / n,
+            "sample_size": self.sample_size / n,
+            **{k: v / n for k, v in self.metrics.items()},
+            "audio_s_per_s": self.audio_per_second(),
+            "skipped": skipped,
+            "wall": round(wall, 3),
+            **(extra or {}),
+        }
+
+
+def bar_text(u: UpdateResult, interval: Interval) -> str:
+    """The progress bar's text after update `u`."""
+    if not u.finite:
+        return "skipped (non-finite)"
+    parts = [f"loss {u.loss / max(u.sample_size, 1e-12):.4g}", f"lr {u.lr:.2e}"]
+    parts += [f"{k} {format_value(v)}" for k, v in u.metrics.items()]
+    parts.append(f"{interval.audio_per_second():.0f} audio-s/s")
+    return "  ".join(parts)
