@@ -46,7 +46,8 @@ from d2vcli.decode import (  # noqa: E402
     BeamOptions, BeamPool, SearchSpec, greedy_decode, save_emissions, simulate_emissions,
 )
 from d2vcli.evaluate import wer  # noqa: E402
-from d2vcli.lm import kenlm_cache_dir, prepare_lm  # noqa: E402
+from d2vcli.lm.kenlm_tools import kenlm_cache_dir  # noqa: E402
+from d2vcli.lm.prepare import prepare_lm  # noqa: E402
 from d2vcli.vocab import LIBRISPEECH_LETTERS, Vocab  # noqa: E402
 from d2vcli.workspace import Workspace  # noqa: E402
 

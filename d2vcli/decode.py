@@ -72,7 +72,7 @@ from d2vcli.audio import SAMPLE_RATE
 from d2vcli.errors import UserError
 from d2vcli.config import DecodeConfig
 from d2vcli.fileio import atomic_open, atomic_write_text
-from d2vcli.lm import (
+from d2vcli.lm.formats import (
     LMError, check_lexicon_against_lm, dictionary_case, is_letter_lm, load_kenlm, read_lexicon, resolve_lm,
     workspace_lm,
 )

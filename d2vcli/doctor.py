@@ -134,7 +134,8 @@ def _kenlm_module() -> Check:
 
 
 def _kenlm_tools(build: bool) -> Check:
-    from d2vcli.lm import APT_FIX, LMError, find_kenlm_tools, kenlm_build_problems, kenlm_cache_dir, locate_kenlm_tools
+    from d2vcli.lm.formats import LMError
+    from d2vcli.lm.kenlm_tools import APT_FIX, find_kenlm_tools, kenlm_build_problems, kenlm_cache_dir, locate_kenlm_tools
 
     tools = locate_kenlm_tools()
     if tools is None and build:

@@ -347,7 +347,7 @@ def write_split_artefacts(out_dir: Path, split: str, tag: str, ids: Sequence[str
 
 
 def _case(texts: Sequence[str]) -> str:
-    from d2vcli.lm import word_case
+    from d2vcli.lm.formats import word_case
 
     return word_case(w for t in texts for w in t.split())
 

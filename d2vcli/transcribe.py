@@ -40,7 +40,7 @@ from d2vcli.decode import (
     greedy_decode, load_tuned, resolve_device, run_name, word_timings,
 )
 from d2vcli.fileio import atomic_write_text
-from d2vcli.lm import resolve_lm, workspace_lm
+from d2vcli.lm.formats import resolve_lm, workspace_lm
 
 
 @dataclass

@@ -24,7 +24,8 @@ from d2vcli.decode import (
     save_emissions, simulate_emissions, tune_lm, word_timings,
 )
 from d2vcli.evaluate import wer
-from d2vcli.lm import LMError, prepare_lm
+from d2vcli.lm.formats import LMError
+from d2vcli.lm.prepare import prepare_lm
 from d2vcli.manifest import read_manifest
 from d2vcli.model import Data2VecForCTC
 from d2vcli.vocab import Vocab
