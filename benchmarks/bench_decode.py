@@ -46,7 +46,8 @@ from d2vcli.decode.emissions import save_emissions  # noqa: E402
 from d2vcli.decode.search import BeamOptions, BeamPool, SearchSpec, greedy_decode  # noqa: E402
 from d2vcli.decode.simulate import simulate_emissions  # noqa: E402
 from d2vcli.scoring import wer  # noqa: E402
-from d2vcli.lm import kenlm_cache_dir, prepare_lm  # noqa: E402
+from d2vcli.lm.kenlm_tools import kenlm_cache_dir  # noqa: E402
+from d2vcli.lm.prepare import prepare_lm  # noqa: E402
 from d2vcli.vocab import LIBRISPEECH_LETTERS, Vocab  # noqa: E402
 from d2vcli.workspace import Workspace  # noqa: E402
 

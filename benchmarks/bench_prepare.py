@@ -27,7 +27,9 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from d2vcli import prepare as P  # noqa: E402
+from d2vcli.prepare.folder import prepare_folder  # noqa: E402
+from d2vcli.prepare.pipeline import scan_headers  # noqa: E402
+from d2vcli.synthetic import generate_corpus  # noqa: E402
 from d2vcli.workspace import Workspace  # noqa: E402
 
 
@@ -64,12 +66,12 @@ def main() -> None:
         t = timed(lambda: make_files(root, args.files))
         print(f"generated {args.files} files in {t:.1f} s")
         paths = sorted(root.rglob("*.flac"))
-        P.scan_headers(paths, workers=1)  # warm the page cache for everyone
+        scan_headers(paths, workers=1)  # warm the page cache for everyone
 
         n = len(paths)
-        serial = timed(lambda: P.scan_headers(paths, workers=1))
-        proc = timed(lambda: P.scan_headers(paths, workers=args.workers, pool="process"))
-        thread = timed(lambda: P.scan_headers(paths, workers=args.workers, pool="thread"))
+        serial = timed(lambda: scan_headers(paths, workers=1))
+        proc = timed(lambda: scan_headers(paths, workers=args.workers, pool="process"))
+        thread = timed(lambda: scan_headers(paths, workers=args.workers, pool="thread"))
         print(f"header scan, {n} files:")
         print(f"  one process        {n / serial:9.0f} files/s")
         print(f"  process pool x{args.workers}    {n / proc:9.0f} files/s   ({serial / proc:.2f}x one process)")
@@ -77,15 +79,13 @@ def main() -> None:
         print(f"  process / thread   {thread / proc:9.2f}x")
 
         ws = Workspace.resolve(Path(tmp) / "ws")
-        full = timed(lambda: P.prepare_folder(ws, root, split="bench", workers=args.workers))
-        rerun = timed(lambda: P.prepare_folder(ws, root, split="bench", workers=args.workers))
-        status = P.prepare_folder(ws, root, split="bench", workers=args.workers).splits[0].status
+        full = timed(lambda: prepare_folder(ws, root, split="bench", workers=args.workers))
+        rerun = timed(lambda: prepare_folder(ws, root, split="bench", workers=args.workers))
+        status = prepare_folder(ws, root, split="bench", workers=args.workers).splits[0].status
         print(f"prepare folder (walk + scan + validate + write): {n / full:9.0f} files/s ({full:.2f} s)")
         print(f"re-run ({status}):                          {n / rerun:9.0f} files/s ({rerun:.2f} s)")
 
         if args.synthetic:
-            from d2vcli.synthetic import generate_corpus
-
             t = timed(lambda: generate_corpus(Path(tmp) / "synthetic", size="demo"))
             print(f"synthetic demo corpus generated in {t:.1f} s (one process)")
 

@@ -404,7 +404,7 @@ def prepare_lm_cmd(
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Build the KenLM binary + lexicon in <workdir>/lm/ and validate them (OOV, perplexity, case)."""
-    from d2vcli.lm import prepare_lm, print_report
+    from d2vcli.lm.prepare import prepare_lm, print_report
 
     with _UserErrors():
         report = prepare_lm(Workspace.resolve(workdir), arpa=arpa, text=text, order=order, unit=unit, words=words,

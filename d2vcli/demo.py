@@ -110,8 +110,8 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     """Run the six stages in `ws`; returns the evaluation and where every artefact is."""
     from d2vcli.decode.run import decode
     from d2vcli.evaluate import evaluate
-    from d2vcli.lm import prepare_lm, print_report
-    from d2vcli.prepare import default_synthetic_dir, prepare_synthetic
+    from d2vcli.lm.prepare import prepare_lm, print_report
+    from d2vcli.prepare.synthetic import default_synthetic_dir, prepare_synthetic
     from d2vcli.pretrain import pretrain
 
     settings = settings or DemoSettings()

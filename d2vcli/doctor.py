@@ -34,7 +34,8 @@ import numpy as np
 
 from d2vcli.decode.search import FLASHLIGHT_FIX, KENLM_FIX, BeamOptions, BeamSearcher, SearchSpec, greedy_decode
 from d2vcli.decode.simulate import simulate_emissions
-from d2vcli.lm import APT_FIX, LMError, find_kenlm_tools, kenlm_build_problems, kenlm_cache_dir, locate_kenlm_tools
+from d2vcli.lm.formats import LMError
+from d2vcli.lm.kenlm_tools import APT_FIX, find_kenlm_tools, kenlm_build_problems, kenlm_cache_dir, locate_kenlm_tools
 from d2vcli.ui import table
 from d2vcli.vocab import Vocab
 

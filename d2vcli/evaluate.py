@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from d2vcli.decode.run import DecodeResult, decode
 from d2vcli.fileio import atomic_open, atomic_write_text
-from d2vcli.lm import word_case
+from d2vcli.lm.formats import word_case
 from d2vcli.scoring import ErrorCounts, score
 from d2vcli.ui import console, table
 

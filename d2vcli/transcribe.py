@@ -45,7 +45,7 @@ from d2vcli.decode.search import BeamOptions, BeamSearcher, greedy_decode
 from d2vcli.decode.timings import WordTiming, word_timings
 from d2vcli.decode.tuning import load_tuned
 from d2vcli.fileio import atomic_write_text
-from d2vcli.lm import resolve_lm, workspace_lm
+from d2vcli.lm.formats import resolve_lm, workspace_lm
 from d2vcli.manifest import num_frames
 from d2vcli.models.audio import receptive_field
 from d2vcli.ui import err_console as console  # stdout carries the transcripts

@@ -125,7 +125,7 @@ def finetuned_tiny(synthetic_workspace, pretrained_tiny):
 @pytest.fixture(scope="session")
 def kenlm_tools():
     """lmplz and build_binary: from PATH or the cache, built there on first use (once per machine, 1-2 min)."""
-    from d2vcli.lm import find_kenlm_tools
+    from d2vcli.lm.kenlm_tools import find_kenlm_tools
 
     return find_kenlm_tools(build=True)
 
@@ -134,7 +134,7 @@ def kenlm_tools():
 def synthetic_lm(synthetic_workspace, kenlm_tools):
     """`LMReport` of a word 4-gram + lexicon built from the synthetic corpus's lm-text.txt into
     <synthetic_workspace>/lm/ (4gram.bin, lexicon.txt, report.json); `d2v decode` there then uses it by default."""
-    from d2vcli.lm import prepare_lm
+    from d2vcli.lm.prepare import prepare_lm
 
     text = synthetic_workspace.root / "corpus" / "synthetic" / "lm-text.txt"
     return prepare_lm(synthetic_workspace, text=text, order=4, memory="64M")

@@ -29,7 +29,8 @@ from d2vcli.decode.timings import word_timings
 from d2vcli.decode.tuning import tune_lm
 from d2vcli.doctor import run_checks
 from d2vcli.evaluate import evaluate
-from d2vcli.lm import LMError, prepare_lm
+from d2vcli.lm.formats import LMError
+from d2vcli.lm.prepare import prepare_lm
 from d2vcli.scoring import wer
 from d2vcli.manifest import read_manifest
 from d2vcli.models.audio import Data2VecForCTC

@@ -12,8 +12,13 @@ import subprocess
 
 import pytest
 
-from d2vcli import lm as lmmod
-from d2vcli.lm import LMError, prepare_lm, read_arpa_unigrams, read_lexicon, resolve_lm
+from d2vcli.lm import kenlm_tools
+from d2vcli.lm.formats import (
+    LMError, check_lexicon_against_lm, is_letter_lm, load_kenlm, read_arpa_unigrams, read_lexicon, resolve_lm,
+    workspace_lm,
+)
+from d2vcli.lm.kenlm_tools import find_kenlm_tools
+from d2vcli.lm.prepare import prepare_lm
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 
@@ -39,7 +44,7 @@ def test_prepare_lm_from_text_builds_binary_lexicon_and_report(synthetic_workspa
     # Lexicon: every LM word (no <s>, </s>, <unk>) spelled in the dictionary's letters, ending with |.
     vocab = Vocab.load(synthetic_workspace.dictionary)
     lex = read_lexicon(lm_dir / "lexicon.txt", vocab)
-    model = lmmod.load_kenlm(r.lm)
+    model = load_kenlm(r.lm)
     assert len(lex.words) == r.lexicon_words == r.vocabulary - 3 and all(w in model for w in lex.words)
     assert ("HORSE", ["H", "O", "R", "S", "E", "|"]) in lex.entries
     assert all("\t" in line for line in (lm_dir / "lexicon.txt").read_text().splitlines())
@@ -51,7 +56,7 @@ def test_prepare_lm_from_text_builds_binary_lexicon_and_report(synthetic_workspa
         assert 1.0 < d.perplexity < 80.0  # ~80-word vocabulary; a broken LM would be near or above it
     saved = json.loads((lm_dir / "report.json").read_text())
     assert saved["lm"] == r.lm and saved["dev"][0]["oov_rate"] == 0.0
-    assert lmmod.workspace_lm(synthetic_workspace) == lm_dir / "4gram.bin"
+    assert workspace_lm(synthetic_workspace) == lm_dir / "4gram.bin"
 
 
 def _lower_case_arpa(src: Workspace, tmp_path):
@@ -59,7 +64,7 @@ def _lower_case_arpa(src: Workspace, tmp_path):
     arpa = tmp_path / "lower.arpa.gz"
     text = tmp_path / "lower.txt"
     text.write_text(lm_text(src).read_text().lower())
-    tools = lmmod.find_kenlm_tools()
+    tools = find_kenlm_tools()
     raw = subprocess.run([str(tools.lmplz), "-o", "3", "-S", "64M", "--discount_fallback", "--text", str(text),
                           "-T", str(tmp_path) + "/"], capture_output=True, check=True).stdout
     with gzip.open(arpa, "wb") as fh:
@@ -121,10 +126,10 @@ def test_decode_time_check_catches_a_lexicon_in_the_wrong_case(synthetic_workspa
     lower = tmp_path / "lexicon.txt"
     lower.write_text("".join(f"{w.lower()}\t{' '.join(w)} |\n" for w in ("HORSE", "LAKE", "HARBOR")))
     with pytest.raises(LMError, match="case mismatch"):
-        lmmod.check_lexicon_against_lm(read_lexicon(lower, vocab), synthetic_lm.lm, vocab)
+        check_lexicon_against_lm(read_lexicon(lower, vocab), synthetic_lm.lm, vocab)
     good = tmp_path / "good.txt"
     good.write_text("".join(f"{w}\t{' '.join(w)} |\n" for w in ("HORSE", "LAKE", "HARBOR")))
-    lmmod.check_lexicon_against_lm(read_lexicon(good, vocab), synthetic_lm.lm, vocab)
+    check_lexicon_against_lm(read_lexicon(good, vocab), synthetic_lm.lm, vocab)
 
 
 def test_missing_lm_error_names_the_path_and_how_to_build_one(tmp_path):
@@ -142,8 +147,8 @@ def test_letter_lm_for_lexicon_free_decoding(synthetic_workspace, kenlm_tools, t
     corpus.write_bytes(gzip.compress(lm_text(synthetic_workspace).read_bytes()))
     r = prepare_lm(ws, text=corpus, order=6, unit="letter", memory="64M")
     assert r.unit == "letter" and r.lexicon is None and r.lm.endswith("letter-6gram.bin")
-    model = lmmod.load_kenlm(r.lm)
-    assert lmmod.is_letter_lm(model) and "H" in model and "HORSE" not in model
+    model = load_kenlm(r.lm)
+    assert is_letter_lm(model) and "H" in model and "HORSE" not in model
     assert all(d.perplexity < 20 for d in r.dev)  # letters are far more predictable than words
 
 
@@ -161,9 +166,9 @@ def test_bad_inputs_are_clear_errors(synthetic_workspace, tmp_path):
 
 def test_unbuildable_tools_error_lists_the_debian_packages(tmp_path, monkeypatch):
     monkeypatch.setenv("D2V_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(lmmod.shutil, "which", lambda name: None)  # no lmplz, no cmake, no compiler
+    monkeypatch.setattr(kenlm_tools.shutil, "which", lambda name: None)  # no lmplz, no cmake, no compiler
     with pytest.raises(LMError) as e:
-        lmmod.find_kenlm_tools(build=True)
+        find_kenlm_tools(build=True)
     msg = str(e.value)
     assert "cmake is not installed" in msg
     for pkg in ("cmake", "libboost-program-options-dev", "libboost-system-dev", "libboost-thread-dev",
@@ -174,7 +179,7 @@ def test_unbuildable_tools_error_lists_the_debian_packages(tmp_path, monkeypatch
 
 def test_kenlm_tools_are_cached_and_run(kenlm_tools):
     assert kenlm_tools.source in ("path", "cache", "built")
-    again = lmmod.find_kenlm_tools(build=False)
+    again = find_kenlm_tools(build=False)
     assert again.lmplz == kenlm_tools.lmplz and again.build_binary == kenlm_tools.build_binary
     out = subprocess.run([str(kenlm_tools.build_binary)], capture_output=True, text=True)
     assert "probing" in out.stdout + out.stderr

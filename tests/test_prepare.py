@@ -18,6 +18,11 @@ from d2vcli import prepare as P
 from d2vcli.audio import AudioError, read_audio, resample, to_mono_16k
 from d2vcli.cli import app
 from d2vcli.manifest import read_manifest
+from d2vcli.prepare import pipeline
+from d2vcli.prepare.librilight import vad_segments
+from d2vcli.prepare.librilight_limited import LIMITED_SPLITS
+from d2vcli.prepare.librispeech import ENV_LIBRISPEECH
+from d2vcli.prepare.pipeline import scan_headers
 from d2vcli.vocab import LIBRISPEECH_LETTERS, Vocab
 from d2vcli.workspace import Workspace
 
@@ -89,10 +94,10 @@ def test_librispeech_walks_audio_and_sorts(ws, libri):
 
 
 def test_librispeech_root_and_split_errors(ws, libri, monkeypatch):
-    monkeypatch.delenv(P.ENV_LIBRISPEECH, raising=False)
+    monkeypatch.delenv(ENV_LIBRISPEECH, raising=False)
     with pytest.raises(P.PrepareError, match="pass --root .* or set \\$D2V_LIBRISPEECH"):
         P.prepare_librispeech(ws)
-    monkeypatch.setenv(P.ENV_LIBRISPEECH, str(libri / "LibriSpeech"))  # the LibriSpeech/ dir itself works too
+    monkeypatch.setenv(ENV_LIBRISPEECH, str(libri / "LibriSpeech"))  # the LibriSpeech/ dir itself works too
     summary = P.prepare_librispeech(ws, splits=["test-clean"])
     assert [s.split for s in summary.splits] == ["test-clean"]
     with pytest.raises(P.PrepareError, match="train-clean-100 not found .*found: dev-clean, test-clean"):
@@ -190,7 +195,7 @@ def test_librilight_limited_subsets_and_folds(ws, tmp_path):
         expected["9h"].add(f"{spk}-20-0000")
     (root / "phones").mkdir()
     P.prepare_librilight_limited(ws, tmp_path)  # the parent of librispeech_finetuning/ works too
-    ids = {s: {r.id for r in read_manifest(ws.manifest(s))} for s in P.LIMITED_SPLITS}
+    ids = {s: {r.id for r in read_manifest(ws.manifest(s))} for s in LIMITED_SPLITS}
     assert ids["train-10min"] == expected["0"]
     assert ids["train-1h"] == expected["0"] | expected["1"]
     assert ids["train-10h"] == expected["0"] | expected["1"] | expected["9h"]
@@ -203,7 +208,7 @@ def test_librilight_limited_subsets_and_folds(ws, tmp_path):
 def test_vad_segments_group_chunks_within_the_limit():
     # Chunks (s): two short ones close together, one 25 s chunk, then short ones again.
     vad = [[0.5, 2.0], [2.5, 5.0], [6.0, 31.0], [31.5, 33.0], [34.0, 36.0], [36.2, 50.0]]
-    segs = P.vad_segments(vad, num_samples=45 * SR, max_seconds=10)
+    segs = vad_segments(vad, num_samples=45 * SR, max_seconds=10)
     sec = [(o / SR, (o + n) / SR) for o, n in segs]
     assert sec[0] == (0.5, 5.0)  # two chunks and the pause between them
     assert all(n <= 10 * SR for _, n in segs)
@@ -212,7 +217,7 @@ def test_vad_segments_group_chunks_within_the_limit():
     assert [round(b - a, 3) for a, b in sec[1:4]] == [8.333, 8.333, 8.333]
     # Grouping keeps inner pauses; the last chunk is clipped to the file's end (45 s).
     assert sec[4:] == [(31.5, 36.0), (36.2, 45.0)]
-    assert P.vad_segments([], 10 * SR, 30) == []
+    assert vad_segments([], 10 * SR, 30) == []
 
 
 def test_librilight_unlabeled_segments(ws, tmp_path):
@@ -347,19 +352,19 @@ def test_fairseq_export_refuses_segments(ws, tmp_path):
 
 
 def test_scan_headers_pool_matches_serial(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "POOL_MIN_FILES", 0)  # use the pools even for 7 files
+    monkeypatch.setattr(pipeline, "POOL_MIN_FILES", 0)  # use the pools even for 7 files
     paths = [_write(tmp_path / f"{k}.flac", seconds=0.05 * (k + 1)) for k in range(6)]
     (tmp_path / "bad.flac").write_bytes(b"not audio")
     paths.append(tmp_path / "bad.flac")
-    serial = P.scan_headers(paths, workers=1)
+    serial = scan_headers(paths, workers=1)
     assert [h.frames for h in serial[:6]] == [int(0.05 * (k + 1) * SR) for k in range(6)]
     assert serial[6].error.startswith("unreadable")
     for pool in ("process", "thread"):
-        assert P.scan_headers(paths, workers=2, pool=pool, batch=2) == serial
+        assert scan_headers(paths, workers=2, pool=pool, batch=2) == serial
 
 
 def test_cli_prepare_librispeech(tmp_path, libri, monkeypatch):
-    monkeypatch.delenv(P.ENV_LIBRISPEECH, raising=False)
+    monkeypatch.delenv(ENV_LIBRISPEECH, raising=False)
     runner = CliRunner()
     res = runner.invoke(app, ["prepare", "librispeech", "-w", str(tmp_path / "w")])
     assert res.exit_code == 2 and "--root" in res.output

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from d2vcli.audio import read_audio, resample, to_mono_16k
 from d2vcli.config import BASE_CONV_LAYERS
-from d2vcli.lm import read_lexicon
+from d2vcli.lm.formats import read_lexicon
 from d2vcli.manifest import num_frames, read_manifest
 from d2vcli.models.audio import receptive_field
 from d2vcli.transcribe import frame_windows, transcribe

@@ -30,7 +30,7 @@ from d2vcli.decode.search import (
 )
 from d2vcli.decode.tuning import TuneResult, load_tuned, save_tuned, tune_lm
 from d2vcli.fileio import atomic_open
-from d2vcli.lm import (
+from d2vcli.lm.formats import (
     LMError, check_lexicon_against_lm, dictionary_case, is_letter_lm, load_kenlm, read_lexicon, resolve_lm,
     workspace_lm,
 )
