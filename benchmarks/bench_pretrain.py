@@ -13,8 +13,9 @@ of the engine's own audio_s_per_s. On top of that it reports:
 - conv passes per micro-batch: forward calls of the conv feature encoder counted with a hook (1 means
   the teacher reuses the student's features and adds no conv-encoder pass), and teacher passes;
 - MFU on GPU: achieved FLOP/s over the GPU's dense bf16 peak, with 55.3 GFLOP per audio-second for
-  base (student fwd+bwd 45 + teacher transformer fwd 10.1, performance.md §6.2) and 151 for large
-  (student fwd+bwd 117 + teacher transformer fwd 34, the same method on §6.1's large column).
+  base (student fwd+bwd 45 + teacher transformer fwd 10.1: 2 FLOPs per multiply-add of every conv,
+  linear and attention product at 50 frames/s, backward = 2x forward) and 151 for large
+  (student fwd+bwd 117 + teacher transformer fwd 34, the same count).
 
 CPU cases use small batches (a few seconds of audio) so they finish in a few minutes on 2 cores. On a
 shared machine pass --threads 1: idle OpenMP threads spinning against other processes can make

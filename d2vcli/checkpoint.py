@@ -17,6 +17,11 @@ Loading uses `torch.load(weights_only=True)`: tensors, dicts, lists, numbers and
 strings only. A file that needs arbitrary unpickling (fairseq's argparse
 Namespace, numpy objects...) is refused unless the user passes
 --trust-checkpoint, because unpickling runs code from the file.
+
+This module owns the format: `make_state` builds every checkpoint (engine, interop, demo),
+`load_checkpoint`/`peek_kind`/`arch_of`/`vocab_of` read them, and the run-directory rules
+live here too: `latest` (what `--resume` continues), best.pt over last.pt, and finding a
+checkpoint by path, run directory or run name. `d2vcli.models.loading` builds the network.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
+from d2vcli.config import ModelConfig, from_dict
 from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_open
 from d2vcli.ui import err_console
@@ -137,15 +143,109 @@ def checkpoint_bytes(state: dict) -> bytes:
     return buf.getvalue()
 
 
+def peek_kind(path: Path) -> Optional[str]:
+    """A checkpoint's kind without reading its tensors (memory-mapped load); None if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable files are simply not candidates
+        return None
+    return state.get(KIND_KEY) if isinstance(state, dict) else None
+
+
+# ----------------------------------------------------------------------------- building and reading a state
+
+
+def make_state(kind: str, *, config: dict, arch: dict, normalize: bool, model: dict,
+               teacher: Optional[dict] = None, vocab: Optional[Sequence[str]] = None,
+               source: Any = None, **training: Any) -> dict:
+    """The one constructor of a checkpoint dict.
+
+    `kind` "pretrain" carries the EMA `teacher` (may be None for a random or student-only
+    model); "ctc" carries the `vocab` letters (specials excluded). `training` holds the engine's
+    resume keys (optimizer, scheduler, scaler, rng, data_position, step, engine) by their key names.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    if kind == "ctc" and not vocab:
+        raise ValueError("a ctc checkpoint needs its vocabulary")
+    state = {FORMAT_VERSION_KEY: FORMAT_VERSION, KIND_KEY: kind, CONFIG_KEY: config, ARCH_KEY: arch,
+             NORMALIZE_KEY: bool(normalize), MODEL_KEY: model}
+    if kind == "ctc":
+        state[VOCAB_KEY] = list(vocab)
+    elif teacher is not None:
+        state[TEACHER_KEY] = teacher
+    if source is not None:
+        state[SOURCE_KEY] = source
+    unknown = set(training) - TRAINING_KEYS
+    if unknown:
+        raise ValueError(f"unknown checkpoint keys {sorted(unknown)}")
+    state.update(training)
+    return state
+
+
+TRAINING_KEYS = {OPTIMIZER_KEY, SCHEDULER_KEY, SCALER_KEY, RNG_KEY, DATA_POSITION_KEY, STEP_KEY, ENGINE_KEY}
+
+
+def arch_of(state: dict, path: Path | str = "checkpoint") -> ModelConfig:
+    """The architecture stored with the weights."""
+    if ARCH_KEY not in state:
+        raise CheckpointError(f"{path} has no '{ARCH_KEY}' entry; it is not a complete d2v checkpoint")
+    return from_dict(state[ARCH_KEY], ModelConfig)
+
+
+def vocab_of(state: dict, path: Path | str = "checkpoint") -> Vocab:
+    """A ctc checkpoint's letter dictionary (older files may list the specials first)."""
+    letters = list(state.get(VOCAB_KEY) or [])
+    if letters[: len(SPECIALS)] == list(SPECIALS):
+        letters = letters[len(SPECIALS):]
+    if not letters:
+        raise CheckpointError(f"{path} has no vocabulary ('{VOCAB_KEY}'); it cannot be decoded. Re-export it.")
+    return Vocab(tuple(letters))
+
+
+def checkpoint_vocab(path: Path, trust: bool = False) -> Vocab:
+    """A ctc checkpoint's dictionary, read without loading its tensors into memory."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - fall back to the full, checked load (clear errors, --trust-checkpoint)
+        state = load_checkpoint(path, expect_kind="ctc", trust=trust)
+    if not isinstance(state, dict) or state.get(KIND_KEY) != "ctc":
+        state = load_checkpoint(path, expect_kind="ctc", trust=trust)  # raises the kind/format error
+    return vocab_of(state, path)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def step_of(path: Path) -> Optional[int]:
+    """N for step-N.pt, else None."""
+    stem = Path(path).stem
+    if not stem.startswith("step-") or not stem[5:].isdigit():
+        return None
+    return int(stem[5:])
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's step-N.pt files as (N, path), oldest first."""
+    found = [(step_of(p), p) for p in Path(run_dir).glob("step-*.pt")]
+    return sorted((n, p) for n, p in found if n is not None)
+
+
+def latest(run_dir: Path) -> Optional[Path]:
+    """The checkpoint `--resume` continues from: last.pt, else the newest step-N.pt, else None."""
+    run_dir = Path(run_dir)
+    if (run_dir / LAST).is_file():
+        return run_dir / LAST
+    steps = step_checkpoints(run_dir) if run_dir.is_dir() else []
+    return steps[-1][1] if steps else None
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
     """Delete old step-N.pt files, keeping the newest `keep_last` and multiples of `keep_every`."""
-    steps = []
-    for p in Path(run_dir).glob("step-*.pt"):
-        try:
-            steps.append((int(p.stem.split("-", 1)[1]), p))
-        except ValueError:
-            continue
-    steps.sort()
+    steps = step_checkpoints(run_dir)
     doomed = steps[:-keep_last] if keep_last > 0 else steps
     for step, p in doomed:
         if keep_every and step % keep_every == 0:
@@ -156,60 +256,37 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
             pass
 
 
-def load_ctc_model(path: Path, trust: bool = False):
-    """A fine-tuned CTC checkpoint, ready for inference.
+def run_names(ws) -> list[str]:
+    return sorted(d.name for d in ws.runs_dir.iterdir() if d.is_dir()) if ws.runs_dir.exists() else []
 
-    Returns (Data2VecForCTC in eval mode on CPU, Vocab from the checkpoint, normalize flag, state).
-    The vocabulary and the normalize flag always come from the checkpoint, never from the data
-    directory, so inference cannot pair a model with the wrong dictionary or input scaling.
+
+def find_checkpoint(ws, ref: str | Path, prefer: str = BEST) -> Path:
+    """A checkpoint from a file path, a run directory or a run name in workspace `ws`.
+
+    In a directory, `prefer` (best.pt) wins over last.pt.
     """
-    from d2vcli.config import ModelConfig, from_dict
-    from d2vcli.models.audio import Data2VecForCTC, build_backbone
-    from d2vcli.vocab import SPECIALS, Vocab
-
-    path = Path(path)
-    state = load_checkpoint(path, expect_kind="ctc", trust=trust)
-    letters = list(state.get(VOCAB_KEY) or [])
-    if letters[: len(SPECIALS)] == list(SPECIALS):
-        letters = letters[len(SPECIALS):]
-    if not letters:
-        raise CheckpointError(f"{path} has no vocabulary ('{VOCAB_KEY}'); it cannot be decoded. Re-export it.")
-    vocab = Vocab(tuple(letters))
-    arch = from_dict(state[ARCH_KEY], ModelConfig)
-    model = Data2VecForCTC(build_backbone(arch), len(vocab))
-    missing, unexpected = model.load_state_dict(state[MODEL_KEY], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: the weights do not fit the architecture stored with them "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). The file is damaged or was edited."
-        )
-    model.eval()
-    return model, vocab, bool(state.get(NORMALIZE_KEY, True)), state
-
-
-# --- moved from decode (to be consolidated)
-
-
-def peek_kind(path: Path) -> Optional[str]:
-    """A checkpoint's kind without reading its tensors (memory-mapped load)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - unreadable files are simply not candidates
-        return None
-    return state.get(KIND_KEY) if isinstance(state, dict) else None
+    p = Path(ref).expanduser()
+    candidates = [p] if p.suffix else []
+    for d in (p, ws.run_dir(str(ref))):
+        candidates += [d / prefer, d / LAST]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    runs = run_names(ws)
+    hint = f" Runs in {ws.runs_dir}: {', '.join(runs)}." if runs else ""
+    raise FileNotFoundError(f"no checkpoint found for '{ref}' (tried a file, a run directory and a run name).{hint}")
 
 
 def find_ctc_checkpoint(ws, ref: Optional[str | Path] = None) -> Path:
     """`ref` (path, run dir or run name), else the newest fine-tuned run's best.pt (or last.pt)."""
     if ref:
-        return ws.find_checkpoint(str(ref))
+        return find_checkpoint(ws, ref)
     candidates = []
-    if ws.runs_dir.exists():
-        for d in ws.runs_dir.iterdir():
-            for name in ("best.pt", "last.pt"):
-                if (d / name).is_file():
-                    candidates.append(d / name)
-                    break
+    for name in run_names(ws):
+        for file in (BEST, LAST):
+            if (ws.run_dir(name) / file).is_file():
+                candidates.append(ws.run_dir(name) / file)
+                break
     candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for p in candidates:
         if peek_kind(p) == "ctc":
@@ -232,17 +309,3 @@ def run_name(ws, checkpoint: Path) -> str:
         return rel.parts[0]
     except ValueError:
         return checkpoint.stem
-
-
-def checkpoint_vocab(path: Path, trust: bool) -> Vocab:
-    """The checkpoint's dictionary, read without building the model."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - fall back to the full, checked load (clear errors, --trust-checkpoint)
-        state = load_checkpoint(path, expect_kind="ctc", trust=trust)
-    if not isinstance(state, dict) or state.get(KIND_KEY) != "ctc":
-        state = load_checkpoint(path, expect_kind="ctc", trust=trust)  # raises the kind/format error
-    letters = list(state.get(VOCAB_KEY) or [])
-    if letters[: len(SPECIALS)] == list(SPECIALS):
-        letters = letters[len(SPECIALS):]
-    return Vocab(tuple(letters))

@@ -348,9 +348,10 @@ def export_hf_cmd(
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder."""
+    from d2vcli.checkpoint import find_checkpoint
     from d2vcli.interop import export_hf
 
-    path = Workspace.resolve(workdir).find_checkpoint(checkpoint)
+    path = find_checkpoint(Workspace.resolve(workdir), checkpoint)
     for written in export_hf(path, out_dir, trust=trust):
         console.print(f"wrote {written}", markup=False)
 

@@ -26,6 +26,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from d2vcli.errors import UserError
+from d2vcli.fileio import atomic_write_text
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -79,6 +80,14 @@ class ModelConfig:
     pos_conv_groups: int = f(16, "Groups of each positional conv layer.")
     feature_grad_mult: float = f(1.0, "Gradient scale into the conv feature encoder; 0 freezes it.")
     layer_norm_eps: float = f(1e-5, "LayerNorm epsilon.")
+
+
+# The ModelConfig fields fine-tuning may change (fairseq's `arg_overrides` in
+# fairseq/models/wav2vec/wav2vec2_asr.py); all others are the architecture, which a checkpoint
+# fixes and a resumed run may not change.
+REGULARIZATION_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "layerdrop",
+                         "feature_grad_mult")
+ARCHITECTURE_FIELDS = tuple(fl.name for fl in dataclasses.fields(ModelConfig) if fl.name not in REGULARIZATION_FIELDS)
 
 
 @dataclass
@@ -455,8 +464,6 @@ def to_yaml(cfg: Any) -> str:
 
 
 def save(cfg: Any, path: Path) -> None:
-    from d2vcli.fileio import atomic_write_text
-
     atomic_write_text(Path(path), to_yaml(cfg))
 
 

@@ -26,7 +26,15 @@ from typing import Optional
 
 import torch
 
+from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
+from d2vcli.decode.run import decode
+from d2vcli.evaluate import evaluate
+from d2vcli.finetune import finetune
+from d2vcli.lm.prepare import prepare_lm, print_report
+from d2vcli.models.loading import build_model
+from d2vcli.prepare.synthetic import default_synthetic_dir, prepare_synthetic
+from d2vcli.pretrain import pretrain
 from d2vcli.ui import console, print_config, table
 
 PRETRAIN_RUN = "demo-pretrain"
@@ -75,29 +83,18 @@ def _updates(updates: Optional[int]) -> list[str]:
 def _random_init_checkpoint(ws, cfg: cfgmod.Config) -> Path:
     """A pretrain-kind checkpoint with untrained weights, so --compare-init fine-tunes from scratch
     through exactly the same code path as from the pretrained model."""
-    from d2vcli import checkpoint as ckpt
-    from d2vcli.models.audio import Data2VecForPretraining, build_backbone
-
     path = ws.run_dir(SCRATCH_INIT_RUN) / "last.pt"
     if path.exists():
         return path
     torch.manual_seed(cfg.train.seed)
-    model = Data2VecForPretraining(build_backbone(cfg.model))
-    ckpt.save_checkpoint(path, {
-        ckpt.KIND_KEY: "pretrain",
-        ckpt.CONFIG_KEY: cfgmod.to_dict(cfg),
-        ckpt.ARCH_KEY: cfgmod.to_dict(cfg.model),
-        ckpt.NORMALIZE_KEY: cfg.data.normalize,
-        ckpt.MODEL_KEY: model.state_dict(),
-        ckpt.STEP_KEY: 0,
-        ckpt.SOURCE_KEY: "random initialization (d2v demo --compare-init)",
-    })
+    model = build_model("pretrain", cfg.model)
+    ckpt.save_checkpoint(path, ckpt.make_state(
+        "pretrain", config=cfgmod.to_dict(cfg), arch=cfgmod.to_dict(cfg.model), normalize=cfg.data.normalize,
+        model=model.state_dict(), source="random initialization (d2v demo --compare-init)", step=0))
     return path
 
 
 def _finetune(ws, init: str, name: str, settings: DemoSettings):
-    from d2vcli.finetune import finetune
-
     cfg = cfgmod.resolve("finetune", preset="finetune-tiny",
                          overrides=[f"finetune.init={init}"] + _updates(settings.finetune_updates))
     result = finetune(cfg, ws, name=name, resume=True, preset="finetune-tiny")
@@ -108,11 +105,6 @@ def _finetune(ws, init: str, name: str, settings: DemoSettings):
 
 def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     """Run the six stages in `ws`; returns the evaluation and where every artefact is."""
-    from d2vcli.decode.run import decode
-    from d2vcli.evaluate import evaluate
-    from d2vcli.lm.prepare import prepare_lm, print_report
-    from d2vcli.prepare.synthetic import default_synthetic_dir, prepare_synthetic
-    from d2vcli.pretrain import pretrain
 
     settings = settings or DemoSettings()
     total = 6

@@ -321,17 +321,14 @@ class _Trainer:
     # -- checkpoints
 
     def _state(self) -> dict:
-        state = dict(self.task.checkpoint_state())
-        state.update({
-            ckpt.KIND_KEY: self.task.kind,
-            ckpt.MODEL_KEY: self.task.model.state_dict(),
+        return ckpt.make_state(self.task.kind, config=cfgmod.to_dict(self.cfg), model=self.task.model.state_dict(),
+                               **self.task.checkpoint_state(), **{
             ckpt.OPTIMIZER_KEY: self.optimizer.state_dict(),
             ckpt.SCHEDULER_KEY: {"kind": self.cfg.schedule.kind, "step": self.step},
             ckpt.SCALER_KEY: self.scaler.state_dict() if self.scaler is not None else {},
             ckpt.RNG_KEY: rng_state(),
             ckpt.DATA_POSITION_KEY: self.loader.state_dict(),
             ckpt.STEP_KEY: self.step,
-            ckpt.CONFIG_KEY: cfgmod.to_dict(self.cfg),
             ckpt.ENGINE_KEY: {
                 "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
                 "best": self.best, "best_metric": self.best_metric, "bad_validations": self.bad_validations,
@@ -339,7 +336,6 @@ class _Trainer:
                 "world_size": self.info.world_size,
             },
         })
-        return state
 
     def save(self, periodic: bool, best: bool = False) -> Optional[Path]:
         """Write last.pt (and step-N.pt / best.pt as hard links to it) on rank 0."""

@@ -60,25 +60,22 @@ from torch import Tensor, nn
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
-from d2vcli.config import Config, ConfigError, ModelConfig
+from d2vcli.config import REGULARIZATION_FIELDS, Config, ConfigError, ModelConfig
 from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
 from d2vcli.decode.search import greedy_batch
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
 from d2vcli.errors import UserError
 from d2vcli.manifest import Record, num_frames
-from d2vcli.models.audio import Data2VecForCTC, build_backbone, parameter_count
+from d2vcli.models.audio import Data2VecForCTC, parameter_count
+from d2vcli.models.loading import build_model
 from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
 from d2vcli.pretrain import check_manifests
-from d2vcli.run_dir import default_run_name, latest_checkpoint, prepare_run
+from d2vcli.run_dir import default_run_name, prepare_run
 from d2vcli.scoring import score
 from d2vcli.ui import console, print_config
 from d2vcli.vocab import BLANK, SPECIALS, Vocab
 
-# The fields of ModelConfig that fine-tuning may change; every other field is architecture and
-# comes from the pretrained checkpoint (fairseq's `arg_overrides` in wav2vec2_asr.py).
-REGULARIZATION_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "layerdrop",
-                         "feature_grad_mult")
 VALID_METRICS = ("wer", "cer", "loss")
 
 
@@ -147,7 +144,7 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
     With `resume` and a checkpoint in `run_dir`, that (ctc) checkpoint; otherwise the pretrained
     checkpoint `finetune.init` (a path, run directory or run name in the workspace).
     """
-    own = latest_checkpoint(run_dir) if resume and run_dir.exists() else None
+    own = ckpt.latest(run_dir) if resume else None
     if own is not None:
         path, kind = own, "ctc"
     else:
@@ -156,7 +153,7 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
                 "no pretrained model to fine-tune: pass --init RUN_OR_CHECKPOINT (or --set finetune.init=...), "
                 "e.g. the name of a `d2v pretrain` run in this workspace or a checkpoint from `d2v import`."
             )
-        path, kind = workspace.find_checkpoint(cfg.finetune.init), "pretrain"
+        path, kind = ckpt.find_checkpoint(workspace, cfg.finetune.init), "pretrain"
     try:
         state = ckpt.load_checkpoint(path, expect_kind=kind)
     except ckpt.CheckpointError as e:
@@ -225,7 +222,7 @@ def encoder_state(state: dict, init_from: str, path: Path) -> dict:
 def build_ctc_model(cfg: Config, vocab_size: int) -> Data2VecForCTC:
     """Data2VecForCTC for `cfg.model` (already the checkpoint's architecture); conv encoder frozen
     (requires_grad off) when feature_grad_mult is 0, as it then runs under no_grad anyway."""
-    model = Data2VecForCTC(build_backbone(cfg.model), vocab_size, cfg.finetune.final_dropout, blank=BLANK)
+    model = build_model("ctc", cfg.model, vocab_size, cfg.finetune.final_dropout)
     if cfg.model.feature_grad_mult == 0:
         model.backbone.feature_extractor.requires_grad_(False)
     return model

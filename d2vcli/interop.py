@@ -10,8 +10,7 @@ a pretrained import, decode/evaluate/transcribe from a CTC import.
 
 Each foreign format has one key-map table below (d2v name <-> foreign name, with
 `{i}` for a layer index and `{w}` for weight/bias); both directions are derived from
-it. Formats and the table itself: docs in /work/shared/reference/checkpoints.md §1-3
-(fairseq `data2vec_audio.py` / `wav2vec2_asr.py` at 3d262bb; transformers 5.23
+it. The formats are described in docs/checkpoints.md (fairseq `data2vec_audio.py` / `wav2vec2_asr.py` at 3d262bb; transformers 5.23
 `modeling_data2vec_audio.py`). No tensor needs a transpose.
 
 Conversions are all-or-nothing: every missing key, unexpected key and shape mismatch is
@@ -33,10 +32,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from safetensors.torch import load_file, save
 
 from d2vcli import checkpoint as ck
 from d2vcli import config as cfgmod
 from d2vcli.fileio import atomic_open, atomic_write_text
+from d2vcli.models.loading import expected_state
 from d2vcli.vocab import SPECIALS, Vocab
 from d2vcli.workspace import Workspace
 
@@ -158,14 +159,6 @@ def rename(state: dict, to_d2v) -> tuple[dict, list[str]]:
 # --------------------------------------------------------------------------- building and checking
 
 
-def build_model(kind: Kind, arch: dict, vocab_size: int = 0) -> torch.nn.Module:
-    """The d2v network for a checkpoint's kind and arch (a ModelConfig dict)."""
-    from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
-
-    backbone = build_backbone(cfgmod.from_dict(arch, cfgmod.ModelConfig))
-    return Data2VecForCTC(backbone, vocab_size) if kind == "ctc" else Data2VecForPretraining(backbone)
-
-
 def check_state_dict(state: dict, expected: dict, source: str, what: str = "model",
                      unknown: tuple[str, ...] = ()) -> None:
     """Raise InteropError listing every missing key, unexpected key and shape mismatch.
@@ -186,11 +179,6 @@ def check_state_dict(state: dict, expected: dict, source: str, what: str = "mode
     raise InteropError("\n".join(lines))
 
 
-def _expected_state(kind: Kind, arch: dict, vocab_size: int) -> dict:
-    with torch.device("meta"):  # shapes only: free even for the large model
-        return build_model(kind, arch, vocab_size).state_dict()
-
-
 def _make_checkpoint(kind: Kind, model_cfg: cfgmod.ModelConfig, normalize: bool, model_state: dict,
                      source: dict, vocab: Optional[Vocab] = None, teacher: Optional[dict] = None,
                      final_dropout: float = 0.0) -> dict:
@@ -200,20 +188,9 @@ def _make_checkpoint(kind: Kind, model_cfg: cfgmod.ModelConfig, normalize: bool,
     cfg.data = dataclasses.replace(cfg.data, normalize=normalize)
     if kind == "ctc":
         cfg.finetune = dataclasses.replace(cfg.finetune, final_dropout=final_dropout)
-    state = {
-        ck.FORMAT_VERSION_KEY: ck.FORMAT_VERSION,
-        ck.KIND_KEY: kind,
-        ck.CONFIG_KEY: cfgmod.to_dict(cfg),
-        ck.ARCH_KEY: cfgmod.to_dict(model_cfg),
-        ck.NORMALIZE_KEY: bool(normalize),
-        ck.MODEL_KEY: model_state,
-        ck.SOURCE_KEY: source,
-    }
-    if kind == "ctc":
-        state[ck.VOCAB_KEY] = list(vocab.symbols)
-    else:
-        state[ck.TEACHER_KEY] = teacher
-    return state
+    return ck.make_state(kind, config=cfgmod.to_dict(cfg), arch=cfgmod.to_dict(model_cfg), normalize=normalize,
+                         model=model_state, teacher=teacher if kind == "pretrain" else None,
+                         vocab=list(vocab.symbols) if kind == "ctc" else None, source=source)
 
 
 def _teacher_from(model_state: dict, ema: Optional[dict]) -> dict:
@@ -336,7 +313,7 @@ _FAIRSEQ_FT_OVERRIDES = {"dropout": "dropout", "attention_dropout": "attention_d
 
 
 def model_config_from_fairseq(model: dict, source: Path) -> cfgmod.ModelConfig:
-    """fairseq `data2vec_audio` model cfg -> ModelConfig (checkpoints.md §1.1 table)."""
+    """fairseq `data2vec_audio` model cfg -> ModelConfig (docs/checkpoints.md, fairseq section)."""
     m = {**_FAIRSEQ_DEFAULTS, **{k: v for k, v in dict(model).items() if v is not None}}
     problems = []
     if m["extractor_mode"] != "layer_norm":
@@ -444,7 +421,7 @@ def convert_fairseq(raw: Any, source: Path, dict_path: Optional[Path] = None, us
         raise InteropError(f"{source}: model type {name!r} is not data2vec_audio (pretrained) or wav2vec_ctc "
                            f"(fine-tuned)")
     vocab_size = len(vocab) if vocab else 0
-    expected = _expected_state(kind, cfgmod.to_dict(arch), vocab_size)
+    expected = expected_state(kind, cfgmod.to_dict(arch), vocab_size)
     check_state_dict(model_state, expected, str(source), unknown=tuple(unmatched))
     if kind == "pretrain":
         teacher = _teacher_from(model_state, teacher)
@@ -470,7 +447,7 @@ def import_fairseq(path: Path, out: Optional[Path] = None, dict_path: Optional[P
 
 
 def model_config_from_hf(hf: dict, source: Path) -> cfgmod.ModelConfig:
-    """config.json of a data2vec-audio model -> ModelConfig (checkpoints.md §3 config table).
+    """config.json of a data2vec-audio model -> ModelConfig (docs/checkpoints.md, Hugging Face config fields).
 
     Naming trap: in data2vec-audio `num_conv_pos_embeddings` is the positional conv LAYER
     count and `conv_pos_kernel_size` its kernel (in wav2vec2 the former is the kernel).
@@ -515,8 +492,6 @@ def _read_json(path: Path) -> dict:
 
 def read_hf_weights(folder: Path, trust: bool = False) -> dict:
     """model.safetensors (or a sharded index of them), else pytorch_model.bin, of a save_pretrained folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     single, index, legacy = folder / "model.safetensors", folder / "model.safetensors.index.json", \
         folder / "pytorch_model.bin"
@@ -567,7 +542,7 @@ def convert_hf(folder: Path, dict_path: Optional[Path] = None, trust: bool = Fal
     is_ctc = any(k.startswith("lm_head.") for k in weights)
     kind: Kind = "ctc" if is_ctc else "pretrain"
     model_state, unmatched = rename(weights, (HF_CTC_MAP if is_ctc else HF_MODEL_MAP).to_d2v)
-    expected_backbone = _expected_state("pretrain", cfgmod.to_dict(arch), 0)
+    expected_backbone = expected_state("pretrain", cfgmod.to_dict(arch), 0)
     if "backbone.mask_emb" not in model_state:
         # HF saves masked_spec_embed only when mask_time_prob or mask_feature_prob > 0.
         model_state["backbone.mask_emb"] = torch.empty(arch.embed_dim).uniform_()
@@ -577,13 +552,13 @@ def convert_hf(folder: Path, dict_path: Optional[Path] = None, trust: bool = Fal
         vocab, vocab_notes = vocab_from_hf(folder, model_state["proj.weight"].shape[0], dict_path)
         notes += vocab_notes
     else:
-        # HF keeps neither the regression head nor the EMA teacher (checkpoints.md §5).
+        # HF keeps neither the regression head nor the EMA teacher (docs/checkpoints.md).
         fresh = torch.nn.Linear(arch.embed_dim, arch.embed_dim)
         model_state["final_proj.weight"] = fresh.weight.detach().clone()
         model_state["final_proj.bias"] = fresh.bias.detach().clone()
         notes.append("HF models have no final_proj or EMA teacher: final_proj is freshly initialized and the "
                      "teacher starts as a copy of the student (continued pretraining is not exact)")
-    expected = expected_backbone if kind == "pretrain" else _expected_state(kind, cfgmod.to_dict(arch), len(vocab))
+    expected = expected_backbone if kind == "pretrain" else expected_state(kind, cfgmod.to_dict(arch), len(vocab))
     check_state_dict(model_state, expected, str(folder), unknown=tuple(unmatched))
     normalize = True
     pre = folder / "preprocessor_config.json"
@@ -607,7 +582,7 @@ def import_hf(folder: Path, out: Optional[Path] = None, dict_path: Optional[Path
 
 def hf_config(state: dict) -> dict:
     """config.json for a d2v checkpoint: every field transformers' Data2VecAudioConfig uses."""
-    arch = cfgmod.from_dict(state[ck.ARCH_KEY], cfgmod.ModelConfig)
+    arch = ck.arch_of(state)
     cfg = cfgmod.from_dict(state.get(ck.CONFIG_KEY) or {})
     is_ctc = state[ck.KIND_KEY] == "ctc"
     # masked_spec_embed only exists in HF when a mask probability is > 0, and we always carry mask_emb.
@@ -676,12 +651,11 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False) -> list[Path
     ctc -> Data2VecAudioForCTC + vocab.json, tokenizer and feature-extractor configs;
     pretrain -> headless Data2VecAudioModel (the student; final_proj and the teacher stay behind).
     """
-    from safetensors.torch import save
-
     state = ck.load_checkpoint(Path(checkpoint), trust=trust)
-    arch = cfgmod.from_dict(state[ck.ARCH_KEY], cfgmod.ModelConfig)
-    vocab_size = len(SPECIALS) + len(state.get(ck.VOCAB_KEY) or []) if state[ck.KIND_KEY] == "ctc" else 0
-    check_state_dict(state[ck.MODEL_KEY], _expected_state(state[ck.KIND_KEY], cfgmod.to_dict(arch), vocab_size),
+    arch = ck.arch_of(state, checkpoint)
+    vocab = ck.vocab_of(state, checkpoint) if state[ck.KIND_KEY] == "ctc" else None
+    vocab_size = len(vocab) if vocab else 0
+    check_state_dict(state[ck.MODEL_KEY], expected_state(state[ck.KIND_KEY], cfgmod.to_dict(arch), vocab_size),
                      str(checkpoint))
     weights = hf_state_dict(state)
     out_dir = Path(out_dir)
@@ -705,7 +679,7 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False) -> list[Path
     })
     if state[ck.KIND_KEY] == "ctc":
         # HF letter vocabularies name id 0 `<pad>` (its CTC blank = pad_token_id) and id 1 `<s>`.
-        tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(state[ck.VOCAB_KEY])
+        tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(vocab.symbols)
         write_json("vocab.json", {tok: i for i, tok in enumerate(tokens)})
         specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
         write_json("special_tokens_map.json", specials)

@@ -49,7 +49,8 @@ from d2vcli import distributed, engine
 from d2vcli.config import Config
 from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
 from d2vcli.engine import StepOutput, TrainResult
-from d2vcli.models.audio import Data2VecForPretraining, build_backbone, parameter_count
+from d2vcli.models.audio import parameter_count
+from d2vcli.models.loading import build_model
 from d2vcli.objective.masking import compute_mask_indices
 from d2vcli.objective.monitors import collapse_reason, compute_std
 from d2vcli.objective.targets import build_targets, regression_loss
@@ -80,7 +81,7 @@ class PretrainTask:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
-        self.model = Data2VecForPretraining(build_backbone(cfg.model)).to(device)
+        self.model = build_model("pretrain", cfg.model).to(device)
         self.teacher = EMATeacher(self.model.backbone.transformer, copied_prefixes=TEACHER_COPIED_PREFIXES)
         # LayerDrop makes a rank skip layers: DDP must look for parameters without gradient.
         self.find_unused_parameters = cfg.model.layerdrop > 0

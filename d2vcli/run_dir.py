@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed
 from d2vcli.config import Config, ConfigError
@@ -45,14 +46,6 @@ def default_run_name(command: str, preset: Optional[str]) -> str:
     return preset or f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _checkpoints_in(run_dir: Path) -> list[Path]:
-    found = sorted(run_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]) if
-                   p.stem.split("-")[1].isdigit() else -1)
-    if (run_dir / "last.pt").exists():
-        found.append(run_dir / "last.pt")
-    return found
-
-
 def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo) -> Run:
     """Create <workdir>/runs/<name> and write config.yaml there before any work starts.
 
@@ -61,13 +54,13 @@ def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo)
     """
     name = distributed.broadcast_object(name)  # a timestamped default must be the same on every rank
     run_dir = workspace.run_dir(name)
-    existing = _checkpoints_in(run_dir) if run_dir.exists() else []
-    if existing and not resume:
+    existing = ckpt.latest(run_dir)
+    if existing is not None and not resume:
         raise RunDirError(
-            f"run '{name}' already has checkpoints ({existing[-1].name} in {run_dir}). "
+            f"run '{name}' already has checkpoints ({existing.name} in {run_dir}). "
             f"Pass --resume to continue it, or --name NEW_NAME to start a separate run."
         )
-    resume_from = existing[-1] if (resume and existing) else None
+    resume_from = existing if resume else None
     config_path = run_dir / "config.yaml"
     if resume_from is not None and config_path.exists():  # every rank checks, so every rank fails alike
         _report_config_changes(cfgmod.load_yaml(config_path), cfgmod.to_dict(cfg), info.is_main)
@@ -95,9 +88,7 @@ def _report_config_changes(old: dict, new: dict, verbose: bool) -> None:
     changed = [k for k in b if a.get(k) != b[k]]
     if not changed:
         return
-    arch = [k for k in changed if k.startswith("model.") and k.split(".")[1] in (
-        "conv_layers", "embed_dim", "num_layers", "num_heads", "ffn_dim", "pos_conv_depth", "pos_conv_kernel",
-        "pos_conv_groups")]
+    arch = [k for k in changed if k.startswith("model.") and k.split(".")[1] in cfgmod.ARCHITECTURE_FIELDS]
     if arch:
         raise RunDirError(
             "--resume with a different architecture than the run was started with: "
@@ -107,11 +98,3 @@ def _report_config_changes(old: dict, new: dict, verbose: bool) -> None:
     if verbose:
         console.print("[yellow]resuming with changed settings:[/] "
                       + ", ".join(f"{k} {a.get(k)!r} -> {b[k]!r}" for k in changed))
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint fine-tuning's `--resume` continues from: last.pt, else the newest step-N.pt."""
-    if (run_dir / "last.pt").is_file():
-        return run_dir / "last.pt"
-    steps = [(int(p.stem[5:]), p) for p in run_dir.glob("step-*.pt") if p.stem[5:].isdigit()]
-    return max(steps)[1] if steps else None

@@ -15,7 +15,7 @@ which sets the rate for the next update after each optimizer step.
 - constant: lr.
 
 The optimizer is AdamW with decoupled weight decay on every parameter (fairseq `adam` with
-weight_decay: p <- p - wd x lr x p, biases and norms included, reference P14). Fine-tuning's
+weight_decay: p <- p - wd x lr x p, biases and norms included; fairseq `fairseq/optim/adam.py`). Fine-tuning's
 "Adam, no weight decay" is the same optimizer with weight_decay 0. One small, deliberate
 difference: torch adds eps to the bias-corrected sqrt(v), fairseq to the uncorrected one, so
 fairseq's effective eps is eps x sqrt(1 - beta2^t); with eps 1e-6 this only matters in the first
@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from d2vcli.config import OptimConfig, ScheduleConfig
+from d2vcli.config import OptimConfig, ScheduleConfig, pretrain_base
 
 
 def tri_stage_phases(max_updates: int, phase_ratio: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -79,8 +79,6 @@ def build_optimizer(params, optim: OptimConfig, device: torch.device) -> torch.o
 
 
 if __name__ == "__main__":
-    from d2vcli.config import pretrain_base
-
     cfg = pretrain_base()
     total = int(sys.argv[1]) if len(sys.argv) > 1 else cfg.train.max_updates
     w, h, d = tri_stage_phases(total, cfg.schedule.phase_ratio)

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from d2vcli.audio import read_audio, to_mono_16k
-from d2vcli.checkpoint import find_ctc_checkpoint, load_ctc_model, run_name
+from d2vcli.checkpoint import find_ctc_checkpoint, run_name
+from d2vcli.models.loading import load_ctc_model
 from d2vcli.config import DecodeConfig
 from d2vcli.data import normalize_waveform
 from d2vcli.decode.emissions import frame_seconds_of, resolve_device

@@ -17,6 +17,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from d2vcli.config import to_yaml
+
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -38,8 +40,6 @@ def progress(*extra_columns, transient: bool = False) -> Progress:
 
 
 def print_config(cfg: Any, title: str = "resolved config") -> None:
-    from d2vcli.config import to_yaml
-
     console.rule(f"[bold]{title}")
     console.print(to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
     console.rule()

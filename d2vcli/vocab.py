@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from d2vcli.fileio import atomic_write_text
+
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 BLANK, PAD, EOS, UNK = 0, 1, 2, 3
 WORD_SEP = "|"
@@ -120,7 +122,5 @@ class Vocab:
         return cls(tuple(syms))
 
     def save(self, path: Path, counts: dict[str, int] | None = None) -> None:
-        from d2vcli.fileio import atomic_write_text
-
         counts = counts or {}
         atomic_write_text(Path(path), "".join(f"{s} {counts.get(s, 0)}\n" for s in self.symbols))

@@ -69,16 +69,3 @@ class Workspace:
 
     def run_dir(self, name: str) -> Path:
         return self.runs_dir / name
-
-    def find_checkpoint(self, ref: str, prefer: str = "best.pt") -> Path:
-        """A checkpoint path from a path, a run directory, or a run name in this workspace."""
-        p = Path(ref).expanduser()
-        candidates = [p] if p.suffix else []
-        for d in (p, self.run_dir(ref)):
-            candidates += [d / prefer, d / "last.pt"]
-        for c in candidates:
-            if c.is_file():
-                return c.resolve()
-        runs = sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir()) if self.runs_dir.exists() else []
-        hint = f" Runs in {self.runs_dir}: {', '.join(runs)}." if runs else ""
-        raise FileNotFoundError(f"no checkpoint found for '{ref}' (tried a file, a run directory and a run name).{hint}")

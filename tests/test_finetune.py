@@ -32,6 +32,7 @@ from d2vcli.finetune import (
 from d2vcli.manifest import Record, read_manifest, write_manifest
 from d2vcli.objective.masking import compute_mask_indices
 from d2vcli.models.audio import Data2VecForCTC, build_backbone
+from d2vcli.models.loading import load_ctc_model
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 
@@ -72,7 +73,7 @@ def losses(run_dir) -> list[float]:
 
 def test_finetuning_learns_to_transcribe(finetuned_tiny, pretrained_tiny, synthetic_workspace):
     ws = synthetic_workspace
-    model, vocab, normalize, state = ckpt.load_ctc_model(finetuned_tiny)
+    model, vocab, normalize, state = load_ctc_model(finetuned_tiny)
     trained = {s: dev_cer(model, vocab, normalize, ws, s) for s in ("train", "dev-clean")}
 
     # The same network before fine-tuning: the pretrained encoder with a fresh head.
@@ -109,7 +110,7 @@ def test_checkpoint_carries_vocab_arch_and_normalize(finetuned_tiny, pretrained_
     saved = C.load_yaml(finetuned_tiny.parent / "config.yaml")
     assert saved["model"]["num_layers"] == 4 and saved["data"]["normalize"] is True
     # Decoding needs no side file: a workspace without dict.ltr.txt still works.
-    model, vocab, _, _ = ckpt.load_ctc_model(finetuned_tiny)
+    model, vocab, _, _ = load_ctc_model(finetuned_tiny)
     assert vocab.symbols == tuple(state[ckpt.VOCAB_KEY]) and len(vocab) == model.proj.out_features
 
 

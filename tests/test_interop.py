@@ -2,7 +2,7 @@
 outputs equal to HF transformers' Data2VecAudio and no half-loaded models.
 
 The fairseq files are synthesized from an HF model with the key layout documented in
-checkpoints.md §3 (a table written out here independently of interop's), since real
+docs/checkpoints.md (a table written out here independently of interop's), since real
 fairseq checkpoints cannot be downloaded in tests.
 
 Run: python -m pytest -q tests/test_interop.py
@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from d2vcli import checkpoint as ck
 from d2vcli import config as cfgmod
 from d2vcli.cli import app
-from d2vcli.interop import (InteropError, build_model, export_hf, import_fairseq, import_hf, parse_conv_layers)
+from d2vcli.interop import InteropError, export_hf, import_fairseq, import_hf, parse_conv_layers
+from d2vcli.models.loading import build_model, load_ctc_model
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 
@@ -27,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 TOL = dict(atol=1e-5, rtol=1e-4)
 LETTERS = list("|ETAONIHSRDLUMWCFGYPBVK'XJQZ")
 
-# checkpoints.md §3, HF (Model-relative) -> fairseq (pretrained-relative).
+# docs/checkpoints.md, HF (Model-relative) -> fairseq (pretrained-relative).
 HF_TO_FAIRSEQ = [
     (r"^feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
     (r"^feature_extractor\.conv_layers\.(\d+)\.layer_norm\.", r"feature_extractor.conv_layers.\1.2.1."),
@@ -128,7 +129,7 @@ def test_imported_checkpoint_is_an_ordinary_d2v_checkpoint(imported_ctc):
     # the naming trap: data2vec-audio's num_conv_pos_embeddings is the layer count, not the kernel
     assert (arch.pos_conv_depth, arch.pos_conv_kernel, arch.pos_conv_groups) == (5, 19, 16)
     # the loader decode/evaluate/transcribe use takes it as is
-    model, vocab, normalize, _ = ck.load_ctc_model(imported_ctc.path)
+    model, vocab, normalize, _ = load_ctc_model(imported_ctc.path)
     assert len(vocab) == 32 and normalize is True and not model.training
 
 
@@ -200,7 +201,7 @@ def fairseq_ctc_import(hf_tiny_ctc, tmp_path_factory):
     result = import_fairseq(pt, dict_path=tmp / "dict.ltr.txt", workspace=Workspace.resolve(tmp / "ws"))
     # placed as a run of the workspace, so `--init imported-audio_tiny_ft` / decode by run name find it
     assert result.path == tmp / "ws" / "runs" / "imported-audio_tiny_ft" / "last.pt"
-    assert Workspace.resolve(tmp / "ws").find_checkpoint("imported-audio_tiny_ft") == result.path
+    assert ck.find_checkpoint(Workspace.resolve(tmp / "ws"), "imported-audio_tiny_ft") == result.path
     assert (result.path.parent / "config.yaml").exists()
     return result
 
@@ -292,7 +293,7 @@ def test_cli_import_and_export(hf_folder, tmp_path):
     res = runner.invoke(app, ["import", "hf", str(hf_folder), "-w", str(ws)])
     assert res.exit_code == 0, res.output
     assert "imported-d2v-audio-tiny-ctc" in res.output
-    path = Workspace.resolve(ws).find_checkpoint("imported-d2v-audio-tiny-ctc")
+    path = ck.find_checkpoint(Workspace.resolve(ws), "imported-d2v-audio-tiny-ctc")
     assert ck.load_checkpoint(path, expect_kind="ctc")
     res = runner.invoke(app, ["export", "hf", "imported-d2v-audio-tiny-ctc", str(tmp_path / "out"), "-w", str(ws)])
     assert res.exit_code == 0, res.output

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from d2vcli.audio import SAMPLE_RATE
-from d2vcli.checkpoint import load_ctc_model
+from d2vcli.models.loading import load_ctc_model
 from d2vcli.data import Item, collate_pad, load_audio
 from d2vcli.decode.errors import DecodeError
 from d2vcli.fileio import atomic_write_text

@@ -1,0 +1,79 @@
+"""The one place a network is built from an architecture or a checkpoint.
+
+    model = build_model("pretrain", cfg.model)                    # a fresh student + regression head
+    model = build_model("ctc", arch, vocab_size=32)              # a fresh CTC model
+    loaded = load_model("runs/base-10h/best.pt")                  # any kind, weights checked
+    loaded.model, loaded.kind, loaded.vocab, loaded.normalize
+
+Pretraining, fine-tuning, interop, decode, transcribe and the demo all build their networks
+here, so a kind's architecture and its weights can only be paired one way. Unlike the network
+files beside it, this module reads config and checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from d2vcli import checkpoint as ckpt
+from d2vcli.config import ModelConfig, from_dict
+from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
+from d2vcli.vocab import BLANK, Vocab
+
+
+def build_model(kind: str, arch: ModelConfig | dict, vocab_size: int = 0, final_dropout: float = 0.0) -> nn.Module:
+    """A freshly initialized network of `kind` ("pretrain" or "ctc") for `arch` (a ModelConfig or its dict)."""
+    if isinstance(arch, dict):
+        arch = from_dict(arch, ModelConfig)
+    backbone = build_backbone(arch)
+    if kind == "ctc":
+        return Data2VecForCTC(backbone, vocab_size, final_dropout, blank=BLANK)
+    if kind == "pretrain":
+        return Data2VecForPretraining(backbone)
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {ckpt.KINDS}")
+
+
+def expected_state(kind: str, arch: ModelConfig | dict, vocab_size: int = 0) -> dict:
+    """The state dict (names and shapes) a checkpoint of this kind and architecture must hold; no memory used."""
+    with torch.device("meta"):
+        return build_model(kind, arch, vocab_size).state_dict()
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # eval mode, on CPU
+    kind: str
+    vocab: Optional[Vocab]  # ctc only
+    normalize: bool  # the waveform normalization the model was trained with
+    state: dict  # the whole checkpoint, for callers that need more (config, teacher, source)
+
+
+def load_model(path: Path, expect_kind: Optional[str] = None, trust: bool = False) -> LoadedModel:
+    """Read a d2v checkpoint and build its network with its weights.
+
+    The vocabulary and the normalize flag always come from the checkpoint, never from the data
+    directory, so inference cannot pair a model with the wrong dictionary or input scaling.
+    """
+    path = Path(path)
+    state = ckpt.load_checkpoint(path, expect_kind=expect_kind, trust=trust)
+    kind = state[ckpt.KIND_KEY]
+    vocab = ckpt.vocab_of(state, path) if kind == "ctc" else None
+    model = build_model(kind, ckpt.arch_of(state, path), len(vocab) if vocab else 0)
+    missing, unexpected = model.load_state_dict(state[ckpt.MODEL_KEY], strict=False)
+    if missing or unexpected:
+        raise ckpt.CheckpointError(
+            f"{path}: the weights do not fit the architecture stored with them "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). The file is damaged or was edited."
+        )
+    model.eval()
+    return LoadedModel(model, kind, vocab, bool(state.get(ckpt.NORMALIZE_KEY, True)), state)
+
+
+def load_ctc_model(path: Path, trust: bool = False) -> tuple[Data2VecForCTC, Vocab, bool, dict]:
+    """A fine-tuned CTC checkpoint ready for inference: (model, vocab, normalize, state)."""
+    loaded = load_model(path, expect_kind="ctc", trust=trust)
+    return loaded.model, loaded.vocab, loaded.normalize, loaded.state
