@@ -542,6 +542,24 @@ def demo_cmd(
     print_demo(run_demo(Workspace.resolve(workdir), DemoSettings(compare_init=compare_init)))
 
 
+# ----------------------------------------------------------------------------- report
+
+
+@app.command("report")
+def report_cmd(
+    run: str = typer.Argument(..., help="Run name: <workdir>/runs/RUN."),
+    worst: int = typer.Option(10, "--worst", help="Worst utterances listed per split and decoding "
+                              "(from `d2v evaluate`'s errs- files)."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """An HTML page of a run's training curves, and its WER once `d2v evaluate` has scored it."""
+    from d2vcli.report import write_report  # on use, like every command here: keeps `d2v --help` fast
+
+    with _UserErrors():
+        path = write_report(Workspace.resolve(workdir), run, worst=worst)
+    console.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: user errors print one clear message, not a traceback."""
     try:

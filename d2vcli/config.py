@@ -4,7 +4,7 @@ Defaults are the data2vec 1.0 base recipe for LibriSpeech 960 h (fairseq
 `examples/data2vec/config/audio/pretraining/base_librispeech.yaml`, see
 docs/librispeech.md). Precedence, lowest first:
 
-    dataclass defaults  ->  --preset NAME (presets/NAME.yaml)  ->  --config FILE.yaml  ->  --set a.b=c
+    dataclass defaults  ->  --preset NAME (d2vcli/presets/NAME.yaml)  ->  --config FILE.yaml  ->  --set a.b=c
 
 Unknown keys and wrong types are errors that name the key and suggest the
 nearest valid one. Derived values (gradient accumulation, EMA decay at step t,
@@ -20,6 +20,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,7 +29,9 @@ import yaml
 from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_write_text
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+# Package data (pyproject package-data), so a wheel install has them too. For a package installed
+# as files (wheel, editable, source tree) this is a pathlib.Path, which load_yaml relies on.
+PRESETS_DIR = files("d2vcli") / "presets"
 
 
 def f(default: Any, doc: str):
@@ -264,7 +267,7 @@ def finetune_base() -> Config:
     return cfg
 
 
-# Explicit list: preset name -> (command it belongs to, YAML file in presets/).
+# Explicit list: preset name -> (command it belongs to, YAML file in d2vcli/presets/).
 PRESETS: dict[str, tuple[str, str]] = {
     "speech-base": ("pretrain", "speech-base.yaml"),
     "speech-large": ("pretrain", "speech-large.yaml"),
