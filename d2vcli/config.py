@@ -125,7 +125,7 @@ class OptimConfig:
     lr: float = f(5e-4, "Peak learning rate.")
     betas: tuple[float, float] = f((0.9, 0.98), "Adam betas.")
     eps: float = f(1e-6, "Adam epsilon.")
-    weight_decay: float = f(0.01, "Decoupled (AdamW) weight decay, applied to all parameters as in the reference.")
+    weight_decay: float = f(0.01, "Decoupled (AdamW) weight decay, applied to all parameters as in fairseq's recipe (docs/recipe.md).")
     clip_norm: float = f(0.0, "Gradient clipping max norm; 0 disables it.")
 
 
@@ -145,7 +145,7 @@ class TrainConfig:
     max_updates: int = f(400_000, "Optimizer updates.")
     batch_seconds: float = f(
         3800.0,
-        "Audio seconds per optimizer update (reference: 16 GPUs x 3.8M samples = 3800 s). "
+        "Audio seconds per optimizer update (the recipe: 16 GPUs x 3.8M samples = 3800 s, docs/recipe.md). "
         "Gradient accumulation is derived from this, max_tokens and the world size.",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
