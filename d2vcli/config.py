@@ -163,7 +163,8 @@ class TrainConfig:
         "empty = off. Needs `pip install wandb`; the W&B run is named after the d2v run.",
     )
     wandb_mode: Literal["online", "offline"] = f(
-        "online", "W&B mode: online, or offline (no network; upload later with `wandb sync <run>/wandb`)."
+        "online", "W&B mode: online, or offline (no network; upload later with "
+        "`wandb sync runs/<name>/wandb/offline-run-*`)."
     )
 
 

@@ -137,7 +137,11 @@ class MetricsLog:
         if SummaryWriter is not None:
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
         if wandb is not None:
-            self.wandb = _start_wandb(wandb, resume_step)
+            try:
+                self.wandb = _start_wandb(wandb, resume_step)
+            except BaseException:
+                self.close()  # the JSONL and TensorBoard files opened above
+                raise
 
     def write(self, row: dict, prefix: str = "train") -> None:
         if not self.enabled:

@@ -326,3 +326,15 @@ def test_wandb_missing_is_a_user_error_before_training(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"pip install wandb"):
         run_toy(tmp_path, task, toy_cfg(max_updates=2, wandb_project="p"))
     assert task.batches == [] and not (tmp_path / "ws" / "runs" / "toy").exists()
+
+
+def test_a_failing_wandb_init_is_a_user_error_that_names_offline_mode(tmp_path, monkeypatch):
+    fake = FakeWandb()
+
+    def refuse(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    fake.init = refuse
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(UserError, match=r"wandb login.*train.wandb_mode=offline"):
+        run_toy(tmp_path, ToyTask(), toy_cfg(max_updates=2, wandb_project="p"))
