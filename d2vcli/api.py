@@ -31,7 +31,7 @@ from d2vcli.config import DecodeConfig
 from d2vcli.decode.emissions import resolve_device
 from d2vcli.errors import UserError
 from d2vcli.models.loading import load_model
-from d2vcli.transcribe import Search, Transcript, build_search, model_input, transcribe_waveform, windowed_frames
+from d2vcli.transcribe import Transcript, build_search, model_input, transcribe_waveform, windowed_frames
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 

@@ -65,8 +65,9 @@ def _import_wandb():
     try:  # here, not at the top: wandb is optional and imported only when train.wandb_project asks for it
         import wandb
     except ImportError as e:
-        raise LoggerError(f"train.wandb_project is set, but wandb cannot be imported ({e}). Fix: {WANDB_FIX}, "
-                          f"or leave train.wandb_project empty to log to metrics.jsonl (and TensorBoard) only.") from None
+        raise LoggerError(
+            f"train.wandb_project is set, but wandb cannot be imported ({e}). Fix: {WANDB_FIX}, or leave "
+            f"train.wandb_project empty to log to metrics.jsonl (and TensorBoard) only.") from None
     return wandb
 
 

@@ -178,7 +178,9 @@ def transcribe_waveform(net, wav: np.ndarray, sr: int, normalize: bool, search: 
     conv_layers = net.backbone.conv_layers
     lp = _log_probs(net, x, conv_layers, chunk_seconds, device)
     hyp = search.decode(lp, with_path=timestamps)
-    words = word_timings(hyp.path, search.vocab.tokens, frame_seconds_of(conv_layers), hyp.words) if timestamps else None
+    words = None
+    if timestamps:
+        words = word_timings(hyp.path, search.vocab.tokens, frame_seconds_of(conv_layers), hyp.words)
     return Transcript(path, hyp.text, round(len(x) / 16_000, 3), sr, channels, words)
 
 
