@@ -206,7 +206,7 @@ def main() -> None:
                 group.append({"decoder": "pyctcdecode", "beam": beam, "workers": workers, "seconds": s,
                               "wer": wer(em.refs, texts)})
             rows += group
-            print(json.dumps(group), flush=True)
+            print(json.dumps(group), file=sys.stderr, flush=True)  # progress; the table below is the result
 
     from d2vcli.ui import console, table
 

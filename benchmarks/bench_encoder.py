@@ -26,6 +26,9 @@ from d2vcli.models.audio import build_backbone
 from d2vcli.ui import table
 
 console = Console(width=150, highlight=False)
+# Progress (each case as it finishes) goes to stderr; stdout carries the one summary table, which
+# run_all.py copies into docs/benchmarks.md.
+progress = Console(width=150, highlight=False, stderr=True)
 
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -102,8 +105,8 @@ def main() -> None:
                 rows.append((size, precision, batch, f"{o_wall:.3f}", f"{o_cpu:.2f}", f"{h_wall:.3f}", f"{h_cpu:.2f}",
                              f"{o_wall / audio_s:.4f}", f"{h_wall / audio_s:.4f}", f"{h_wall / o_wall:.2f}",
                              f"{diff:.1e}"))
-                console.print(table("", ["size", "prec", "B", "d2v s", "d2v cpu", "HF s", "HF cpu", "d2v RTF",
-                                         "HF RTF", "HF/d2v", "max |diff|"], rows[-1:]))
+                progress.print(table("", ["size", "prec", "B", "d2v s", "d2v cpu", "HF s", "HF cpu", "d2v RTF",
+                                          "HF RTF", "HF/d2v", "max |diff|"], rows[-1:]))
         del ours, hf
     console.print(table(f"encoder forward, {args.seconds:g} s clips, median of {args.repeat} ({device})",
                         ["size", "prec", "B", "d2v s", "d2v cpu", "HF s", "HF cpu", "d2v RTF", "HF RTF", "HF/d2v",

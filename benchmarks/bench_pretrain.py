@@ -197,8 +197,8 @@ def main() -> None:
     wide.print(table("d2v pretraining throughput (engine, random audio)",
                      ["config", "device", "params", "micro-batch", "audio-s/s", "s/update", "peak GB",
                       "EMA ms (% of update)", "conv / teacher passes per micro-batch", "MFU"], rows))
-    for r in results:
-        print(json.dumps(r))
+    for r in results:  # the raw numbers, on stderr: stdout (docs/benchmarks.md) has them once, in the table
+        print(json.dumps(r), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
     python benchmarks/run_all.py            # or: make bench
     python benchmarks/run_all.py --quick    # smaller cases, a few minutes on 2 cores
 
-Each benchmark runs as its own process (so peak memory is its own) and prints its table;
-ratios inside a table come from a peer measured in the same run (Hugging Face's encoder,
-pyctcdecode). The page starts with the machine and the versions, since every number
-depends on them.
+Each benchmark runs as its own process (so peak memory is its own) and prints its result once on
+stdout, which goes into the page; progress (per-case tables, raw JSON) goes to stderr, which is
+shown here but not written. Ratios inside a table come from a peer measured in the same run
+(Hugging Face's encoder, pyctcdecode). The page starts with the machine and the versions, since
+every number depends on them.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def main() -> None:
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
         print(f"== {title}\n   {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # Wide enough that rich folds no table header or title in the page.
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "150"})
         took = time.perf_counter() - t0
-        print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "", flush=True)
+        print(proc.stdout, proc.stderr[-4000:], flush=True)
         parts += [f"## {title}", "", f"`python benchmarks/{script} {' '.join(cmd[2:])}` ({took:.0f} s)", "",
                   "```", (proc.stdout.strip() or "(no output)"), "```", ""]
         if proc.returncode:

@@ -158,6 +158,14 @@ class TrainConfig:
     keep_every: int = f(0, "Also keep every checkpoint whose update is a multiple of this; 0 = none.")
     max_nonfinite: int = f(10, "Stop after this many consecutive non-finite losses.")
     device: str = f("auto", "auto, cpu, cuda or cuda:N.")
+    wandb_project: str = f(
+        "", "Weights & Biases project to log to as well (rank 0, beside metrics.jsonl and TensorBoard); "
+        "empty = off. Needs `pip install wandb`; the W&B run is named after the d2v run.",
+    )
+    wandb_mode: Literal["online", "offline"] = f(
+        "online", "W&B mode: online, or offline (no network; upload later with "
+        "`wandb sync runs/<name>/wandb/offline-run-*`)."
+    )
 
 
 @dataclass

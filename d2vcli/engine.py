@@ -64,7 +64,8 @@ Semantics (fairseq's `fairseq_cli/train.py` + `fairseq/trainer.py`; recipe value
 - SIGINT/SIGTERM: finish the current update, save last.pt, return "interrupted" (a second
   Ctrl-C aborts at once).
 - Logging: a rich progress bar; metrics.jsonl (one line per `train.log_every` updates and one
-  per validation); TensorBoard events in <run>/tensorboard when tensorboard is installed.
+  per validation); TensorBoard events in <run>/tensorboard when tensorboard is installed; W&B
+  when train.wandb_project is set (metrics_log.py).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ from d2vcli.audio import SAMPLE_RATE
 from d2vcli.config import Config, ConfigError
 from d2vcli.data import Batch, DataPosition
 from d2vcli.distributed import DistInfo
-from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, bar_text, format_value
+from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, WandbSettings, bar_text, format_value
 from d2vcli.run_dir import Run
 from d2vcli.schedule import build_optimizer, lr_at
 from d2vcli.ui import console, progress
@@ -477,7 +478,7 @@ class _Trainer:
         if self.run_info.resume_from is not None:
             self.resume(self.run_info.resume_from)
         log = MetricsLog(self.run_info.metrics_path, self.run_info.dir / "tensorboard", info.is_main,
-                         self.step if self.run_info.resume_from else None)
+                         self.step if self.run_info.resume_from else None, WandbSettings.of(cfg, self.run_info))
         if info.is_main:
             console.print(f"batch: {describe_batch(cfg.train.batch_seconds, cfg.data.max_tokens, info, self.accumulation)}")
             console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device}; run dir {self.run_info.dir}")

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
+from d2vcli.callable_module import make_callable
 from d2vcli.config import REGULARIZATION_FIELDS, Config, ConfigError, ModelConfig
 from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
 from d2vcli.decode.search import greedy_batch
@@ -613,3 +614,7 @@ def finetune(
                             early_stop_patience=ft.early_stop_patience, stop_at=stop_at)
     finally:
         distributed.teardown()
+
+
+# `d2vcli.finetune(cfg, ws)` calls the function (the Python API, see d2vcli/__init__.py).
+make_callable(__name__, finetune)

@@ -2,23 +2,36 @@
 
     u = UpdateResult(...)                    # the engine, after each update
     interval.add(u, seconds)                 # summed until the next log line
-    log.write(interval.row(step, epoch, skipped=..., wall=...))   # metrics.jsonl (+ TensorBoard)
+    log.write(interval.row(step, epoch, skipped=..., wall=...))   # metrics.jsonl (+ TensorBoard, + W&B)
 
 metrics.jsonl has one JSON object per line: {"step", "epoch", "loss", "lr", "gnorm", "sample_size",
 <task metrics>, "audio_s_per_s", "skipped", "wall", ["loss_scale"], ["max_mem_gb"]} for training and
 the task's validation result for validation lines. Only rank 0 writes.
+
+The same numbers go to TensorBoard (<run>/tensorboard, when tensorboard is importable) and to
+Weights & Biases when `train.wandb_project` is set, as "train/<key>" and "valid/<key>" at the
+line's step. wandb is imported only then; `require_loggers` fails early (with the fix) when it is
+missing. The W&B run keeps one id per run directory (<run>/wandb-id.txt), so `--resume`
+continues the same W&B run; W&B cannot drop the points logged after the checkpoint, as the
+JSONL does, so it ignores the re-logged steps until the run passes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from d2vcli.audio import SAMPLE_RATE
-from d2vcli.fileio import atomic_write_jsonl, read_jsonl
+from d2vcli.config import to_dict
+from d2vcli.errors import UserError
+from d2vcli.fileio import atomic_write_jsonl, atomic_write_text, read_jsonl
+
+WANDB_FIX = "pip install wandb"
+WANDB_ID_FILE = "wandb-id.txt"
 
 
 @dataclass(frozen=True)
@@ -44,18 +57,73 @@ class UpdateResult:
         return not self.finite
 
 
+class LoggerError(UserError):
+    """An optional logger that was asked for but cannot run; the message names the fix."""
+
+
+def _import_wandb():
+    try:  # here, not at the top: wandb is optional and imported only when train.wandb_project asks for it
+        import wandb
+    except ImportError as e:
+        raise LoggerError(
+            f"train.wandb_project is set, but wandb cannot be imported ({e}). Fix: {WANDB_FIX}, or leave "
+            f"train.wandb_project empty to log to metrics.jsonl (and TensorBoard) only.") from None
+    return wandb
+
+
+def require_loggers(train_cfg) -> None:
+    """Fail now, before any training, when a logger the config asks for is not installed (every rank checks)."""
+    if train_cfg.wandb_project:
+        _import_wandb()
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """What `wandb.init` gets: the project and mode of the config, the d2v run's name, directory and config."""
+
+    project: str
+    mode: str
+    name: str
+    run_dir: Path
+    config: dict
+
+    @classmethod
+    def of(cls, cfg, run) -> Optional["WandbSettings"]:
+        """For a `config.Config` and a `run_dir.Run`; None when train.wandb_project is empty."""
+        if not cfg.train.wandb_project:
+            return None
+        return cls(cfg.train.wandb_project, cfg.train.wandb_mode, run.name, Path(run.dir), to_dict(cfg))
+
+
+def _start_wandb(s: WandbSettings, resume_step: Optional[int]):
+    wandb = _import_wandb()
+    id_file = s.run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else ""
+    if not run_id:
+        run_id = uuid.uuid4().hex[:16]
+        atomic_write_text(id_file, run_id + "\n")
+    try:
+        return wandb.init(project=s.project, name=s.name, config=s.config, mode=s.mode, dir=str(s.run_dir),
+                          id=run_id, resume="allow")
+    except Exception as e:  # noqa: BLE001 - wandb raises its own error types (login, network, permissions)
+        raise LoggerError(f"wandb.init failed for project '{s.project}' ({type(e).__name__}: {e}). Log in with "
+                          f"`wandb login`, or set train.wandb_mode=offline to log without a network.") from e
+
+
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when importable); rank 0 only.
+    """metrics.jsonl (+ TensorBoard when importable, + W&B when `wandb` settings are given); rank 0 only.
 
     Lines are appended and flushed rather than rewritten atomically: the log grows with the run,
     and a torn last line is dropped on resume, when the file is rewritten (atomically) up to
     the checkpoint's step.
     """
 
-    def __init__(self, path: Path, tensorboard_dir: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, path: Path, tensorboard_dir: Path, enabled: bool, resume_step: Optional[int],
+                 wandb: Optional[WandbSettings] = None):
         self.enabled = enabled
         self.fh = None
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         rows: list[dict] = []
@@ -69,22 +137,34 @@ class MetricsLog:
             SummaryWriter = None
         if SummaryWriter is not None:
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
+        if wandb is not None:
+            try:
+                self.wandb = _start_wandb(wandb, resume_step)
+            except BaseException:
+                self.close()  # the JSONL and TensorBoard files opened above
+                raise
 
     def write(self, row: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
         self.fh.write(json.dumps(row) + "\n")
         self.fh.flush()
+        scalars = {f"{prefix}/{k}": v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def _read_jsonl_tolerant(path: Path) -> list[dict]:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
+from d2vcli.callable_module import make_callable
 from d2vcli.config import Config
 from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
 from d2vcli.engine import StepOutput, TrainResult
@@ -205,3 +206,7 @@ def pretrain(
         return engine.train(cfg, task, loader, run, info, description="pretrain", stop_at=stop_at)
     finally:
         distributed.teardown()
+
+
+# `d2vcli.pretrain(cfg, ws)` calls the function (the Python API, see d2vcli/__init__.py).
+make_callable(__name__, pretrain)

@@ -20,6 +20,7 @@ from d2vcli import config as cfgmod
 from d2vcli import distributed
 from d2vcli.config import Config, ConfigError
 from d2vcli.distributed import DistInfo
+from d2vcli.metrics_log import require_loggers
 from d2vcli.ui import console
 
 
@@ -61,6 +62,7 @@ def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo)
             f"Pass --resume to continue it, or --name NEW_NAME to start a separate run."
         )
     resume_from = existing if resume else None
+    require_loggers(cfg.train)  # a missing optional logger (wandb) fails here, before any training
     config_path = run_dir / "config.yaml"
     if resume_from is not None and config_path.exists():  # every rank checks, so every rank fails alike
         _report_config_changes(cfgmod.load_yaml(config_path), cfgmod.to_dict(cfg), info.is_main)

@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from d2vcli.config import DecodeConfig
 from d2vcli.data import normalize_waveform
 from d2vcli.decode.emissions import frame_seconds_of, resolve_device
 from d2vcli.decode.run import build_search_spec
-from d2vcli.decode.search import BeamOptions, BeamSearcher, greedy_decode
+from d2vcli.decode.search import BeamOptions, BeamSearcher, Hyp, greedy_decode
 from d2vcli.decode.timings import WordTiming, word_timings
 from d2vcli.decode.tuning import load_tuned
 from d2vcli.fileio import atomic_write_text
@@ -50,6 +50,7 @@ from d2vcli.lm.formats import resolve_lm, workspace_lm
 from d2vcli.manifest import num_frames
 from d2vcli.models.audio import receptive_field
 from d2vcli.ui import err_console as console  # stdout carries the transcripts
+from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 
 
@@ -105,62 +106,105 @@ def transcribe(
     `lm` as in `decode.run.decode`: "auto" (the workspace LM, if any), a path/name, or None (greedy).
     """
     ws = ws if ws is not None else Workspace.resolve(None)
-    cfg = cfg or DecodeConfig()
     missing = [str(p) for p in audio if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"audio file not found: {', '.join(missing)}")
     ckpt = find_ctc_checkpoint(ws, model)
-    lm_path = workspace_lm(ws) if lm == "auto" else resolve_lm(ws, lm)
     net, vocab, normalize, _ = load_ctc_model(ckpt, trust=trust)
-    spec = build_search_spec(ws, vocab, lm_path, lexicon, lexicon_free)
-    searcher = BeamSearcher(spec) if spec else None
-    options = BeamOptions.from_config(cfg)
-    if spec and use_tuned and (t := load_tuned(ws.decode_dir / run_name(ws, ckpt), spec)) is not None:
-        b = t["best"]
-        options = replace(options, lm_weight=b["lm_weight"], word_score=b["word_score"], sil_weight=b["sil_weight"])
-        console.print(f"using tuned LM weights from {ws.decode_dir / run_name(ws, ckpt) / 'tuned.json'}")
+    search = build_search(ws, ckpt, vocab, lm, lexicon, lexicon_free, cfg, use_tuned)
     dev = resolve_device(device)
     net.to(dev)
-    conv_layers = net.backbone.conv_layers
-    frame_s = frame_seconds_of(conv_layers)
 
     out = []
     for path in audio:
         t0 = time.perf_counter()
         wav, sr = read_audio(path)
-        channels = 1 if wav.ndim == 1 else wav.shape[1]
-        x = to_mono_16k(wav, sr)
-        seconds = len(x) / 16_000
-        if normalize and len(x):
-            x = normalize_waveform(x)
-        lp = _log_probs(net, x, conv_layers, chunk_seconds, dev)
-        if searcher is not None:
-            hyp = searcher.decode(lp, options, with_path=timestamps)
-        else:
-            hyp = greedy_decode(lp, vocab, with_path=timestamps)
-        words = word_timings(hyp.path, vocab.tokens, frame_s, hyp.words) if timestamps else None
-        out.append(Transcript(str(path), hyp.text, round(seconds, 3), sr, channels, words))
+        t = transcribe_waveform(net, wav, sr, normalize, search, path=str(path), chunk_seconds=chunk_seconds,
+                                device=dev, timestamps=timestamps)
+        out.append(t)
         if len(audio) > 1:
-            console.print(f"{path}: {seconds:.1f} s of audio in {time.perf_counter() - t0:.2f} s", markup=False)
+            console.print(f"{path}: {t.seconds:.1f} s of audio in {time.perf_counter() - t0:.2f} s", markup=False)
     return out
+
+
+# ----------------------------------------------------------------------------- the pieces (also d2vcli.api's)
+
+
+@dataclass
+class Search:
+    """How (T, V) log-probabilities become words: greedy, or flashlight beam search with its options."""
+
+    vocab: Vocab
+    searcher: Optional[BeamSearcher] = None
+    options: Optional[BeamOptions] = None
+
+    def decode(self, lp: np.ndarray, with_path: bool = False) -> Hyp:
+        if self.searcher is not None:
+            return self.searcher.decode(lp, self.options, with_path=with_path)
+        return greedy_decode(lp, self.vocab, with_path=with_path)
+
+
+def build_search(ws, checkpoint: Path, vocab: Vocab, lm: Optional[str | Path] = "auto",
+                 lexicon: Optional[str | Path] = None, lexicon_free: bool = False,
+                 cfg: Optional[DecodeConfig] = None, use_tuned: bool = True) -> Search:
+    """The decoder `d2v transcribe` uses for `checkpoint`: greedy without an LM, else the beam search with
+    the config's LM weights, or the tuned ones of decode/<run>/tuned.json when `use_tuned` and they exist."""
+    cfg = cfg or DecodeConfig()
+    lm_path = workspace_lm(ws) if lm == "auto" else resolve_lm(ws, lm)
+    spec = build_search_spec(ws, vocab, lm_path, lexicon, lexicon_free)
+    if spec is None:
+        return Search(vocab)
+    options = BeamOptions.from_config(cfg)
+    if use_tuned and (t := load_tuned(ws.decode_dir / run_name(ws, checkpoint), spec)) is not None:
+        b = t["best"]
+        options = replace(options, lm_weight=b["lm_weight"], word_score=b["word_score"], sil_weight=b["sil_weight"])
+        console.print(f"using tuned LM weights from {ws.decode_dir / run_name(ws, checkpoint) / 'tuned.json'}")
+    return Search(vocab, BeamSearcher(spec), options)
+
+
+def model_input(wav: np.ndarray, sr: int, normalize: bool) -> np.ndarray:
+    """(S,) or (S, C) audio at any rate -> the float32 16 kHz mono waveform the model sees (normalized
+    over the whole file when the checkpoint was trained so)."""
+    x = to_mono_16k(wav, sr)
+    return normalize_waveform(x) if normalize and len(x) else x
+
+
+def transcribe_waveform(net, wav: np.ndarray, sr: int, normalize: bool, search: Search, *, path: str = "",
+                        chunk_seconds: float = 30.0, device=None, timestamps: bool = False) -> Transcript:
+    """One waveform (as `read_audio` returns it) through the CTC model and the search."""
+    device = device if device is not None else next(net.parameters()).device
+    channels = 1 if wav.ndim == 1 else wav.shape[1]
+    x = model_input(wav, sr, normalize)
+    conv_layers = net.backbone.conv_layers
+    lp = _log_probs(net, x, conv_layers, chunk_seconds, device)
+    hyp = search.decode(lp, with_path=timestamps)
+    words = None
+    if timestamps:
+        words = word_timings(hyp.path, search.vocab.tokens, frame_seconds_of(conv_layers), hyp.words)
+    return Transcript(path, hyp.text, round(len(x) / 16_000, 3), sr, channels, words)
+
+
+def windowed_frames(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, conv_layers, chunk_seconds: float,
+                    device, dim: int) -> np.ndarray:
+    """(T, dim) float32: `fn` ((1, S) window -> (1, T_w, dim) per-frame outputs) over a whole 16 kHz
+    waveform, window by window on the file's frame grid (`frame_windows`), frames concatenated."""
+    rf, _ = receptive_field(conv_layers)
+    parts = []
+    if len(x) >= rf:  # shorter than one frame: nothing to compute
+        with torch.inference_mode():
+            for start, end in frame_windows(len(x), conv_layers, chunk_seconds):
+                if end - start < rf:
+                    continue
+                src = torch.from_numpy(np.ascontiguousarray(x[start:end])).unsqueeze(0).to(device)
+                parts.append(fn(src)[0].float().cpu().numpy())
+    out = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+    return out[:num_frames(len(x), conv_layers)]
 
 
 def _log_probs(net, x: np.ndarray, conv_layers, chunk_seconds: float, device) -> np.ndarray:
     """(T, V) float32 log-probabilities for a whole normalized 16 kHz waveform, window by window."""
-    rf, _ = receptive_field(conv_layers)
-    if len(x) < rf:  # shorter than one frame: nothing to recognize
-        return np.zeros((0, net.proj.out_features), dtype=np.float32)
-    parts = []
-    with torch.inference_mode():
-        for start, end in frame_windows(len(x), conv_layers, chunk_seconds):
-            if end - start < rf:
-                continue
-            src = torch.from_numpy(np.ascontiguousarray(x[start:end])).unsqueeze(0).to(device)
-            logits = net(src)["logits"][0].float()
-            parts.append(torch.log_softmax(logits, dim=-1).cpu().numpy())
-    lp = np.concatenate(parts) if parts else np.zeros((0, net.proj.out_features), dtype=np.float32)
-    expected = num_frames(len(x), conv_layers)
-    return lp[:expected]
+    return windowed_frames(lambda src: torch.log_softmax(net(src)["logits"].float(), dim=-1), x, conv_layers,
+                           chunk_seconds, device, net.proj.out_features)
 
 
 def format_transcripts(transcripts: Sequence[Transcript], timestamps: bool) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from d2vcli import engine
 from d2vcli.data import BatchLoader, Item
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput
+from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
 from d2vcli.schedule import cosine_lr, lr_at, tri_stage_phases
 from d2vcli.run_dir import RunDirError, prepare_run
@@ -235,3 +238,103 @@ def test_clipping_bounds_the_update_gradient(tmp_path):
     for grads, row in zip(task.grads, read_jsonl(run.metrics_path)):
         assert row["gnorm"] > 0.01  # logged before clipping
         assert torch.sqrt(sum((g**2).sum() for g in grads)).item() == pytest.approx(0.01, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- Weights & Biases logging
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the `wandb` package (not installed here): records init arguments and logged dicts."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, data, step=None):
+        self.logged.append((step, dict(data)))
+
+    def finish(self):
+        self.finished += 1
+
+
+class ValidatingToyTask(ToyTask):
+    def validate(self, model, step):
+        return {"dev/wer": 10.0 / step, "dev/cer": 1.0 / step}
+
+
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def test_wandb_gets_the_config_and_every_metrics_line(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = toy_cfg(max_updates=4, wandb_project="d2v-tests", wandb_mode="offline")
+    ws = Workspace.resolve(tmp_path / "ws")
+
+    def train(resume, stop_at=None):
+        loader = BatchLoader(ToyDataset(), "pad", cfg.data.max_tokens, seed=cfg.train.seed)
+        run = prepare_run(ws, "wb", cfg, resume, CPU)
+        result = engine.train(cfg, ValidatingToyTask(), loader, run, CPU, validate_every=2, best_metric="dev/wer",
+                              stop_at=stop_at)
+        return result, run
+
+    result, run = train(resume=False, stop_at=2)
+    assert result.status == "paused"
+    [init] = fake.inits
+    assert (init["project"], init["name"], init["mode"], init["dir"]) == ("d2v-tests", "wb", "offline", str(run.dir))
+    assert init["config"] == C.to_dict(cfg) and init["config"]["train"]["wandb_project"] == "d2v-tests"
+    assert fake.finished == 1
+
+    result, run = train(resume=True)  # --resume continues the same W&B run
+    assert result.status == "done"
+    assert len(fake.inits) == 2 and fake.inits[1]["id"] == init["id"] and fake.inits[1]["resume"] == "allow"
+    assert fake.finished == 2
+
+    rows = read_jsonl(run.metrics_path)
+    assert [r["step"] for r in rows] == [1, 2, 2, 3, 4, 4]  # training lines, validation at 2 and 4
+    expected = [(r["step"], {f"{'valid' if 'dev/wer' in r else 'train'}/{k}": v for k, v in _numbers(r).items()})
+                for r in rows]
+    assert fake.logged == expected
+    assert fake.logged[2][1]["valid/dev/wer"] == 5.0 and "train/loss" in fake.logged[0][1]
+
+
+def test_wandb_is_rank_0_only_and_never_imported_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` now raises ImportError
+    result, _ = run_toy(tmp_path, ToyTask(), toy_cfg(max_updates=2))  # wandb_project empty: not imported
+    assert result.status == "done"
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = toy_cfg(max_updates=2, wandb_project="p")
+    run = prepare_run(Workspace.resolve(tmp_path / "ws"), "ranks", cfg, False, CPU)
+    from d2vcli.metrics_log import MetricsLog, WandbSettings
+
+    log = MetricsLog(run.metrics_path, run.dir / "tb", False, None, WandbSettings.of(cfg, run))  # rank 1
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    assert fake.inits == [] and fake.logged == []
+
+
+def test_wandb_missing_is_a_user_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    task = ToyTask()
+    with pytest.raises(UserError, match=r"pip install wandb"):
+        run_toy(tmp_path, task, toy_cfg(max_updates=2, wandb_project="p"))
+    assert task.batches == [] and not (tmp_path / "ws" / "runs" / "toy").exists()
+
+
+def test_a_failing_wandb_init_is_a_user_error_that_names_offline_mode(tmp_path, monkeypatch):
+    fake = FakeWandb()
+
+    def refuse(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    fake.init = refuse
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(UserError, match=r"wandb login.*train.wandb_mode=offline"):
+        run_toy(tmp_path, ToyTask(), toy_cfg(max_updates=2, wandb_project="p"))
