@@ -157,15 +157,17 @@ def walk_audio(root: Path, exts: frozenset[str], skips: list[Skip], exclude: Opt
             skips.append((d, "unreadable", f"cannot list the directory: {err.strerror or err}"))
             continue
         for e in entries:
+            audio_name = os.path.splitext(e.name)[1].lower() in exts
             try:
                 is_dir = e.is_dir(follow_symlinks=True)
-                wanted = not is_dir and os.path.splitext(e.name)[1].lower() in exts
+                wanted = audio_name and not is_dir
                 st = e.stat() if is_dir or wanted else None  # follows links; cached for stat_item
             except OSError as err:
                 if err.errno == errno.ELOOP:
-                    skips.append((e.path, "symlink-loop", f"a symbolic link that resolves to itself ({err.strerror})"))
-                elif os.path.splitext(e.name)[1].lower() in exts or not os.path.islink(e.path):
-                    skips.append((e.path, "unreadable", f"cannot stat: {err.strerror or err}"))
+                    skips.append((e.path, "symlink-loop", f"a symbolic link that leads to itself ({err.strerror})"))
+                elif audio_name or not isinstance(err, FileNotFoundError):  # a dangling non-audio link is noise
+                    broken = " (a symbolic link to nothing)" if isinstance(err, FileNotFoundError) else ""
+                    skips.append((e.path, "unreadable", f"cannot read it: {err.strerror or err}{broken}"))
                 continue
             if is_dir:
                 if e.path == skip_dir:
@@ -345,10 +347,12 @@ def _convert(src: str, dst: str) -> tuple[int, str]:
 
     An existing `dst` is reused: its name is the source's identity and it was written atomically."""
     try:
-        if os.path.exists(dst):
-            with sf.SoundFile(dst) as f:
-                if f.samplerate == SAMPLE_RATE and f.channels == 1 and f.frames > 0:
-                    return f.frames, ""
+        with sf.SoundFile(dst) as f:
+            if f.samplerate == SAMPLE_RATE and f.channels == 1 and f.frames > 0:
+                return f.frames, ""
+    except Exception:  # not there yet (or damaged on disk): convert
+        pass
+    try:
         wav, sr = read_audio(src)
         wav = to_mono_16k(wav, sr)
         peak = float(np.abs(wav).max()) if len(wav) else 0.0
