@@ -134,9 +134,9 @@ def refuse_incomplete(ws: Workspace, split: str, num_files: int, records: list[R
     else:
         counts = Counter(r for _, r, _ in skipped)
         path, reason, detail = skipped[0]
-        cause = (f"all {num_files} audio file(s){where} were skipped "
-                 f"({', '.join(f'{n} {r}' for r, n in counts.most_common())}; e.g. {path}: {reason}: {detail}); "
-                 f"see {skipped_path(ws, split)}")
+        what = f"all {num_files} audio file(s){where} were skipped" if num_files else f"no usable audio{where}"
+        cause = (f"{what} ({', '.join(f'{n} {r}' for r, n in counts.most_common())}; e.g. {path}: {reason}: "
+                 f"{detail}); see {skipped_path(ws, split)}")
     raise PrepareError(
         f"split '{split}' would be empty: {cause}. An empty manifest would train on nothing and score "
         f"'WER 0.00', so it is not written ({_kept_note(ws, split)}). Fix the input and re-run."
