@@ -337,8 +337,8 @@ def test_prepare_lm_is_refused_while_another_writes_lm(ws, tmp_path):
     Vocab.librispeech().save(ws.dictionary)
     text = tmp_path / "text.txt"
     text.write_text("HELLO WORLD\n")
-    with hold(ws.lm_dir / ".lock", "d2v prepare lm"):
-        with pytest.raises(LockError, match=rf"lm/\.lock is locked by pid {os.getpid()}"):
+    with hold(ws.root / ".lm.lock", "d2v prepare lm"):
+        with pytest.raises(LockError, match=rf"\.lm\.lock is locked by pid {os.getpid()}"):
             prepare_lm(ws, text=text, order=2)
 
 

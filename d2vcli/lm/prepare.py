@@ -9,7 +9,7 @@
 
 Outputs in <workdir>/lm/, each written atomically (a failed or interrupted run leaves what was
 there before; the next run removes what a killed one left in its temp directory). One
-`d2v prepare lm` at a time writes lm/: a second is refused while `lm/.lock` is held.
+`d2v prepare lm` at a time writes lm/: a second is refused while `<workdir>/.lm.lock` is held.
 
     4gram.bin     KenLM binary. `probing` hash by default (fastest lookups; what fairseq and
                   wav2letter use); `--structure trie` is smaller for very large LMs.
@@ -180,7 +180,8 @@ def prepare_lm(
     vocab = Vocab.load(dict_path)
     source_path = _source_file(arpa, text)
     ws.lm_dir.mkdir(parents=True, exist_ok=True)
-    with hold(ws.lm_dir / ".lock", "d2v prepare lm"):
+    # The lock sits next to lm/, not in it: lm/ holds only the outputs.
+    with hold(ws.root / ".lm.lock", "d2v prepare lm"):
         removed = remove_stale_temps(ws.lm_dir)
         if removed:
             console.print(f"removed {len(removed)} temp file(s) left in {ws.lm_dir} by an interrupted earlier run")
