@@ -2,6 +2,11 @@
 
 Every output of d2v goes through these: write to a temporary file in the same
 directory, fsync, then rename over the target (atomic on POSIX).
+
+A process killed mid-write leaves its temporary file behind. The names say whose it is,
+`.<target>.<host>.<pid>.<random>.tmp` (`temp_dir` makes directories the same way), so the next
+run of a command can remove the leftovers in the directories it writes (`remove_stale_temps`)
+without touching a file that a live process is still writing.
 """
 
 from __future__ import annotations
@@ -9,9 +14,81 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, IO
+
+# Temp names of other hosts, and of versions before the host and pid were in the name, cannot
+# be checked against a process table; they count as leftovers once nothing can still be writing
+# them (no d2v output takes this long to write in one piece).
+FOREIGN_TEMP_AGE_S = 24 * 3600
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+_LEGACY_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _host() -> str:
+    """This machine's name as it appears in temp names (letters, digits and '-')."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:24] or "host"
+
+
+def _temp_prefix(target: str) -> str:
+    return f".{target}.{_host()}.{os.getpid()}."
+
+
+def temp_dir(parent: Path, label: str) -> Path:
+    """A new private directory in `parent` with our temp naming (so leftovers are found and removed)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(label), suffix=".tmp", dir=parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def is_stale_temp(path: Path, now: float | None = None) -> bool:
+    """Whether `path` is a temp file or directory of ours that no live process is writing:
+    made on this host by a pid that is gone, or (other hosts, older versions) untouched for a day."""
+    path = Path(path)
+    m = _TEMP_RE.match(path.name)
+    if m is not None and m["host"] == _host():
+        return not _pid_alive(int(m["pid"]))
+    if m is None and _LEGACY_TEMP_RE.match(path.name) is None:
+        return False
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except OSError:
+        return False
+    return age > FOREIGN_TEMP_AGE_S
+
+
+def remove_stale_temps(directory: Path, recursive: bool = False) -> list[Path]:
+    """Delete the leftovers of killed writers (see `is_stale_temp`) in `directory`; returns what was removed."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for entry in (directory.rglob(".*.tmp") if recursive else directory.glob(".*.tmp")):
+        if not is_stale_temp(entry):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except FileNotFoundError:  # its owner or another cleaner finished first
+            continue
+    return removed
 
 
 @contextlib.contextmanager
@@ -19,7 +96,7 @@ def atomic_open(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> 
     """Open a temp file next to `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh

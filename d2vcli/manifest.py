@@ -50,6 +50,19 @@ def write_manifest(path: Path, records: list[Record]) -> int:
     return atomic_write_jsonl(Path(path), (asdict(r) for r in records))
 
 
+def require_utterances(path: Path, split: str) -> Path:
+    """`path`, if it holds at least one record. Scoring or training on an empty split would report
+    a perfect "WER 0.00" or train on nothing, so it is an error naming the manifest and the fix."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        if any(line.strip() for line in fh):
+            return path
+    raise ManifestError(
+        f"split '{split}' has no utterances: {path} is empty. Re-run `d2v prepare` for it (see "
+        f"{path.with_name(f'skipped-{split}.tsv')} for what it skipped), or leave it out of --splits."
+    )
+
+
 def read_manifest(path: Path) -> list[Record]:
     path = Path(path)
     if not path.exists():

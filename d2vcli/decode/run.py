@@ -34,6 +34,7 @@ from d2vcli.lm.formats import (
     LMError, check_lexicon_against_lm, dictionary_case, is_letter_lm, load_kenlm, read_lexicon, resolve_lm,
     workspace_lm,
 )
+from d2vcli.manifest import require_utterances
 from d2vcli.scoring import edit_distance, word_errors
 from d2vcli.ui import console, table
 from d2vcli.vocab import Vocab
@@ -157,15 +158,15 @@ def decode(
     or None (greedy only). Everything is validated before the model runs. See the module doc.
     """
     cfg = cfg or DecodeConfig()
-    ckpt = find_ctc_checkpoint(ws, checkpoint)
-    run = run_name(ws, ckpt)
-    out_dir = ws.decode_dir / run
-    out_dir.mkdir(parents=True, exist_ok=True)
     splits = list(splits) if splits else default_splits(ws)
     if not splits:
         raise FileNotFoundError(f"no dev or test manifests in {ws.data_dir}; run `d2v prepare` or pass --splits")
     for s in splits:
-        ws.require_manifest(s)
+        require_utterances(ws.require_manifest(s), s)
+    ckpt = find_ctc_checkpoint(ws, checkpoint)
+    run = run_name(ws, ckpt)
+    out_dir = ws.decode_dir / run
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     # Resolve and validate the whole LM stack before any model work.
     if lm == "auto":
@@ -180,7 +181,7 @@ def decode(
     if tune:
         if spec is None:
             raise DecodeError("--tune searches LM weights: give an LM (--lm) or build one with `d2v prepare lm`")
-        ws.require_manifest(tune_split)
+        require_utterances(ws.require_manifest(tune_split), tune_split)
 
     needed = list(dict.fromkeys(splits + ([tune_split] if tune else [])))
     emissions, model_runs = get_emissions(ws, ckpt, needed, out_dir, cfg.batch_size, trust, device)

@@ -8,7 +8,8 @@
     report = prepare_lm(Workspace.resolve("d2v-work"), text="corpus.txt", order=4)
 
 Outputs in <workdir>/lm/, each written atomically (a failed or interrupted run leaves what was
-there before):
+there before; the next run removes what a killed one left in its temp directory). One
+`d2v prepare lm` at a time writes lm/: a second is refused while `<workdir>/.lm.lock` is held.
 
     4gram.bin     KenLM binary. `probing` hash by default (fastest lookups; what fairseq and
                   wav2letter use); `--structure trie` is smaller for very large LMs.
@@ -34,18 +35,18 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-from d2vcli.fileio import atomic_write_text
+from d2vcli.fileio import atomic_write_text, remove_stale_temps, temp_dir
 from d2vcli.lm.formats import (
     LM_SPECIAL_WORDS, ArpaInfo, Case, LMError, case_mismatch_message, dictionary_case, load_kenlm, open_text,
     read_arpa_unigrams, recase_arpa, spell, word_case, write_lexicon,
 )
 from d2vcli.lm.kenlm_tools import KenLMTools, find_kenlm_tools
+from d2vcli.locks import hold
 from d2vcli.manifest import read_manifest
 from d2vcli.ui import console, progress, table
 from d2vcli.vocab import WORD_SEP, Vocab, normalize_text, to_letters
@@ -179,34 +180,40 @@ def prepare_lm(
     vocab = Vocab.load(dict_path)
     source_path = _source_file(arpa, text)
     ws.lm_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-lm-", dir=ws.lm_dir))
-    try:
-        notes: list[str] = []
-        used_fallback = False
-        arpa_path = source_path
-        if text is not None:
-            arpa_path, used_fallback = _estimate_arpa(source_path, tmp, order, unit, vocab, normalize, match_case,
-                                                      discount_fallback, memory, notes)
-        arpa_path, info, unit = _read_lm_vocabulary(arpa_path, arpa is not None, unit, match_case, vocab, tmp, notes)
-        report = LMReport(
-            lm="", lexicon=None, unit=unit, order=info.order, source=str(source_path),
-            ngram_counts=info.counts, vocabulary=len(info.unigrams), lm_case=word_case(info.unigrams),
-            dictionary_case=dictionary_case(vocab), discount_fallback=used_fallback, notes=notes,
-        )
-        # Case and lexicon checks come first: they are cheap and decide whether to build at all.
-        lexicon_entries = _check_case_and_lexicon(report, info, words, match_case, vocab, dict_path)
-        bin_tmp = _build_binary(report, info, arpa_path, structure, tmp)
-        model = load_kenlm(bin_tmp)
-        if lexicon_entries:
-            write_lexicon(tmp / "lexicon.txt", lexicon_entries)
-        _check_on_dev_sets(ws, report, model, {w for w, _ in lexicon_entries})
-        _move_into_place(ws, report, name, bin_tmp, tmp / "lexicon.txt" if lexicon_entries else None,
-                         arpa_path if keep_arpa and text is not None else None)
-        report.seconds = round(time.time() - t0, 2)
-        atomic_write_text(ws.lm_dir / "report.json", json.dumps(report.to_dict(), indent=1) + "\n")
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # The lock sits next to lm/, not in it: lm/ holds only the outputs.
+    with hold(ws.root / ".lm.lock", "d2v prepare lm"):
+        removed = remove_stale_temps(ws.lm_dir)
+        if removed:
+            console.print(f"removed {len(removed)} temp file(s) left in {ws.lm_dir} by an interrupted earlier run")
+        tmp = temp_dir(ws.lm_dir, "prepare-lm")
+        try:
+            notes: list[str] = []
+            used_fallback = False
+            arpa_path = source_path
+            if text is not None:
+                arpa_path, used_fallback = _estimate_arpa(source_path, tmp, order, unit, vocab, normalize, match_case,
+                                                          discount_fallback, memory, notes)
+            arpa_path, info, unit = _read_lm_vocabulary(arpa_path, arpa is not None, unit, match_case, vocab, tmp,
+                                                        notes)
+            report = LMReport(
+                lm="", lexicon=None, unit=unit, order=info.order, source=str(source_path),
+                ngram_counts=info.counts, vocabulary=len(info.unigrams), lm_case=word_case(info.unigrams),
+                dictionary_case=dictionary_case(vocab), discount_fallback=used_fallback, notes=notes,
+            )
+            # Case and lexicon checks come first: they are cheap and decide whether to build at all.
+            lexicon_entries = _check_case_and_lexicon(report, info, words, match_case, vocab, dict_path)
+            bin_tmp = _build_binary(report, info, arpa_path, structure, tmp)
+            model = load_kenlm(bin_tmp)
+            if lexicon_entries:
+                write_lexicon(tmp / "lexicon.txt", lexicon_entries)
+            _check_on_dev_sets(ws, report, model, {w for w, _ in lexicon_entries})
+            _move_into_place(ws, report, name, bin_tmp, tmp / "lexicon.txt" if lexicon_entries else None,
+                             arpa_path if keep_arpa and text is not None else None)
+            report.seconds = round(time.time() - t0, 2)
+            atomic_write_text(ws.lm_dir / "report.json", json.dumps(report.to_dict(), indent=1) + "\n")
+            return report
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_arguments(arpa, text, order: int, unit: Unit, words) -> None:

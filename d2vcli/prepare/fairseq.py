@@ -15,12 +15,13 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from d2vcli.fileio import atomic_write_text
+from d2vcli.fileio import atomic_write_text, remove_stale_temps
 from d2vcli.manifest import read_manifest
 from d2vcli.prepare.librilight import LIBRILIGHT_SUBSETS
 from d2vcli.prepare.librilight_limited import LIMITED_SPLITS
 from d2vcli.prepare.librispeech import LIBRISPEECH_SPLITS
-from d2vcli.prepare.pipeline import Item, SplitOptions, finish, prepare_split, split_list
+from d2vcli.prepare.outputs import finish
+from d2vcli.prepare.pipeline import Item, SplitOptions, prepare_split, split_list
 from d2vcli.prepare.result import PrepareError, PrepareSummary, SplitSummary
 from d2vcli.synthetic import SPLITS as SYNTHETIC_SPLITS
 from d2vcli.vocab import Vocab, from_letters, to_letters
@@ -55,6 +56,7 @@ def fairseq_export(ws: Workspace, out: Path | str, splits: Optional[Sequence[str
     content would not change are not rewritten (the split reports "up to date").
     """
     out = Path(out).expanduser().resolve()
+    remove_stale_temps(out)  # what a killed earlier export left
     splits = split_list(splits)
     if not splits:
         splits = sorted(p.stem for p in ws.data_dir.glob("*.jsonl")) if ws.data_dir.exists() else []
@@ -127,7 +129,8 @@ def prepare_fairseq_import(
         items, labeled, other = _read_fairseq_split(src, name)
         labeled_any |= labeled
         opts = SplitOptions("fairseq-import", labeled=labeled, vocab=vocab, resample=resample, strict=strict)
-        results.append(prepare_split(ws, known.get(name, name), items, opts, other, 0, workers))
+        results.append(prepare_split(ws, known.get(name, name), items, opts, other, (), workers,
+                                     source=str(src / f"{name}.tsv")))
     return finish(ws, "fairseq-import", results, labeled=labeled_any)
 
 

@@ -14,8 +14,9 @@ from typing import Optional
 
 import soundfile as sf
 
-from d2vcli.prepare.pipeline import Item, SplitOptions, finish, prepare_split, stat_item, walk_audio
-from d2vcli.prepare.result import PrepareError, PrepareSummary
+from d2vcli.prepare.outputs import finish
+from d2vcli.prepare.pipeline import Item, SplitOptions, prepare_split, stat_item, walk_audio
+from d2vcli.prepare.result import PrepareError, PrepareSummary, Skip
 from d2vcli.vocab import Vocab, normalize_text
 from d2vcli.workspace import Workspace
 
@@ -77,15 +78,16 @@ def read_transcript_table(path: Path, root: Path) -> dict[Path, str]:
 
 
 def _walk_folder(ws: Workspace, root: Path, table_texts: Optional[dict[Path, str]],
-                 other_files: list[tuple[str, int, int]]) -> list[Item]:
-    """Every audio file under `root`, sorted by relative path, with its transcript (from the table or
-    a `<file>.txt` sidecar, whose stat is appended to `other_files`)."""
+                 other_files: list[tuple[str, int, int]], skips: list[Skip], used: set[Path]) -> list[Item]:
+    """Every audio file under `root`, sorted by relative path, with its transcript (from the table, whose
+    keys found are added to `used`, or a `<file>.txt` sidecar, whose stat is appended to `other_files`);
+    the walk's skips are appended to `skips`."""
     items: list[Item] = []
     seen: dict[str, int] = {}
     prefix = len(str(root)) + 1
     rels: dict[str, str] = {}
     # The workspace may sit inside the folder: never pick up our own resampled audio.
-    for e in walk_audio(root, audio_extensions(), exclude=ws.root):
+    for e in walk_audio(root, audio_extensions(), skips, exclude=ws.root):
         rel = e.path[prefix:].replace(os.sep, "/")
         stem, ext = os.path.splitext(rel)
         utt_id = re.sub(r"\s+", "_", stem)
@@ -96,9 +98,11 @@ def _walk_folder(ws: Workspace, root: Path, table_texts: Optional[dict[Path, str
         rels[utt_id] = rel
         item.speaker = rel.split("/", 1)[0] if "/" in rel else ""
         if table_texts is not None:
-            item.text = table_texts.get(item.path)
-            if item.text is None:  # the table may name it through a symlink
-                item.text = table_texts.get(item.path.resolve())
+            for key in (item.path, item.path.resolve()):  # the table may name it through a symlink
+                if key in table_texts:
+                    item.text = table_texts[key]
+                    used.add(key)
+                    break
         else:
             sidecar = item.path.with_suffix(".txt")
             try:
@@ -110,10 +114,19 @@ def _walk_folder(ws: Workspace, root: Path, table_texts: Optional[dict[Path, str
             except (OSError, UnicodeDecodeError) as err:
                 item.problem = ("no-transcript", f"cannot read {sidecar.name}: {err}")
         items.append(item)
-    if not items:
+    if not items and not skips:
         raise PrepareError(f"no audio files in {root} (looked for {', '.join(sorted(audio_extensions()))})")
     items.sort(key=lambda it: rels[it.id])
     return items
+
+
+def _missing_audio(table_texts: dict[Path, str], used: set[Path], table: Path, root: Path) -> list[Skip]:
+    """A "no-audio" skip row for every listed file that is not among the audio found under `root`."""
+    out = []
+    for path in sorted(set(table_texts) - used):
+        why = ("is not an audio file under the folder" if path.exists() else "does not exist")
+        out.append((str(path), "no-audio", f"listed in {table.name} but {why} ({root})"))
+    return out
 
 
 def _normalize_texts(items: list[Item]) -> None:
@@ -156,14 +169,17 @@ def prepare_folder(
         st = tpath.stat()
         other_files.append((str(tpath), st.st_size, st.st_mtime_ns))
 
-    items = _walk_folder(ws, root, table_texts, other_files)
-    labeled = any(it.text is not None for it in items)
+    skips: list[Skip] = []
+    used: set[Path] = set()
+    items = _walk_folder(ws, root, table_texts, other_files, skips, used)
+    labeled = any(it.text is not None for it in items) or table_texts is not None
     if not keep_text:
         _normalize_texts(items)
-    orphans = len(set(table_texts) - {it.path for it in items}) if table_texts is not None else 0
+    if table_texts is not None:
+        skips += _missing_audio(table_texts, used, Path(transcripts), root)
     opts = SplitOptions("folder", labeled=labeled, vocab=None if keep_text else Vocab.librispeech(),
                         resample=resample, strict=strict, extra={"keep_text": keep_text})
-    result = prepare_split(ws, split, items, opts, other_files, orphans, workers)
+    result = prepare_split(ws, split, items, opts, other_files, skips, workers, source=str(root))
     notes = [] if labeled else [f"{split}: no transcripts found, so the manifest is unlabeled (pretraining only)"]
     if result.normalized:
         notes.append(f"{split}: {result.normalized} transcript(s) changed by normalization (--keep-text keeps them)")

@@ -15,10 +15,11 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from d2vcli.audio import SAMPLE_RATE
+from d2vcli.prepare.outputs import finish
 from d2vcli.prepare.pipeline import (
-    Item, Segmenter, SplitOptions, finish, id_key, prepare_split, resolve_root, stat_item, walk_audio,
+    Item, Segmenter, SplitOptions, id_key, prepare_split, resolve_root, stat_item, walk_audio,
 )
-from d2vcli.prepare.result import PrepareError, PrepareSummary
+from d2vcli.prepare.result import PrepareError, PrepareSummary, Skip
 from d2vcli.workspace import Workspace
 
 LIBRILIGHT_SUBSETS = ("small", "medium", "large")
@@ -78,11 +79,13 @@ def _vad_segmenter(max_seconds: float) -> Segmenter:
     return segment
 
 
-def _walk_subset(sub: Path) -> tuple[list[Item], list[tuple[str, int, int]]]:
-    """The subset's audio files with their VAD read from the `.json` next to each, and those json files."""
+def _walk_subset(sub: Path) -> tuple[list[Item], list[tuple[str, int, int]], list[Skip]]:
+    """The subset's audio files with their VAD read from the `.json` next to each, those json files,
+    and the walk's skips."""
     items = []
     json_files = []
-    for e in walk_audio(sub, frozenset({".flac"})):
+    skips: list[Skip] = []
+    for e in walk_audio(sub, frozenset({".flac"}), skips):
         rel = Path(e.path).relative_to(sub)
         item = stat_item(e, "-".join(rel.with_suffix("").parts))
         item.speaker = rel.parts[0] if len(rel.parts) > 1 else ""
@@ -101,7 +104,7 @@ def _walk_subset(sub: Path) -> tuple[list[Item], list[tuple[str, int, int]]]:
             item.problem = ("bad-vad", f"cannot use {meta.name}: {type(e).__name__}: {e}")
         items.append(item)
     items.sort(key=lambda it: id_key(it.id))
-    return items, json_files
+    return items, json_files, skips
 
 
 def prepare_librilight(
@@ -128,9 +131,10 @@ def prepare_librilight(
         found = sorted(p.name for p in path.iterdir() if p.is_dir())
         raise PrepareError(f"no {subset}/ in {path} (found: {', '.join(found) or 'no directories'}); pass --root "
                            f"the directory that holds {subset}/")
-    items, json_files = _walk_subset(sub)
+    items, json_files, skips = _walk_subset(sub)
     split = f"librilight-{subset}"
     opts = SplitOptions("librilight", labeled=False, vocab=None, resample=resample, strict=strict,
                         extra={"max_seconds": max_seconds})
-    result = prepare_split(ws, split, items, opts, json_files, 0, workers, segment=_vad_segmenter(max_seconds))
+    result = prepare_split(ws, split, items, opts, json_files, skips, workers, segment=_vad_segmenter(max_seconds),
+                           source=str(sub))
     return finish(ws, "librilight", [result], labeled=False)

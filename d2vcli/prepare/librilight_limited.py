@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from d2vcli.prepare.librispeech import walk_libri_tree
-from d2vcli.prepare.pipeline import SplitOptions, finish, id_key, prepare_split, resolve_root
+from d2vcli.prepare.outputs import finish
+from d2vcli.prepare.pipeline import SplitOptions, id_key, prepare_split, resolve_root
 from d2vcli.prepare.result import PrepareError, PrepareSummary
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
@@ -48,6 +49,7 @@ def prepare_librilight_limited(
                         strict=strict)
     results = []
     for split, dirs in subsets.items():
-        items, index = walk_libri_tree(dirs)
-        results.append(prepare_split(ws, split, items, opts, index.stat_files(), index.orphans(), workers))
+        items, index, skips = walk_libri_tree(dirs)
+        results.append(prepare_split(ws, split, items, opts, index.stat_files(), skips, workers,
+                                     source=", ".join(str(d) for d in dirs)))
     return finish(ws, "librilight-limited", results, labeled=True)

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from d2vcli.prepare.outputs import finish
 from d2vcli.prepare.pipeline import (
-    Item, SplitOptions, finish, id_key, prepare_split, resolve_root, split_list, stat_item, walk_audio,
+    Item, SplitOptions, id_key, prepare_split, resolve_root, split_list, stat_item, walk_audio,
 )
-from d2vcli.prepare.result import PrepareError, PrepareSummary
+from d2vcli.prepare.result import PrepareError, PrepareSummary, Skip
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
 
@@ -63,8 +64,11 @@ class TranscriptIndex:
                 lines[parts[0]] = " ".join(parts[1].split()) if len(parts) > 1 else ""
         return lines, ""
 
-    def orphans(self) -> int:
-        return sum(len(lines) - len(self.used[p]) for p, (lines, err) in self.files.items() if not err)
+    def orphans(self) -> list[Skip]:
+        """A "no-audio" skip row for every transcript line whose audio file does not exist."""
+        return [(str(p.parent / f"{utt}.flac"), "no-audio", f"{p.name} has a line for {utt} but there is no audio file")
+                for p, (lines, err) in self.files.items() if not err
+                for utt in sorted(set(lines) - self.used[p])]
 
     def stat_files(self) -> list[tuple[str, int, int]]:
         out = []
@@ -77,12 +81,14 @@ class TranscriptIndex:
         return out
 
 
-def walk_libri_tree(dirs: Sequence[Path]) -> tuple[list[Item], TranscriptIndex]:
-    """LibriSpeech-shaped trees (`.../<spk>/<chapter>/<spk>-<chapter>-<utt>.flac` + trans.txt)."""
+def walk_libri_tree(dirs: Sequence[Path]) -> tuple[list[Item], TranscriptIndex, list[Skip]]:
+    """LibriSpeech-shaped trees (`.../<spk>/<chapter>/<spk>-<chapter>-<utt>.flac` + trans.txt): the items,
+    their transcripts, and the skips of the walk with the transcript lines that have no audio."""
     index = TranscriptIndex()
     items = []
+    skips: list[Skip] = []
     for d in dirs:
-        for e in walk_audio(d, frozenset({".flac"})):
+        for e in walk_audio(d, frozenset({".flac"}), skips):
             utt_id = e.name[: -len(".flac")]
             item = stat_item(e, utt_id)
             item.speaker = utt_id.split("-")[0]
@@ -91,7 +97,7 @@ def walk_libri_tree(dirs: Sequence[Path]) -> tuple[list[Item], TranscriptIndex]:
                 item.problem = ("no-transcript", detail)
             items.append(item)
     items.sort(key=lambda it: id_key(it.id))
-    return items, index
+    return items, index, skips + index.orphans()
 
 
 def librispeech_root(root: Optional[Path | str]) -> Path:
@@ -135,6 +141,7 @@ def prepare_librispeech(
     opts = SplitOptions(command, labeled=True, vocab=Vocab.librispeech(), resample=resample, strict=strict)
     results = []
     for split in todo:
-        items, index = walk_libri_tree([root / split])
-        results.append(prepare_split(ws, split, items, opts, index.stat_files(), index.orphans(), workers))
+        items, index, skips = walk_libri_tree([root / split])
+        results.append(prepare_split(ws, split, items, opts, index.stat_files(), skips, workers,
+                                     source=str(root / split)))
     return finish(ws, command, results, labeled=True)

@@ -2,37 +2,44 @@
 
 1. **walk** the audio files (never the transcript lines: a transcript may list audio
    that is absent) and look up each file's transcript; each corpus module does this with
-   `walk_audio` and hands over a list of `Item`s;
-2. **fingerprint** the inputs (paths, sizes, mtimes of audio and transcript files, and
-   the options). If `data/<split>.stamp.json` holds the same fingerprint and the manifest
-   exists, the split is "up to date" and nothing is read or written;
+   `walk_audio` and hands over a list of `Item`s, plus the skips found while walking (a
+   transcript entry without audio, a symlink loop, an unreadable directory or broken link);
+2. **fingerprint** the inputs (paths, sizes, mtimes of audio and transcript files, the
+   walk's skips, the options and which audio checks ran). If `data/<split>.stamp.json`
+   holds the same fingerprint and the manifest exists, the split is "up to date" and
+   nothing is read or written. This and every later step hold the split's lock
+   (`outputs.hold_split`), and leftovers of killed earlier runs are removed first;
 3. **scan** the audio headers in parallel (`scan_headers`: a process pool for large
-   inputs; threads measured no faster than one process, see benchmarks/bench_prepare.py);
+   inputs; threads measured no faster than one process, see benchmarks/bench_prepare.py)
+   and decode each file's last TAIL_FRAMES samples, so a truncated file (header intact,
+   frames cut) is found here, not hours into training;
 4. check the sample rate: anything other than 16 kHz mono is an error unless
-   `resample=True`, which writes 16 kHz mono FLAC under `data/audio/<split>/`;
-5. **validate**: unreadable or corrupt audio, zero-length audio, a missing transcript,
-   characters outside the letter vocabulary, and a transcript with more CTC targets
-   (letters plus `|`) than the model has frames are skipped, counted, and listed in
-   `data/skipped-<split>.tsv`. `strict=True` turns the first skip into an error;
+   `resample=True`, which writes 16 kHz mono FLAC under `data/audio/<split>/`, named by
+   its source's identity (path, size, mtime), so a changed source is converted again;
+5. **validate**: unreadable, truncated or corrupt audio, zero-length audio, a missing
+   transcript, characters outside the letter vocabulary, and a transcript with more CTC
+   targets (letters plus `|`) than the model has frames are skipped, counted, and listed
+   in `data/skipped-<split>.tsv`. `strict=True` makes any skip an error, and a split
+   with nothing left is always one (`outputs.refuse_incomplete`);
 6. **write** the skip list, the manifest `data/<split>.jsonl` and then the stamp, each
    atomically, so a failure never leaves a half-written split and never touches the
-   splits finished before it. Labeled commands then rewrite `data/dict.ltr.txt` from the
-   text of every manifest in data/ (fairseq's LibriSpeech order and specials whenever
-   the text fits it), in `finish`, which also builds the summary the CLI prints.
+   splits finished before it (`outputs.write_split`, which also guards the shared
+   `data/dict.ltr.txt`: see `d2vcli/prepare/outputs.py`). `finish` builds the summary
+   the CLI prints.
 
-Only headers are read, so a FLAC file with an intact header but damaged frames is
-found later, when the data loader decodes it.
+The tail check finds truncation, the common damage (an interrupted copy or download); a
+file damaged in its middle is found only when the data loader decodes it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional, Sequence
 
@@ -41,16 +48,20 @@ import soundfile as sf
 from rich.progress import Progress
 
 from d2vcli.audio import SAMPLE_RATE, AudioError, read_audio, to_mono_16k
-from d2vcli.fileio import atomic_open, atomic_write_text
-from d2vcli.manifest import Record, num_frames, read_manifest, write_manifest
-from d2vcli.prepare.result import PrepareError, PrepareSummary, SplitSummary
-from d2vcli.ui import console, progress
+from d2vcli.fileio import atomic_open
+from d2vcli.manifest import Record, num_frames
+from d2vcli.prepare.outputs import (
+    clean_leftovers, converted_dir, hold_split, refuse_incomplete, stamp_path, summarize_split, write_split,
+)
+from d2vcli.prepare.result import PrepareError, Skip, SplitSummary
+from d2vcli.ui import progress
 from d2vcli.vocab import SPECIALS, WORD_SEP, Vocab, to_letters
 from d2vcli.workspace import Workspace
 
-STAMP_VERSION = 1
-SkipReason = Literal["unreadable", "empty", "no-transcript", "out-of-vocab", "text-too-long", "bad-vad"]
-SKIP_REASONS: tuple[str, ...] = SkipReason.__args__  # type: ignore[attr-defined]
+# 2: the fingerprint covers the walk's skips and the audio checks (stamps of 1 did not decode the tail).
+STAMP_VERSION = 2
+# Samples decoded at the end of every file (a few FLAC blocks of 4096): 0 reads headers only.
+TAIL_FRAMES = 16384
 PoolKind = Literal["process", "thread"]
 # `segment(item, num_samples)` -> [(offset, length)]: cuts one file into several records.
 Segmenter = Callable[["Item", int], list[tuple[int, int]]]
@@ -124,21 +135,61 @@ def split_list(splits: Optional[Sequence[str]]) -> list[str]:
 # --------------------------------------------------------------------------- step 1: walking
 
 
-def walk_audio(root: Path, exts: frozenset[str], exclude: Optional[Path] = None) -> Iterable[os.DirEntry]:
-    """Every file under `root` whose lower-cased suffix is in `exts` (recursive, unsorted), outside `exclude`."""
+def walk_audio(root: Path, exts: frozenset[str], skips: list[Skip], exclude: Optional[Path] = None,
+               ) -> Iterable[os.DirEntry]:
+    """Every file under `root` whose lower-cased suffix is in `exts` (recursive, unsorted), outside `exclude`.
+
+    Symlinks are followed, but each directory (by its device and inode) is walked once: a link
+    back to a directory above it (a loop, which the OS would otherwise follow some 40 levels
+    deep and end in ELOOP) or a second link to a directory already walked is skipped. Those,
+    directories that cannot be listed and links that lead nowhere are appended to `skips`.
+    """
+    skip_dir = str(exclude) if exclude is not None else None
+    st = os.stat(root)
+    visited = {(st.st_dev, st.st_ino): str(root)}
     stack = [str(root)]
-    skip = str(exclude) if exclude is not None else None
     while stack:
+        d = stack.pop()
         try:
-            with os.scandir(stack.pop()) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=True):
-                        if e.path != skip:
-                            stack.append(e.path)
-                    elif os.path.splitext(e.name)[1].lower() in exts:
-                        yield e
-        except PermissionError:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as err:
+            skips.append((d, "unreadable", f"cannot list the directory: {err.strerror or err}"))
             continue
+        for e in entries:
+            audio_name = os.path.splitext(e.name)[1].lower() in exts
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+                wanted = audio_name and not is_dir
+                st = e.stat() if is_dir or wanted else None  # follows links; cached for stat_item
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    skips.append((e.path, "symlink-loop", f"a symbolic link that leads to itself ({err.strerror})"))
+                elif audio_name or not isinstance(err, FileNotFoundError):  # a dangling non-audio link is noise
+                    broken = " (a symbolic link to nothing)" if isinstance(err, FileNotFoundError) else ""
+                    skips.append((e.path, "unreadable", f"cannot read it: {err.strerror or err}{broken}"))
+                continue
+            if is_dir:
+                if e.path == skip_dir:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    skips.append(_revisit(e.path, d, visited[key]))
+                    continue
+                visited[key] = e.path
+                stack.append(e.path)
+            elif wanted:
+                yield e
+
+
+def _revisit(link: str, parent: str, first: str) -> Skip:
+    """The skip row for a directory entry that leads to a directory walked already (as `first`)."""
+    target, here = os.path.realpath(first), os.path.realpath(parent)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        return (link, "symlink-loop", f"links back to {target}, a directory above it (a loop); "
+                                      "remove the link or give a root that does not contain it")
+    return (link, "duplicate-dir", f"the same directory as {first}, walked already; skipped so its "
+                                   "files are not listed twice")
 
 
 def id_key(utt_id: str):
@@ -156,32 +207,35 @@ def stat_item(e: os.DirEntry, utt_id: str) -> Item:
 # --------------------------------------------------------------------------- step 2: fingerprint
 
 
-def input_fingerprint(items: list[Item], other_files: list[tuple[str, int, int]], opts: SplitOptions) -> str:
-    """A hash of everything the split's outputs depend on: the audio files, the other input files, the options."""
+def audio_checks() -> str:
+    """Which checks the scan makes of each file; part of the fingerprint, so a stamp written by
+    a run that checked less (an older version, or TAIL_FRAMES 0) is not "up to date"."""
+    return f"header+tail{TAIL_FRAMES}" if TAIL_FRAMES > 0 else "header"
+
+
+def input_fingerprint(items: list[Item], other_files: list[tuple[str, int, int]], opts: SplitOptions,
+                      walk_skips: Sequence[Skip] = ()) -> str:
+    """A hash of everything the split's outputs depend on: the audio files, the other input files,
+    what the walk skipped, the options and the checks."""
     h = hashlib.sha256()
     h.update(json.dumps({
         "version": STAMP_VERSION, "command": opts.command, "labeled": opts.labeled, "resample": opts.resample,
         "strict": opts.strict, "vocab": list(opts.vocab.symbols) if opts.vocab else None, "extra": opts.extra,
+        "checks": audio_checks(),
     }, sort_keys=True).encode())
     for it in items:
         h.update(f"{it.path}\0{it.size}\0{it.mtime_ns}\0{it.id}\n".encode())
     for path, size, mtime in sorted(other_files):
         h.update(f"{path}\0{size}\0{mtime}\n".encode())
+    for row in sorted(walk_skips):
+        h.update(("\0".join(row) + "\n").encode())
     return h.hexdigest()
-
-
-def _stamp_path(ws: Workspace, split: str) -> Path:
-    return ws.data_dir / f"{split}.stamp.json"
-
-
-def _skipped_path(ws: Workspace, split: str) -> Path:
-    return ws.data_dir / f"skipped-{split}.tsv"
 
 
 def up_to_date(ws: Workspace, split: str, fingerprint: str) -> Optional[SplitSummary]:
     """The summary saved with the split's stamp if its fingerprint matches and the manifest exists, else None."""
     try:
-        stamp = json.loads(_stamp_path(ws, split).read_text())
+        stamp = json.loads(stamp_path(ws, split).read_text())
     except (OSError, ValueError):
         return None
     if stamp.get("fingerprint") != fingerprint or not ws.manifest(split).exists():
@@ -199,9 +253,31 @@ def _read_header(path: str) -> Header:
         if os.path.getsize(path) == 0:
             return Header(0, 0, 0, "empty: zero-length file")
         with sf.SoundFile(path) as f:
-            return Header(f.samplerate, f.channels, f.frames, "" if f.frames > 0 else "empty: no samples")
+            if f.frames <= 0:
+                return Header(f.samplerate, f.channels, f.frames, "empty: no samples")
+            return Header(f.samplerate, f.channels, f.frames, _tail_error(f))
     except Exception as e:  # LibsndfileError / RuntimeError / OSError: corrupt, unsupported, unreadable
         return Header(0, 0, 0, f"unreadable: {str(e).strip() or type(e).__name__}")
+
+
+def _tail_error(f: sf.SoundFile) -> str:
+    """"" if the last TAIL_FRAMES samples of the open file decode, else why not.
+
+    The header of a cut FLAC still states the full length, so only decoding shows the damage;
+    seeking there is cheap (FLAC seeks by its frame headers), reading the whole file is not.
+    """
+    if TAIL_FRAMES <= 0:
+        return ""
+    start = max(0, f.frames - TAIL_FRAMES)
+    try:
+        f.seek(start)
+        got = len(f.read(frames=f.frames - start, dtype="float32"))
+    except Exception as e:  # LibsndfileError: "flac decoder lost sync", "psf_fseek() failed", ...
+        return (f"unreadable: does not decode to its end ({str(e).strip() or type(e).__name__}); "
+                "the file is truncated or corrupt")
+    if got != f.frames - start:
+        return f"unreadable: truncated: the header says {f.frames} samples but decoding stops at {start + got}"
+    return ""
 
 
 def _read_headers(paths: list[str]) -> list[Header]:
@@ -258,13 +334,25 @@ def scan_split(split: str, items: list[Item], workers: int, bar: Progress) -> li
 # --------------------------------------------------------------------------- step 4: sample rate, resampling
 
 
+def converted_name(it: Item) -> str:
+    """The converted file's name: the item's id and a hash of its source's identity (path, size,
+    mtime in ns), so a different or changed source never reuses an old conversion, whatever the
+    modification times say (a copy with `cp -p` or rsync keeps an old mtime)."""
+    key = hashlib.sha256(f"{it.path}\0{it.size}\0{it.mtime_ns}\0{SAMPLE_RATE}".encode()).hexdigest()[:16]
+    return f"{it.id}.{key}.flac"
+
+
 def _convert(src: str, dst: str) -> tuple[int, str]:
-    """Write `src` as 16 kHz mono FLAC at `dst` (atomically); returns (num_samples, error)."""
+    """Write `src` as 16 kHz mono FLAC at `dst` (atomically); returns (num_samples, error).
+
+    An existing `dst` is reused: its name is the source's identity and it was written atomically."""
     try:
-        if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
-            with sf.SoundFile(dst) as f:
-                if f.samplerate == SAMPLE_RATE and f.channels == 1:
-                    return f.frames, ""
+        with sf.SoundFile(dst) as f:
+            if f.samplerate == SAMPLE_RATE and f.channels == 1 and f.frames > 0:
+                return f.frames, ""
+    except Exception:  # not there yet (or damaged on disk): convert
+        pass
+    try:
         wav, sr = read_audio(src)
         wav = to_mono_16k(wav, sr)
         peak = float(np.abs(wav).max()) if len(wav) else 0.0
@@ -302,7 +390,7 @@ def check_or_resample(ws: Workspace, split: str, items: list[Item], headers: lis
     """Step 4: audio that is not 16 kHz mono is an error, or with `opts.resample` is converted
     to 16 kHz mono FLAC under data/audio/<split>/, which the manifest then points to."""
     wrong = [k for k, h in enumerate(headers) if not h.error and (h.sample_rate != SAMPLE_RATE or h.channels != 1)]
-    audio_dir = ws.data_dir / "audio" / split
+    audio_dir = converted_dir(ws, split)
     if wrong and not opts.resample:
         it, h = items[wrong[0]], headers[wrong[0]]
         raise PrepareError(
@@ -313,7 +401,7 @@ def check_or_resample(ws: Workspace, split: str, items: list[Item], headers: lis
     audio = SplitAudio([str(it.path) for it in items], [h.frames for h in headers], [h.error for h in headers])
     if wrong:
         task = bar.add_task(f"resample {split}", total=len(wrong))
-        jobs = [(audio.paths[k], str(audio_dir / f"{items[k].id}.flac")) for k in wrong]
+        jobs = [(audio.paths[k], str(audio_dir / converted_name(items[k]))) for k in wrong]
         for d in {Path(dst).parent for _, dst in jobs}:
             d.mkdir(parents=True, exist_ok=True)
         results = _resample_all(jobs, workers, lambda n: bar.advance(task, n))
@@ -363,11 +451,11 @@ def _item_problem(it: Item, error: str, length: int, opts: SplitOptions, segment
 
 
 def validate(items: list[Item], audio: SplitAudio, opts: SplitOptions, segment: Optional[Segmenter],
-             ) -> tuple[list[Record], list[tuple[str, str, str]], int]:
+             ) -> tuple[list[Record], list[Skip], int]:
     """Step 5: the manifest records, the skipped files as (path, reason, detail), and how many
     kept transcripts text normalization changed."""
     records: list[Record] = []
-    skipped: list[tuple[str, str, str]] = []
+    skipped: list[Skip] = []
     normalized = 0
     for k, it in enumerate(items):
         problem, pieces = _item_problem(it, audio.errors[k], audio.lengths[k], opts, segment)
@@ -384,50 +472,6 @@ def validate(items: list[Item], audio: SplitAudio, opts: SplitOptions, segment: 
     return records, skipped, normalized
 
 
-def check_strict(split: str, skipped: list[tuple[str, str, str]], opts: SplitOptions) -> None:
-    """With `opts.strict`, the first skipped file is an error (raised before anything is written)."""
-    if opts.strict and skipped:
-        path, reason, detail = skipped[0]
-        raise PrepareError(
-            f"--strict: {path} would be skipped ({reason}: {detail}); {len(skipped)} file(s) in split "
-            f"'{split}' have problems. Fix them or drop --strict to skip them (nothing was written for '{split}')."
-        )
-
-
-# --------------------------------------------------------------------------- step 6: writing
-
-
-def summarize_split(ws: Workspace, split: str, records: list[Record], skipped: list[tuple[str, str, str]],
-                    normalized: int, orphans: int) -> SplitSummary:
-    """The table row of a freshly written split (also saved in its stamp)."""
-    counts = {r: 0 for r in SKIP_REASONS}
-    for _, reason, _ in skipped:
-        counts[reason] += 1
-    return SplitSummary(
-        split=split, status="written", utterances=len(records),
-        seconds=round(sum(r.num_samples for r in records) / SAMPLE_RATE, 3),
-        skipped={r: n for r, n in counts.items() if n},
-        outputs=[str(ws.manifest(split))] + ([str(_skipped_path(ws, split))] if skipped else []),
-        normalized=normalized, orphan_transcripts=orphans,
-    )
-
-
-def write_split(ws: Workspace, split: str, records: list[Record], skipped: list[tuple[str, str, str]],
-                fingerprint: str, summary: SplitSummary) -> None:
-    """Step 6: the skip list, the manifest, then the stamp that marks the split complete, each atomically."""
-    ws.data_dir.mkdir(parents=True, exist_ok=True)
-    if skipped:
-        atomic_write_text(_skipped_path(ws, split), "path\treason\tdetail\n" + "".join(
-            f"{p}\t{r}\t{d.replace(chr(9), ' ').replace(chr(10), ' ')}\n" for p, r, d in skipped))
-    elif _skipped_path(ws, split).exists():
-        _skipped_path(ws, split).unlink()  # stale list from an earlier run
-    write_manifest(ws.manifest(split), records)
-    atomic_write_text(_stamp_path(ws, split), json.dumps({"fingerprint": fingerprint, "summary": asdict(summary)},
-                                                         indent=1))
-    if skipped:
-        console.print(f"[yellow]{split}: skipped {len(skipped)} file(s), see {_skipped_path(ws, split)}[/]")
-
-
 # --------------------------------------------------------------------------- one split, then the command
 
 
@@ -437,63 +481,32 @@ def prepare_split(
     items: list[Item],
     opts: SplitOptions,
     other_files: Sequence[tuple[str, int, int]] = (),
-    orphans: int = 0,
+    walk_skips: Sequence[Skip] = (),
     workers: int = 0,
     segment: Optional[Segmenter] = None,
+    source: str = "",
 ) -> SplitSummary:
     """Steps 2-6 of the module docstring for one split's walked `items`.
 
     `other_files` (path, size, mtime) are the non-audio inputs (transcripts, VAD files) that
-    the fingerprint covers; `orphans` counts transcript lines without audio, for the notes.
+    the fingerprint covers; `walk_skips` are the (path, reason, detail) rows the walk found
+    (transcript entries without audio as "no-audio", symlink loops, ...), listed with the
+    others; `source` says where the audio was looked for, for the messages.
     """
-    fp = input_fingerprint(items, list(other_files), opts)
-    done = up_to_date(ws, split, fp)
-    if done is not None:
-        return done
-    with progress() as bar:
-        headers = scan_split(split, items, workers, bar)
-        audio = check_or_resample(ws, split, items, headers, opts, workers, bar)
-    records, skipped, normalized = validate(items, audio, opts, segment)
-    check_strict(split, skipped, opts)
-    summary = summarize_split(ws, split, records, skipped, normalized, orphans)
-    write_split(ws, split, records, skipped, fp, summary)
+    walk_skips = list(walk_skips)
+    fp = input_fingerprint(items, list(other_files), opts, walk_skips)
+    with hold_split(ws, split):
+        clean_leftovers(ws, split)
+        done = up_to_date(ws, split, fp)
+        if done is not None:
+            return done
+        with progress() as bar:
+            headers = scan_split(split, items, workers, bar)
+            audio = check_or_resample(ws, split, items, headers, opts, workers, bar)
+        records, skipped, normalized = validate(items, audio, opts, segment)
+        skipped += walk_skips
+        refuse_incomplete(ws, split, len(items), records, skipped, opts.strict, source)
+        summary = summarize_split(ws, split, records, skipped, normalized)
+        write_split(ws, split, records, skipped, fp, summary, opts.labeled)
     return summary
 
-
-def update_dictionary(ws: Workspace) -> Optional[Path]:
-    """Rewrite data/dict.ltr.txt from the text of every manifest in data/ (unchanged content is not rewritten).
-
-    fairseq order and specials (`Vocab.librispeech()`) whenever the letters fit it,
-    otherwise letters by frequency. Counts are letter counts, as in fairseq's file.
-    """
-    counts: Counter = Counter()
-    texts = []
-    for m in sorted(ws.data_dir.glob("*.jsonl")):
-        for r in read_manifest(m):
-            if r.text:
-                texts.append(r.text)
-                counts.update(to_letters(r.text).split())
-    if not texts:
-        return None
-    vocab = Vocab.from_texts(texts)
-    content = "".join(f"{s} {counts.get(s, 0)}\n" for s in vocab.symbols)
-    path = ws.dictionary
-    if not path.exists() or path.read_text(encoding="utf-8") != content:
-        vocab.save(path, dict(counts))
-    return path
-
-
-def finish(ws: Workspace, command: str, splits: list[SplitSummary], labeled: bool,
-           notes: Optional[list[str]] = None) -> PrepareSummary:
-    """After the splits of a labeled command: the dictionary; for every command: the summary and its notes."""
-    dictionary = None
-    if labeled:
-        if any(s.status == "written" for s in splits) or not ws.dictionary.exists():
-            dictionary = update_dictionary(ws)
-        else:
-            dictionary = ws.dictionary
-    notes = list(notes or [])
-    for s in splits:
-        if s.orphan_transcripts:
-            notes.append(f"{s.split}: {s.orphan_transcripts} transcript line(s) have no audio file (ignored)")
-    return PrepareSummary(command, splits, str(dictionary) if dictionary else None, notes, str(ws.root))

@@ -14,6 +14,14 @@ class PrepareError(UserError):
     """Input that `d2v prepare` cannot use; the message names the file or option and the fix."""
 
 
+# Why a file (or a transcript entry, or a directory) is left out of a split; each skip is a row
+# (path, reason, detail) of data/skipped-<split>.tsv.
+SkipReason = Literal["unreadable", "empty", "no-transcript", "out-of-vocab", "text-too-long", "bad-vad",
+                     "no-audio", "symlink-loop", "duplicate-dir"]
+SKIP_REASONS: tuple[str, ...] = SkipReason.__args__  # type: ignore[attr-defined]
+Skip = tuple[str, str, str]
+
+
 @dataclass
 class SplitSummary:
     """What happened to one split: returned to callers and printed as one table row."""
@@ -25,7 +33,7 @@ class SplitSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     outputs: list[str] = field(default_factory=list)
     normalized: int = 0  # transcripts changed by text normalization (folder)
-    orphan_transcripts: int = 0  # transcript lines whose audio does not exist (ignored)
+    orphan_transcripts: int = 0  # transcript entries whose audio does not exist (skipped as no-audio)
 
     @property
     def hours(self) -> float:
