@@ -502,3 +502,14 @@ def field_docs(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
         else:
             rows.append((key, v, fl.metadata.get("doc", "")))
     return rows
+
+
+def changes(cfg: Any, base: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in `base`, value in `cfg`) for every leaf field that differs, in declaration order."""
+    before = {k: v for k, v, _ in field_docs(base)}
+    return [(k, before[k], v) for k, v, _ in field_docs(cfg) if before[k] != v]
+
+
+def base_config(command: str, preset: Optional[str] = None) -> Config:
+    """What `cfg` is compared against on screen: the command's defaults with the preset applied."""
+    return resolve(command, preset=preset) if command in DEFAULTS else Config()

@@ -73,7 +73,7 @@ from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
 from d2vcli.pretrain import check_manifests
 from d2vcli.run_dir import default_run_name, prepare_run
 from d2vcli.scoring import score
-from d2vcli.ui import console, print_config
+from d2vcli.ui import console, print_config_summary
 from d2vcli.vocab import BLANK, SPECIALS, Vocab
 
 VALID_METRICS = ("wer", "cer", "loss")
@@ -540,6 +540,14 @@ def _describe_skips(split_names: Sequence[str], ts: TrainingSet, cfg: Config) ->
                       f"{' ...' if len(ts.too_short_to_mask) > 10 else ''}", markup=False)
 
 
+def _summary_base(cfg: Config, preset: Optional[str]) -> Config:
+    """The preset with the checkpoint's architecture and normalization: the on-screen summary then lists
+    only what the user changed (the init line right after it states the architecture)."""
+    fixed = {"model": {k: getattr(cfg.model, k) for k in cfgmod.ARCHITECTURE_FIELDS},
+             "data": {"normalize": cfg.data.normalize}}
+    return cfgmod.merge(cfgmod.base_config("finetune", preset), fixed)
+
+
 def finetune(
     cfg: Config,
     workspace,
@@ -565,15 +573,16 @@ def finetune(
         check_validation(cfg)
         vocab = start.vocab or Vocab.load(workspace.dictionary)
         check_labels(workspace, list(cfg.data.train_splits) + list(cfg.data.valid_splits), vocab)
+        run = prepare_run(workspace, name, cfg, resume, info)
         if info.is_main:
             a = cfg.model
             source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
-            print_config(cfg, title=f"finetune config (model architecture from {start.path.name})")
+            print_config_summary(cfg, _summary_base(cfg, preset), "finetune config",
+                                 f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
             console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
                           f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
                           f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
             _warn_schedule(cfg)
-        run = prepare_run(workspace, name, cfg, resume, info)
 
         train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
         if info.is_main:
