@@ -577,7 +577,8 @@ def finetune(
         if info.is_main:
             a = cfg.model
             source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
-            print_config_summary(cfg, _summary_base(cfg, preset), "finetune config",
+            print_config_summary(cfg, _summary_base(cfg, preset),
+                                 f"finetune config (model architecture from {start.path.name})",
                                  f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
             console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
                           f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
