@@ -540,14 +540,6 @@ def _describe_skips(split_names: Sequence[str], ts: TrainingSet, cfg: Config) ->
                       f"{' ...' if len(ts.too_short_to_mask) > 10 else ''}", markup=False)
 
 
-def _summary_base(cfg: Config, preset: Optional[str]) -> Config:
-    """The preset with the checkpoint's architecture and normalization: the on-screen summary then lists
-    only what the user changed (the init line right after it states the architecture)."""
-    fixed = {"model": {k: getattr(cfg.model, k) for k in cfgmod.ARCHITECTURE_FIELDS},
-             "data": {"normalize": cfg.data.normalize}}
-    return cfgmod.merge(cfgmod.base_config("finetune", preset), fixed)
-
-
 def finetune(
     cfg: Config,
     workspace,
@@ -566,7 +558,9 @@ def finetune(
     try:
         name = distributed.broadcast_object(name or default_run_name("finetune", preset))
         start = load_start(cfg, workspace, workspace.run_dir(name), resume)
-        cfg = start.cfg
+        # On screen: what the user changed from the preset; what the checkpoint fills in (architecture,
+        # normalize) is stated on the init line, and everything is in config.yaml.
+        requested, cfg = cfg, start.cfg
         check_manifests(workspace, cfg.data.train_splits)
         for split in cfg.data.valid_splits:
             workspace.require_manifest(split)
@@ -577,7 +571,7 @@ def finetune(
         if info.is_main:
             a = cfg.model
             source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
-            print_config_summary(cfg, _summary_base(cfg, preset),
+            print_config_summary(requested, cfgmod.base_config("finetune", preset),
                                  f"finetune config (model architecture from {start.path.name})",
                                  f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
             console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
