@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -94,7 +93,8 @@ def load_raw(path: Path, trust: bool = False) -> Any:
                 f"Loading it would run code stored in the file. If you trust where it came from, pass "
                 f"{TRUST_FLAG} to load it with full unpickling."
             ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler fails on garbage with any error (IndexError,
+        # KeyError, struct.error, ...): all of them mean the bytes are not a checkpoint
         raise CheckpointError(
             f"{path} is truncated or corrupt and cannot be read ({_first_line(e)}). "
             f"Use an earlier checkpoint (the run directory keeps the previous ones) or re-download it."

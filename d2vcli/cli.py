@@ -1,7 +1,14 @@
 """The `d2v` command: a thin Typer shell over library functions.
 
 Each command parses its arguments, resolves the config (defaults -> --preset ->
---config -> --set), prints it, and calls one library function. No logic lives here.
+--config -> --set) and calls one library function, which prints a short summary of the
+config. No logic lives here.
+
+Two guards hold for every command, present and future (tests/test_cli_errors.py checks both):
+  - a user error raised anywhere below a command is one line and exit 2, never a traceback
+    (`_Group.invoke` catches `user_error_types()` once, for the whole command tree);
+  - every numeric option declares its range (`min=`/`max=`), so Click refuses a bad value
+    before any work starts.
 """
 
 from __future__ import annotations
@@ -10,13 +17,41 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from d2vcli import config as cfgmod
 from d2vcli.errors import UserError
 from d2vcli.ui import console, err_console
 from d2vcli.workspace import Workspace
 
+
+def user_error_types() -> tuple:
+    """Errors caused by the user's input: reported as one line with the fix, exit 2, no traceback.
+
+    Besides UserError, the OS errors a path the user gave causes (missing, a directory where a file
+    belongs or the reverse, no permission, already there) carry the path and a clear reason.
+    """
+    return (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+def _report(e: BaseException) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """The root command group: every sub-command runs inside its invoke, so catching user errors here
+    covers all commands at once (and CliRunner sees the same exit code and message as a shell)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except user_error_types() as e:
+            _report(e)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -31,28 +66,6 @@ WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Workspace (default: $D2
 PresetOpt = typer.Option(None, "--preset", help="A preset from presets/ (see `d2v config presets`).")
 ConfigOpt = typer.Option(None, "--config", help="A YAML file of config overrides.")
 SetOpt = typer.Option(None, "--set", help="Override one field: --set optim.lr=1e-4 (repeatable).")
-
-
-def user_error_types() -> tuple:
-    """Errors caused by the user's input: reported as one line with the fix, exit 2, no traceback."""
-    return (UserError, FileNotFoundError)
-
-
-def _report(e: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-
-
-class _UserErrors:
-    """Inside a command: a user error becomes one line and exit 2 (so CliRunner sees it too)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is not None and isinstance(exc, user_error_types()):
-            _report(exc)
-            raise typer.Exit(2)
-        return False
 
 
 def resolve_config(command, preset, config_file, overrides) -> cfgmod.Config:
@@ -99,14 +112,13 @@ StrictOpt = typer.Option(False, "--strict", help="Any file that would be skipped
 ResampleOpt = typer.Option(
     False, "--resample", help="Convert audio that is not 16 kHz mono to 16 kHz mono FLAC under <workdir>/data/audio/."
 )
-WorkersOpt = typer.Option(0, "--workers", help="Parallel workers for the header scan (0 = all cores).")
+WorkersOpt = typer.Option(0, "--workers", min=0, help="Parallel workers for the header scan (0 = all cores).")
 SplitsOpt = typer.Option(None, "--splits", help="Splits to prepare (repeatable).")
 
 
 def _run_prepare(fn, *args, **kwargs) -> None:
-    """Call one prepare function and print its summary; its input errors become one line (exit 2)."""
-    with _UserErrors():
-        summary = fn(*args, **kwargs)
+    """Call one prepare function and print its summary."""
+    summary = fn(*args, **kwargs)
     console.print(summary.table())
     for note in summary.notes:
         console.print(note, markup=False)
@@ -133,7 +145,7 @@ def prepare_librispeech_cmd(
 @prepare_app.command("librilight-limited")
 def prepare_librilight_limited_cmd(
     root: Optional[Path] = typer.Option(None, "--root", help="librispeech_finetuning/ (holds 1h/ and 9h/)."),
-    fold: int = typer.Option(0, "--fold", help="Which 10-minute fold of 1h/ is train-10min."),
+    fold: int = typer.Option(0, "--fold", min=0, help="Which 10-minute fold of 1h/ is train-10min."),
     resample: bool = ResampleOpt,
     strict: bool = StrictOpt,
     workers: int = WorkersOpt,
@@ -150,7 +162,7 @@ def prepare_librilight_limited_cmd(
 def prepare_librilight_cmd(
     subset: str = typer.Option(..., "--subset", help="small, medium or large."),
     root: Optional[Path] = typer.Option(None, "--root", help="The directory holding small/ (default: $D2V_LIBRILIGHT)."),
-    max_seconds: float = typer.Option(30.0, "--max-seconds", help="Longest segment cut from the VAD chunks."),
+    max_seconds: float = typer.Option(30.0, "--max-seconds", min=1.0, help="Longest segment cut from the VAD chunks (at least 1 s)."),
     resample: bool = ResampleOpt,
     strict: bool = StrictOpt,
     workers: int = WorkersOpt,
@@ -187,7 +199,8 @@ def prepare_folder_cmd(
 def prepare_synthetic_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: <workdir>/corpus/synthetic)."),
     size: str = typer.Option("demo", "--size", help="demo (~800 train utterances) or tiny (for tests)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same corpus."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
+                              "corpus."),
     strict: bool = StrictOpt,
     workers: int = WorkersOpt,
     workdir: Optional[Path] = WorkdirOpt,
@@ -239,13 +252,10 @@ def pretrain_cmd(
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """data2vec self-supervised pretraining (EMA teacher, masked regression). Multi-GPU: torchrun -m d2vcli pretrain."""
-    from d2vcli.distributed import is_main_process
     from d2vcli.pretrain import pretrain
-    from d2vcli.ui import print_config
 
     cfg = resolve_config("pretrain", preset, config_file, overrides)
-    if is_main_process():
-        print_config(cfg)
+    # pretrain() prints the config summary once the manifests and the run directory are checked.
     result = pretrain(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
     raise typer.Exit(result.exit_code)
 
@@ -274,9 +284,8 @@ def finetune_cmd(
     if from_teacher:
         start["init_from"] = "teacher"
     cfg = cfgmod.merge(cfg, {"finetune": start})
-    with _UserErrors():
-        # Prints the config once completed from the checkpoint (its architecture and normalize).
-        result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+    # Prints the config summary once completed from the checkpoint (its architecture and normalize).
+    result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
     raise typer.Exit(result.exit_code)
 
 
@@ -366,7 +375,8 @@ LexiconFreeOpt = typer.Option(False, "--lexicon-free", help="Beam search without
                               "(`d2v prepare lm --unit letter`) or, with no LM, a plain CTC beam search.")
 DecodeSplitsOpt = typer.Option(None, "--splits", help="Splits to decode, repeatable or comma-separated "
                                "(default: the dev and test manifests present).")
-DecodeWorkersOpt = typer.Option(None, "--workers", help="Beam-search processes (default decode.workers: one per core).")
+DecodeWorkersOpt = typer.Option(None, "--workers", min=0, help="Beam-search processes "
+                               "(default decode.workers; 0 = one per core).")
 DeviceOpt = typer.Option("auto", "--device", help="Device for the acoustic model: auto, cpu, cuda, cuda:N.")
 NoTunedOpt = typer.Option(False, "--no-tuned", help="Ignore decode/<run>/tuned.json (use the config's LM weights).")
 _TUNED_KEYS = ("decode.lm_weight", "decode.word_score", "decode.sil_weight")
@@ -389,7 +399,8 @@ def _use_tuned(no_tuned: bool, overrides: Optional[List[str]]) -> bool:
 def prepare_lm_cmd(
     arpa: Optional[Path] = typer.Option(None, "--arpa", help="An ARPA LM (.arpa or .arpa.gz) to convert."),
     text: Optional[Path] = typer.Option(None, "--text", help="A text corpus (.txt or .txt.gz, a sentence a line)."),
-    order: int = typer.Option(4, "--order", help="n-gram order for --text."),
+    order: int = typer.Option(4, "--order", min=2, help="n-gram order for --text (at least 2; the most the "
+                              "KenLM in flashlight-text reads is checked too)."),
     unit: Literal["word", "letter"] = typer.Option("word", "--unit", help="word (lexicon decoding) or letter "
                                                    "(lexicon-free decoding)."),
     words: Optional[Path] = typer.Option(None, "--words", help="Word list for the lexicon instead of the LM unigrams."),
@@ -407,11 +418,10 @@ def prepare_lm_cmd(
     """Build the KenLM binary + lexicon in <workdir>/lm/ and validate them (OOV, perplexity, case)."""
     from d2vcli.lm.prepare import prepare_lm, print_report
 
-    with _UserErrors():
-        report = prepare_lm(Workspace.resolve(workdir), arpa=arpa, text=text, order=order, unit=unit, words=words,
-                            dictionary=dict_path, name=name, normalize=normalize, match_case=match_case,
-                            discount_fallback=discount_fallback, structure=structure, memory=memory,
-                            keep_arpa=keep_arpa)
+    report = prepare_lm(Workspace.resolve(workdir), arpa=arpa, text=text, order=order, unit=unit, words=words,
+                        dictionary=dict_path, name=name, normalize=normalize, match_case=match_case,
+                        discount_fallback=discount_fallback, structure=structure, memory=memory,
+                        keep_arpa=keep_arpa)
     print_report(report)
 
 
@@ -425,9 +435,11 @@ def decode_cmd(
     lexicon: Optional[Path] = LexiconOpt,
     lexicon_free: bool = LexiconFreeOpt,
     tune: bool = typer.Option(False, "--tune", help="Tune lm_weight, word_score, sil_weight on decode.tune_split first."),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Settings to try with --tune (decode.tune_trials)."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Settings to try with --tune "
+                                          "(decode.tune_trials)."),
     search: Optional[Literal["random", "grid"]] = typer.Option(None, "--search", help="--tune search (decode.tune_search)."),
-    tune_beam: Optional[int] = typer.Option(None, "--tune-beam", help="Beam while tuning (decode.tune_beam)."),
+    tune_beam: Optional[int] = typer.Option(None, "--tune-beam", min=1, help="Beam while tuning "
+                                            "(decode.tune_beam)."),
     no_tuned: bool = NoTunedOpt,
     workers: Optional[int] = DecodeWorkersOpt,
     device: str = DeviceOpt,
@@ -438,15 +450,12 @@ def decode_cmd(
 ):
     """Decode dev/test splits: greedy always, lexicon + KenLM beam search with an LM (emissions cached)."""
     from d2vcli.decode.run import decode, print_result
-    from d2vcli.ui import print_config
 
     cfg = resolve_config("decode", None, config_file, overrides)
-    print_config(cfg.decode, "decode config")
-    with _UserErrors():
-        result = decode(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
-                        lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free, tune=tune, trials=trials,
-                        search=search, tune_beam=tune_beam, use_tuned=_use_tuned(no_tuned, overrides),
-                        workers=workers, trust=trust, device=device)
+    result = decode(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
+                    lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free, tune=tune, trials=trials,
+                    search=search, tune_beam=tune_beam, use_tuned=_use_tuned(no_tuned, overrides),
+                    workers=workers, trust=trust, device=device)
     print_result(result)
 
 
@@ -469,20 +478,18 @@ def evaluate_cmd(
 ):
     """WER and CER per split, greedy and LM side by side; writes recogs-/errs-/wer-summary files and wer.json."""
     from d2vcli.evaluate import evaluate, print_result
-    from d2vcli.ui import print_config
 
     cfg = resolve_config("decode", None, config_file, overrides)
-    print_config(cfg.decode, "decode config")
-    with _UserErrors():
-        result = evaluate(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
-                          lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free,
-                          use_tuned=_use_tuned(no_tuned, overrides), workers=workers, trust=trust, device=device)
+    result = evaluate(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
+                      lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free,
+                      use_tuned=_use_tuned(no_tuned, overrides), workers=workers, trust=trust, device=device)
     print_result(result)
 
 
 @app.command("transcribe")
 def transcribe_cmd(
-    audio: List[Path] = typer.Argument(..., help="Audio files (any format soundfile reads, any rate/channels)."),
+    audio: List[Path] = typer.Argument(..., help="Audio files (any format soundfile reads, any rate/channels), "
+                                       "or directories: the audio files inside them, recursively."),
     model: Optional[str] = typer.Option(None, "--model", help="Run name, run directory or checkpoint "
                                         "(default: the newest fine-tuned run)."),
     lm: Optional[str] = LMOpt,
@@ -491,7 +498,8 @@ def transcribe_cmd(
     lexicon_free: bool = LexiconFreeOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of stdout (.json: a JSON list)."),
     timestamps: bool = typer.Option(False, "--timestamps", help="Per-word start and end times (seconds)."),
-    chunk_seconds: float = typer.Option(30.0, "--chunk-seconds", help="Longest window the model sees at once."),
+    chunk_seconds: float = typer.Option(30.0, "--chunk-seconds", min=1.0, help="Longest window the model sees at "
+                                         "once (at least 1 s: shorter windows only cost time and context)."),
     no_tuned: bool = NoTunedOpt,
     device: str = DeviceOpt,
     config_file: Optional[Path] = ConfigOpt,
@@ -499,20 +507,29 @@ def transcribe_cmd(
     trust: bool = TrustOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Transcribe audio files, greedy or with the LM, optionally with word timestamps."""
+    """Transcribe audio files, greedy or with the LM, optionally with word timestamps.
+
+    A file that cannot be read is reported (path and reason) and the others are still transcribed;
+    the exit code is then 1 (2 when no file could be transcribed, and --out is left untouched).
+    """
     from d2vcli.transcribe import format_transcripts, transcribe, write_transcripts
 
     cfg = resolve_config("decode", None, config_file, overrides)
-    with _UserErrors():
-        result = transcribe(audio, Workspace.resolve(workdir), model=model, lm=_lm_arg(lm, no_lm), lexicon=lexicon,
-                            lexicon_free=lexicon_free, cfg=cfg.decode, timestamps=timestamps,
-                            use_tuned=_use_tuned(no_tuned, overrides), chunk_seconds=chunk_seconds, trust=trust,
-                            device=device)
+    result = transcribe(audio, Workspace.resolve(workdir), model=model, lm=_lm_arg(lm, no_lm), lexicon=lexicon,
+                        lexicon_free=lexicon_free, cfg=cfg.decode, timestamps=timestamps,
+                        use_tuned=_use_tuned(no_tuned, overrides), chunk_seconds=chunk_seconds, trust=trust,
+                        device=device)
     if out:
         write_transcripts(result, out, timestamps)
-        err_console.print(f"wrote {out}", markup=False)
+        err_console.print(f"wrote {out} ({len(result)} file{'s' * (len(result) != 1)})", markup=False)
     else:
         console.print(format_transcripts(result, timestamps), end="", markup=False, highlight=False, soft_wrap=True)
+    if result.failures:
+        for failure in result.failures:
+            _report(f"{failure.path}: {failure.reason}")
+        err_console.print(f"{len(result.failures)} of {len(result) + len(result.failures)} files could not be "
+                          "transcribed (listed above); the others were.", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command("doctor")
@@ -548,15 +565,14 @@ def demo_cmd(
 @app.command("report")
 def report_cmd(
     run: str = typer.Argument(..., help="Run name: <workdir>/runs/RUN."),
-    worst: int = typer.Option(10, "--worst", help="Worst utterances listed per split and decoding "
+    worst: int = typer.Option(10, "--worst", min=0, help="Worst utterances listed per split and decoding "
                               "(from `d2v evaluate`'s errs- files)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """An HTML page of a run's training curves, and its WER once `d2v evaluate` has scored it."""
     from d2vcli.report import write_report  # on use, like every command here: keeps `d2v --help` fast
 
-    with _UserErrors():
-        path = write_report(Workspace.resolve(workdir), run, worst=worst)
+    path = write_report(Workspace.resolve(workdir), run, worst=worst)
     console.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 

@@ -352,14 +352,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "+inf", ".inf", "-.inf"):
-            return float(value.replace(".", ""))
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads 1e-4, 5E-4 and 1_000.5 as strings (it wants a dot and a
+            # signed exponent: 1.0e-4). Every spelling Python's float() accepts is a float here, plus
+            # YAML's own .inf / -.inf / .nan.
+            return _parse_float(value, where)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+_YAML_SPECIAL_FLOATS = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
+
+
+def _parse_float(text: str, where: str) -> float:
+    t = text.strip()
+    t = _YAML_SPECIAL_FLOATS.get(t.lower(), t)
+    try:
+        return float(t)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number (e.g. 0.001, 1e-4, 5E-4), got {text!r}") from None
 
 
 def merge(obj: Any, delta: dict, where: str = "") -> Any:
@@ -386,9 +401,11 @@ def parse_set(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value (e.g. --set optim.lr=1e-4), got '{item}'")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and raw.strip().lower() in ("inf", "-inf"):
-        value = float(raw)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({e.problem or e}); "
+                          f"quote strings and write lists as [a, b]") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -402,8 +419,12 @@ def load_yaml(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path} is a directory, not a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8 at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -489,3 +510,14 @@ def field_docs(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
         else:
             rows.append((key, v, fl.metadata.get("doc", "")))
     return rows
+
+
+def changes(cfg: Any, base: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in `base`, value in `cfg`) for every leaf field that differs, in declaration order."""
+    before = {k: v for k, v, _ in field_docs(base)}
+    return [(k, before[k], v) for k, v, _ in field_docs(cfg) if before[k] != v]
+
+
+def base_config(command: str, preset: Optional[str] = None) -> Config:
+    """What `cfg` is compared against on screen: the command's defaults with the preset applied."""
+    return resolve(command, preset=preset) if command in DEFAULTS else Config()

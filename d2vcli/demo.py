@@ -35,7 +35,7 @@ from d2vcli.lm.prepare import prepare_lm, print_report
 from d2vcli.models.loading import build_model
 from d2vcli.prepare.synthetic import default_synthetic_dir, prepare_synthetic
 from d2vcli.pretrain import pretrain
-from d2vcli.ui import console, print_config, table
+from d2vcli.ui import console, table
 
 PRETRAIN_RUN = "demo-pretrain"
 FINETUNE_RUN = "demo-finetune"
@@ -125,7 +125,6 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     _stage(2, total, "data2vec pretraining (speech-tiny)")
     pcfg = cfgmod.resolve("pretrain", preset="speech-tiny",
                           overrides=list(settings.pretrain_set) + _updates(settings.pretrain_updates))
-    print_config(pcfg, "pretrain config")
     console.print(f"a short run ({pcfg.train.max_updates} updates of {pcfg.train.batch_seconds:g} s): on this tiny "
                   "model longer pretraining currently hurts fine-tuning (see docs/troubleshooting.md)", markup=False)
     result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume=True, preset="speech-tiny")

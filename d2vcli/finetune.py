@@ -74,7 +74,7 @@ from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
 from d2vcli.pretrain import check_manifests
 from d2vcli.run_dir import default_run_name, prepare_run
 from d2vcli.scoring import score
-from d2vcli.ui import console, print_config
+from d2vcli.ui import console, print_config_summary
 from d2vcli.vocab import BLANK, SPECIALS, Vocab
 
 VALID_METRICS = ("wer", "cer", "loss")
@@ -559,22 +559,26 @@ def finetune(
     try:
         name = distributed.broadcast_object(name or default_run_name("finetune", preset))
         start = load_start(cfg, workspace, workspace.run_dir(name), resume)
-        cfg = start.cfg
+        # On screen: what the user changed from the preset; what the checkpoint fills in (architecture,
+        # normalize) is stated on the init line, and everything is in config.yaml.
+        requested, cfg = cfg, start.cfg
         check_manifests(workspace, cfg.data.train_splits)
         for split in cfg.data.valid_splits:
             workspace.require_manifest(split)
         check_validation(cfg)
         vocab = start.vocab or Vocab.load(workspace.dictionary)
         check_labels(workspace, list(cfg.data.train_splits) + list(cfg.data.valid_splits), vocab)
+        run = prepare_run(workspace, name, cfg, resume, info)
         if info.is_main:
             a = cfg.model
             source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
-            print_config(cfg, title=f"finetune config (model architecture from {start.path.name})")
+            print_config_summary(requested, cfgmod.base_config("finetune", preset),
+                                 f"finetune config (model architecture from {start.path.name})",
+                                 f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
             console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
                           f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
                           f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
             _warn_schedule(cfg)
-        run = prepare_run(workspace, name, cfg, resume, info)
 
         train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
         if info.is_main:

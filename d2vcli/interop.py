@@ -486,7 +486,7 @@ def model_config_from_hf(hf: dict, source: Path) -> cfgmod.ModelConfig:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InteropError(f"{path} is not valid JSON ({e})") from None
 
 

@@ -57,7 +57,7 @@ from d2vcli.objective.monitors import collapse_reason, compute_std
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.run_dir import default_run_name, prepare_run
-from d2vcli.ui import console
+from d2vcli.ui import console, print_config_summary
 
 # Teacher parameters copied from the student rather than averaged: the positional conv of the
 # audio transformer (fairseq `ema_layers_only`, the recipe's setting).
@@ -200,6 +200,8 @@ def pretrain(
         torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
         task = PretrainTask(cfg, info.device)
         if info.is_main:
+            print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
+                                 f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
             console.print(f"model: {parameter_count(task.model):,} parameters "
                           f"({cfg.model.num_layers} x {cfg.model.embed_dim}, teacher: EMA of the transformer)")
         loader = build_loader(cfg, workspace, info)

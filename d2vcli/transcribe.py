@@ -19,6 +19,10 @@ one token per 20 ms frame (total conv stride 320 samples at 16 kHz, computed fro
 checkpoint's architecture). A word starts at the first frame of its first letter and ends
 after the last frame of its last letter.
 
+Arguments may be directories: their audio files (the suffixes `d2v prepare folder` accepts), found
+recursively, in sorted order. A file that cannot be read does not stop the batch: it is listed in
+`Transcripts.failures` (path and reason) and the rest are transcribed.
+
 Output (stdout or --out FILE): `PATH<TAB>TEXT` per file, with --timestamps followed by one
 `<TAB>START<TAB>END<TAB>WORD` line per word (seconds); a --out file ending in .json gets a JSON
 list instead.
@@ -35,7 +39,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from d2vcli.audio import read_audio, to_mono_16k
+from d2vcli.audio import AudioError, read_audio, to_mono_16k
 from d2vcli.checkpoint import find_ctc_checkpoint, run_name
 from d2vcli.models.loading import load_ctc_model
 from d2vcli.config import DecodeConfig
@@ -45,13 +49,55 @@ from d2vcli.decode.run import build_search_spec
 from d2vcli.decode.search import BeamOptions, BeamSearcher, Hyp, greedy_decode
 from d2vcli.decode.timings import WordTiming, word_timings
 from d2vcli.decode.tuning import load_tuned
+from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_write_text
 from d2vcli.lm.formats import resolve_lm, workspace_lm
 from d2vcli.manifest import num_frames
 from d2vcli.models.audio import receptive_field
+from d2vcli.prepare.folder import audio_extensions
+from d2vcli.prepare.pipeline import walk_audio
 from d2vcli.ui import err_console as console  # stdout carries the transcripts
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
+
+
+MIN_CHUNK_SECONDS = 1.0  # shorter windows give the transformer almost no context and only cost time
+
+
+class TranscribeError(UserError):
+    """No file could be transcribed, or a setting is impossible; the message names the files."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    reason: str
+
+
+class Transcripts(list):
+    """The transcripts of the files that could be read, in input order; `failures` lists the others."""
+
+    def __init__(self, items=(), failures=()):
+        super().__init__(items)
+        self.failures: list[Failure] = list(failures)
+
+
+def expand_inputs(audio: Sequence[Path | str]) -> tuple[list[Path], list[Failure]]:
+    """The files to transcribe (directories replaced by the audio inside them) and the inputs that are not there."""
+    files, failures = [], []
+    exts = audio_extensions()
+    for p in map(Path, audio):
+        if p.is_dir():
+            inside = sorted(Path(e.path) for e in walk_audio(p, exts))
+            if not inside:
+                failures.append(Failure(str(p), "a directory with no audio files in it (searched recursively for "
+                                                f"{', '.join(sorted(exts))})"))
+            files.extend(inside)
+        elif p.is_file():
+            files.append(p)
+        else:
+            failures.append(Failure(str(p), "audio file not found"))
+    return files, failures
 
 
 @dataclass
@@ -100,15 +146,20 @@ def transcribe(
     chunk_seconds: float = 30.0,
     trust: bool = False,
     device: str = "auto",
-) -> list[Transcript]:
-    """Transcribe files; `model` is a checkpoint, run directory or run name (default: newest fine-tuned run).
+) -> Transcripts:
+    """Transcribe files and directories of audio; `model` is a checkpoint, run directory or run name
+    (default: newest fine-tuned run).
 
     `lm` as in `decode.run.decode`: "auto" (the workspace LM, if any), a path/name, or None (greedy).
+    Files that cannot be read are returned in `.failures`; if none can be, TranscribeError.
     """
     ws = ws if ws is not None else Workspace.resolve(None)
-    missing = [str(p) for p in audio if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"audio file not found: {', '.join(missing)}")
+    cfg = cfg or DecodeConfig()
+    if not chunk_seconds >= MIN_CHUNK_SECONDS:  # also refuses NaN
+        raise TranscribeError(f"chunk_seconds must be at least {MIN_CHUNK_SECONDS:g}, got {chunk_seconds}")
+    files, failures = expand_inputs(audio)
+    if not files:  # before loading the model: nothing to do
+        raise TranscribeError(_no_file(failures))
     ckpt = find_ctc_checkpoint(ws, model)
     net, vocab, normalize, _ = load_ctc_model(ckpt, trust=trust)
     search = build_search(ws, ckpt, vocab, lm, lexicon, lexicon_free, cfg, use_tuned)
@@ -116,15 +167,26 @@ def transcribe(
     net.to(dev)
 
     out = []
-    for path in audio:
+    for path in files:
         t0 = time.perf_counter()
-        wav, sr = read_audio(path)
+        try:
+            wav, sr = read_audio(path)
+        except AudioError as e:  # only reading is the file's fault; a model error is a bug and stops the batch
+            failures.append(Failure(str(path), str(e)))
+            console.print(f"skipped {path}: {e}", markup=False)
+            continue
         t = transcribe_waveform(net, wav, sr, normalize, search, path=str(path), chunk_seconds=chunk_seconds,
                                 device=dev, timestamps=timestamps)
         out.append(t)
-        if len(audio) > 1:
+        if len(files) > 1:
             console.print(f"{path}: {t.seconds:.1f} s of audio in {time.perf_counter() - t0:.2f} s", markup=False)
-    return out
+    if not out:
+        raise TranscribeError(_no_file(failures))
+    return Transcripts(out, failures)
+
+
+def _no_file(failures: Sequence[Failure]) -> str:
+    return "no file could be transcribed:\n" + "\n".join(f"  {f.path}: {f.reason}" for f in failures)
 
 
 # ----------------------------------------------------------------------------- the pieces (also d2vcli.api's)

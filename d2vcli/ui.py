@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -17,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from d2vcli.config import to_yaml
+from d2vcli.config import changes, to_yaml
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -40,9 +41,34 @@ def progress(*extra_columns, transient: bool = False) -> Progress:
 
 
 def print_config(cfg: Any, title: str = "resolved config") -> None:
+    """The whole config as YAML (`d2v config show` prints it as a table; runs print `print_config_summary`)."""
     console.rule(f"[bold]{title}")
     console.print(to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
     console.rule()
+
+
+def config_summary(cfg: Any, base: Any, title: str, base_name: str, saved: Optional[Path] = None) -> str:
+    """A few lines: what `cfg` changes relative to `base` (the defaults or the preset), and where the whole is.
+
+    The full resolved config is about 90 lines; printed before every run (and every demo stage)
+    it buried the lines that matter, including a one-line error printed right after it.
+    """
+    diff = changes(cfg, base)
+    head = f"{title}: {base_name}" + (f", changed: {len(diff)} setting{'s' * (len(diff) != 1)}" if diff
+                                      else ", nothing changed")
+    lines = [head] + [f"  {key} = {_short(new)}   (was {_short(old)})" for key, old, new in diff]
+    if saved is not None:
+        lines.append(f"full config: {saved}")
+    return "\n".join(lines)
+
+
+def print_config_summary(cfg: Any, base: Any, title: str, base_name: str, saved: Optional[Path] = None) -> None:
+    console.print(config_summary(cfg, base, title, base_name, saved), markup=False, highlight=False, soft_wrap=True)
+
+
+def _short(value: Any) -> str:
+    text = repr(list(value)) if isinstance(value, tuple) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_write_text
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -40,6 +41,10 @@ def to_letters(text: str) -> str:
 def from_letters(ltr: str) -> str:
     """Inverse of to_letters."""
     return " ".join(ltr.replace(" ", "").replace(WORD_SEP, " ").split())
+
+
+class VocabError(UserError):
+    """A letter dictionary that cannot be used; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -108,17 +113,22 @@ class Vocab:
         if not path.exists():
             raise FileNotFoundError(f"letter dictionary not found: {path}. Run `d2v prepare` first, or pass --dict.")
         syms = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise VocabError(f"{path} is not a letter dictionary (not UTF-8 text at byte {e.start}); it has one "
+                             f"'SYMBOL COUNT' line per letter, as `d2v prepare` writes it") from None
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()
             if len(parts) > 2:
-                raise ValueError(f"{path}:{i}: expected 'SYMBOL COUNT', got {line!r}")
+                raise VocabError(f"{path}:{i}: expected 'SYMBOL COUNT', got {line!r}")
             if parts[0] in SPECIALS:
                 continue
             syms.append(parts[0])
         if WORD_SEP not in syms:
-            raise ValueError(f"{path}: no word-boundary symbol '|' in the dictionary")
+            raise VocabError(f"{path}: no word-boundary symbol '|' in the dictionary")
         return cls(tuple(syms))
 
     def save(self, path: Path, counts: dict[str, int] | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -94,3 +97,75 @@ def test_round_trip_through_yaml(tmp_path):
 def test_every_field_is_documented():
     missing = [k for k, _, doc in C.field_docs(C.Config()) if not doc]
     assert not missing, f"fields without docs: {missing}"
+
+
+# ----------------------------------------------------------------------------- float spellings (issue 15, case 11)
+
+
+@pytest.mark.parametrize("text", ["1e-4", "1E-4", "5e-4", "5E+4", "1e4", ".5e-3", "1_000.5", "  2e-5 ", "inf", "-inf",
+                                  ".inf", "-.inf", "3", "0.001"])
+def test_every_python_float_spelling_is_a_float(text):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; it failed with "expected a number, got '1e-4'"."""
+    cfg = C.resolve("pretrain", overrides=[f"optim.lr={text}", f"decode.unk_weight={text}"])
+    expected = float(C._YAML_SPECIAL_FLOATS.get(text.strip(), text))
+    assert cfg.optim.lr == expected and isinstance(cfg.optim.lr, float)
+    assert cfg.decode.unk_weight == expected
+
+
+def test_float_spellings_inside_lists_and_optionals_and_yaml_files(tmp_path):
+    cfg = C.resolve("pretrain", overrides=["optim.betas=[0.9, 9.8E-1]", "objective.loss_scale=1e-2"])
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.objective.loss_scale == 0.01
+    path = tmp_path / "my.yaml"
+    path.write_text("optim:\n  lr: 5e-4\n  eps: 1E-8\nschedule:\n  init_lr_scale: 1e-2\n")
+    cfg = C.resolve("pretrain", config_file=path)
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.schedule.init_lr_scale) == (5e-4, 1e-8, 1e-2)
+
+
+@pytest.mark.parametrize("text", ["1e-4x", "abc", "1e", "true", "[1]"])
+def test_non_numbers_are_still_refused_with_the_key(text):
+    with pytest.raises(C.ConfigError, match="optim.lr"):
+        C.resolve("pretrain", overrides=[f"optim.lr={text}"])
+
+
+def test_an_int_field_does_not_take_a_fraction():
+    with pytest.raises(C.ConfigError, match="train.max_updates: expected an integer"):
+        C.resolve("pretrain", overrides=["train.max_updates=1.5"])
+
+
+def _documented_set_examples() -> list[str]:
+    """Every `--set key=value` written in README.md, docs/*.md (commands.md among them) and the CLI's --help texts."""
+    from d2vcli.cli import app
+    from typer.main import get_command
+
+    root = Path(__file__).resolve().parent.parent
+    texts = [(root / "README.md").read_text()] + [p.read_text() for p in sorted((root / "docs").glob("*.md"))]
+
+    def helps(cmd):
+        yield cmd.help or ""
+        for p in getattr(cmd, "params", []):
+            yield getattr(p, "help", "") or ""
+        for sub in getattr(cmd, "commands", {}).values():
+            yield from helps(sub)
+
+    texts.extend(helps(get_command(app)))
+    found = set()
+    for text in texts:
+        for item in re.findall(r"--set[ =]'?([a-z_]+\.[a-z_.]+=[^\s`'\")]+)", text):
+            if "..." not in item and "{" not in item and "<" not in item:  # placeholders, not examples
+                found.add(item.rstrip(".,;"))
+    return sorted(found)
+
+
+def test_documented_set_examples_are_found():
+    examples = _documented_set_examples()
+    assert "optim.lr=1e-4" in examples and len(examples) >= 5, examples
+
+
+@pytest.mark.parametrize("item", _documented_set_examples())
+def test_every_documented_set_example_is_accepted(item):
+    key, value = item.split("=", 1)
+    cfg = C.merge(C.Config(), C.parse_set(item))
+    section, name = key.split(".")
+    got = getattr(getattr(cfg, section), name)
+    if isinstance(got, float):
+        assert got == float(value)

@@ -39,6 +39,10 @@ def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
 
     printed = capsys.readouterr().out
     assert "WER / CER" in printed and "where everything is" in printed
+    # Issue 15 case 18: each stage printed the whole config (about 120 lines); now a summary and the path.
+    assert "conv_layers" not in printed and "ema_anneal_end_step" not in printed
+    assert f"full config: {ws.run_dir(PRETRAIN_RUN) / 'config.yaml'}" in printed
+    assert f"full config: {ws.run_dir(FINETUNE_RUN) / 'config.yaml'}" in printed
     assert set(result.seconds) == {"prepare", "pretrain", "finetune", "lm", "decode", "evaluate"}
 
 

@@ -17,7 +17,8 @@ from d2vcli.config import BASE_CONV_LAYERS
 from d2vcli.lm.formats import read_lexicon
 from d2vcli.manifest import num_frames, read_manifest
 from d2vcli.models.audio import receptive_field
-from d2vcli.transcribe import frame_windows, transcribe
+from d2vcli.cli import app
+from d2vcli.transcribe import TranscribeError, frame_windows, transcribe
 from d2vcli.vocab import Vocab
 
 
@@ -80,8 +81,6 @@ def test_long_audio_in_windows_keeps_the_20ms_frame_times(synthetic_workspace, r
 
 
 def test_cli_transcribe_writes_json_with_timestamps(synthetic_workspace, random_ctc_checkpoint, stereo_8k, tmp_path):
-    from d2vcli.cli import app
-
     path, _ = stereo_8k
     out = tmp_path / "out.json"
     res = CliRunner().invoke(app, ["transcribe", str(path), "--model", "ctc-random", "--no-lm", "--timestamps",
@@ -93,3 +92,78 @@ def test_cli_transcribe_writes_json_with_timestamps(synthetic_workspace, random_
     missing = CliRunner().invoke(app, ["transcribe", str(tmp_path / "nope.wav"), "--model", "ctc-random",
                                        "-w", str(synthetic_workspace.root)])
     assert missing.exit_code != 0
+
+
+# ----------------------------------------------------------------------------- issue 15: cases 5 and 15
+
+
+def _good_files(ws, tmp_path, n: int) -> list:
+    """n short 16 kHz FLACs copied from dev-clean (tmp copies: the workspace's data stays untouched)."""
+    out = []
+    for i, record in enumerate(read_manifest(ws.manifest("dev-clean"))[:n]):
+        wav, sr = read_audio(record.path)
+        path = tmp_path / f"good-{i}.flac"
+        sf.write(path, wav[: sr], sr)
+        out.append(path)
+    return out
+
+
+def test_one_bad_file_does_not_lose_the_others(synthetic_workspace, random_ctc_checkpoint, tmp_path):
+    """Issue 15 case 5: one unreadable or missing file aborted the batch and wrote no --out."""
+    good = _good_files(synthetic_workspace, tmp_path, 2)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wav file")
+    missing = tmp_path / "missing.flac"
+    out = tmp_path / "out.json"
+    res = CliRunner().invoke(app, ["transcribe", str(good[0]), str(broken), str(missing), str(good[1]), "--model",
+                                   "ctc-random", "--no-lm", "--out", str(out), "-w", str(synthetic_workspace.root)])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
+    assert [item["path"] for item in json.loads(out.read_text())] == [str(good[0]), str(good[1])]
+    for bad in (broken, missing):
+        assert any(str(bad) in line and "error" in line for line in res.output.splitlines()), res.output
+    assert "2 of 4 files could not be transcribed" in res.output
+
+
+def test_library_returns_failures_with_reasons(synthetic_workspace, random_ctc_checkpoint, tmp_path):
+    [good] = _good_files(synthetic_workspace, tmp_path, 1)
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"fLaC" + bytes(100))
+    result = transcribe([broken, good], synthetic_workspace, model="ctc-random", lm=None)
+    assert [t.path for t in result] == [str(good)]
+    [failure] = result.failures
+    assert failure.path == str(broken) and "cannot read audio" in failure.reason
+
+
+def test_when_nothing_can_be_read_out_is_left_alone(synthetic_workspace, random_ctc_checkpoint, tmp_path):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"garbage")
+    out = tmp_path / "out.txt"
+    out.write_text("earlier results\n")
+    res = CliRunner().invoke(app, ["transcribe", str(broken), "--model", "ctc-random", "--no-lm", "--out", str(out),
+                                   "-w", str(synthetic_workspace.root)])
+    assert res.exit_code == 2 and "no file could be transcribed" in res.output and str(broken) in res.output
+    assert out.read_text() == "earlier results\n"
+
+
+def test_a_directory_is_transcribed_recursively(synthetic_workspace, random_ctc_checkpoint, tmp_path):
+    """Issue 15 case 15: `transcribe DIR` said "audio file not found" although the directory exists."""
+    folder = tmp_path / "talks"
+    (folder / "day2").mkdir(parents=True)
+    good = _good_files(synthetic_workspace, tmp_path, 2)
+    a, b = folder / "a.flac", folder / "day2" / "b.FLAC"
+    good[0].rename(a)
+    good[1].rename(b)
+    (folder / "notes.txt").write_text("not audio\n")
+    result = transcribe([folder], synthetic_workspace, model="ctc-random", lm=None)
+    assert [t.path for t in result] == [str(a), str(b)] and not result.failures
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(app, ["transcribe", str(empty), "--model", "ctc-random", "--no-lm",
+                                   "-w", str(synthetic_workspace.root)])
+    assert res.exit_code == 2 and "no audio files" in res.output and str(empty) in res.output
+
+
+def test_chunk_seconds_below_one_second_is_refused_by_the_library(synthetic_workspace, tmp_path):
+    with pytest.raises(TranscribeError, match="chunk_seconds"):
+        transcribe([tmp_path], synthetic_workspace, chunk_seconds=0)

@@ -36,7 +36,7 @@ from d2vcli.lm.formats import (
 )
 from d2vcli.manifest import require_utterances
 from d2vcli.scoring import edit_distance, word_errors
-from d2vcli.ui import console, table
+from d2vcli.ui import console, print_config_summary, table
 from d2vcli.vocab import Vocab
 
 
@@ -177,6 +177,8 @@ def decode(
         lm_path = resolve_lm(ws, lm)
     vocab = checkpoint_vocab(ckpt, trust)
     spec = build_search_spec(ws, vocab, lm_path, lexicon, lexicon_free)
+    # Printed once the inputs are validated, so an error is not preceded by settings.
+    print_config_summary(cfg, DecodeConfig(), "decode config", "the defaults")
     tune_split = cfg.tune_split
     if tune:
         if spec is None:

@@ -176,9 +176,9 @@ def prepare_lm(
     """
     t0 = time.time()
     _check_arguments(arpa, text, order, unit, words)
+    source_path = _source_file(arpa, text)  # the file the user named is checked first
     dict_path = Path(dictionary) if dictionary else ws.dictionary
     vocab = Vocab.load(dict_path)
-    source_path = _source_file(arpa, text)
     ws.lm_dir.mkdir(parents=True, exist_ok=True)
     # The lock sits next to lm/, not in it: lm/ holds only the outputs.
     with hold(ws.root / ".lm.lock", "d2v prepare lm"):

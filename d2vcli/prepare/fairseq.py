@@ -134,12 +134,20 @@ def prepare_fairseq_import(
     return finish(ws, "fairseq-import", results, labeled=labeled_any)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not a UTF-8 text file (byte {e.start}); a fairseq data dir holds "
+                           f"<split>.tsv/.ltr/.wrd text files") from None
+
+
 def _read_labels(src: Path, name: str, tsv: Path, rows: int) -> tuple[Optional[list[str]], Optional[Path]]:
     """The transcripts from <name>.ltr, else <name>.wrd (None, None if neither exists), and that file."""
     for ext in ("ltr", "wrd"):
         p = src / f"{name}.{ext}"
         if p.exists():
-            raw = p.read_text(encoding="utf-8").splitlines()
+            raw = _read_text(p).splitlines()
             if len(raw) != rows:
                 raise PrepareError(f"{p} has {len(raw)} lines but {tsv.name} has {rows} rows; "
                                    f"they must match line by line")
@@ -152,7 +160,7 @@ def _read_fairseq_split(src: Path, name: str) -> tuple[list[Item], bool, list[tu
     tsv = src / f"{name}.tsv"
     if not tsv.exists():
         raise PrepareError(f"no {tsv.name} in {src} (have: {', '.join(p.name for p in sorted(src.glob('*.tsv')))})")
-    lines = tsv.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(tsv).splitlines()
     if not lines:
         raise PrepareError(f"{tsv} is empty; its first line must be the audio root directory")
     base = Path(lines[0].strip())
