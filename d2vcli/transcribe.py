@@ -88,7 +88,10 @@ def expand_inputs(audio: Sequence[Path | str]) -> tuple[list[Path], list[Failure
     exts = audio_extensions()
     for p in map(Path, audio):
         if p.is_dir():
-            inside = sorted(Path(e.path) for e in walk_audio(p, exts))
+            skips = []  # loops and repeated links are walked once; unlistable directories are failures
+            inside = sorted(Path(e.path) for e in walk_audio(p, exts, skips))
+            failures.extend(Failure(path, f"{reason}: {detail}") for path, reason, detail in skips
+                            if reason not in ("symlink-loop", "duplicate-dir"))
             if not inside:
                 failures.append(Failure(str(p), "a directory with no audio files in it (searched recursively for "
                                                 f"{', '.join(sorted(exts))})"))

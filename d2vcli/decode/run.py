@@ -158,12 +158,12 @@ def decode(
     or None (greedy only). Everything is validated before the model runs. See the module doc.
     """
     cfg = cfg or DecodeConfig()
+    ckpt = find_ctc_checkpoint(ws, checkpoint)  # first: a mistyped model is the most specific mistake
     splits = list(splits) if splits else default_splits(ws)
     if not splits:
         raise FileNotFoundError(f"no dev or test manifests in {ws.data_dir}; run `d2v prepare` or pass --splits")
     for s in splits:
         require_utterances(ws.require_manifest(s), s)
-    ckpt = find_ctc_checkpoint(ws, checkpoint)
     run = run_name(ws, ckpt)
     out_dir = ws.decode_dir / run
     out_dir.mkdir(parents=True, exist_ok=True)
