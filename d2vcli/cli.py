@@ -31,6 +31,10 @@ WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Workspace (default: $D2
 PresetOpt = typer.Option(None, "--preset", help="A preset from presets/ (see `d2v config presets`).")
 ConfigOpt = typer.Option(None, "--config", help="A YAML file of config overrides.")
 SetOpt = typer.Option(None, "--set", help="Override one field: --set optim.lr=1e-4 (repeatable).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly (an error when the "
+                         "run has none).")
+ResumeIfExistsOpt = typer.Option(False, "--resume-if-exists", help="Continue the run if it has a checkpoint, "
+                                 "else start it (for schedulers that relaunch the same command).")
 
 
 def user_error_types() -> tuple:
@@ -235,7 +239,8 @@ def pretrain_cmd(
     config_file: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly."),
+    resume: bool = ResumeOpt,
+    resume_if_exists: bool = ResumeIfExistsOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """data2vec self-supervised pretraining (EMA teacher, masked regression). Multi-GPU: torchrun -m d2vcli pretrain."""
@@ -246,7 +251,8 @@ def pretrain_cmd(
     cfg = resolve_config("pretrain", preset, config_file, overrides)
     if is_main_process():
         print_config(cfg)
-    result = pretrain(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+    result = pretrain(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
+                      resume_if_exists=resume_if_exists)
     raise typer.Exit(result.exit_code)
 
 
@@ -263,7 +269,10 @@ def finetune_cmd(
     from_teacher: bool = typer.Option(False, "--from-teacher", help="Initialize the encoder from the EMA teacher "
                                       "instead of the student (finetune.init_from=teacher)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly."),
+    resume: bool = ResumeOpt,
+    resume_if_exists: bool = ResumeIfExistsOpt,
+    trust: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling of the --init checkpoint "
+                               "(runs code from the file): only for files you trust."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """CTC fine-tuning on letters. Architecture and input normalization come from the pretrained checkpoint."""
@@ -276,7 +285,8 @@ def finetune_cmd(
     cfg = cfgmod.merge(cfg, {"finetune": start})
     with _UserErrors():
         # Prints the config once completed from the checkpoint (its architecture and normalize).
-        result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+        result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
+                          resume_if_exists=resume_if_exists, trust=trust)
     raise typer.Exit(result.exit_code)
 
 
