@@ -61,7 +61,7 @@ from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
 from d2vcli.config import REGULARIZATION_FIELDS, Config, ConfigError, ModelConfig
-from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
+from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, bad_files_summary, batch_rng, read_splits
 from d2vcli.decode.search import greedy_batch
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
@@ -498,6 +498,9 @@ def decode_dataset(model: nn.Module, dataset: AudioDataset, vocab: Vocab, max_to
                                batch.target_lengths.to(info.device)))
         hyps.extend(vocab.decode(ids) for ids in greedy_batch(logits, out["padding_mask"]))
         refs.extend(batch.texts)
+    if loader.bad_files:
+        console.print(f"warning: validation: {bad_files_summary(loader.bad_files)}; they are not scored.",
+                      markup=False, highlight=False, soft_wrap=True)
     return refs, hyps, loss
 
 
@@ -613,7 +616,7 @@ def _finetune(cfg: Config, workspace, name: str, resume: bool, stop_at: Optional
 
     loader = BatchLoader(dataset, "pad", cfg.data.max_tokens, cfg.train.seed, rank=info.rank,
                          world_size=info.world_size, num_workers=cfg.data.num_workers,
-                         pin_memory=info.device.type == "cuda")
+                         pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files)
     if info.is_main:
         console.print(
             f"data: {len(dataset):,} utterances, {dataset.seconds / 3600:.2f} h from "

@@ -168,7 +168,7 @@ def build_loader(cfg: Config, workspace, info: distributed.DistInfo) -> BatchLoa
     loader = BatchLoader(
         dataset, "crop", cfg.data.max_tokens, cfg.train.seed, max_sample_size=cfg.data.max_sample_size,
         rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
-        pin_memory=info.device.type == "cuda",
+        pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files,
     )
     if info.is_main:
         console.print(
