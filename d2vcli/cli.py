@@ -299,6 +299,7 @@ app.add_typer(export_app, name="export")
 TrustOpt = typer.Option(False, "--trust-checkpoint",
                         help="Allow full unpickling (runs code from the file): only for files you trust.")
 ImportOutOpt = typer.Option(None, "--out", help="Checkpoint to write (default: <workdir>/runs/imported-<name>/last.pt).")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing output (an earlier import or export).")
 
 
 def _print_import(result) -> None:
@@ -327,13 +328,14 @@ def import_fairseq_cmd(
                                  "from the EMA teacher."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
+    force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt) into a d2v checkpoint."""
     from d2vcli.interop import import_fairseq
 
     _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,
-                                 workspace=Workspace.resolve(workdir)))
+                                 workspace=Workspace.resolve(workdir), force=force))
 
 
 @import_app.command("hf")
@@ -342,12 +344,14 @@ def import_hf_cmd(
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt to use instead of vocab.json."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
+    force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Convert a Hugging Face data2vec-audio model folder into a d2v checkpoint."""
     from d2vcli.interop import import_hf
 
-    _print_import(import_hf(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir)))
+    _print_import(import_hf(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir),
+                            force=force))
 
 
 @export_app.command("hf")
@@ -355,6 +359,8 @@ def export_hf_cmd(
     checkpoint: str = typer.Argument(..., help="A d2v checkpoint: a path, a run directory or a run name."),
     out_dir: Path = typer.Argument(..., help="Folder to write (loads with transformers' from_pretrained)."),
     trust: bool = TrustOpt,
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder, first removing the files an "
+                               "earlier export wrote there (other files are kept)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder."""
@@ -362,7 +368,7 @@ def export_hf_cmd(
     from d2vcli.interop import export_hf
 
     path = find_checkpoint(Workspace.resolve(workdir), checkpoint)
-    for written in export_hf(path, out_dir, trust=trust):
+    for written in export_hf(path, out_dir, trust=trust, force=force):
         console.print(f"wrote {written}", markup=False)
 
 

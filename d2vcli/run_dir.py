@@ -102,9 +102,8 @@ def resume_wanted(workspace, name: str, resume: bool, resume_if_exists: bool = F
         if distributed.is_main_process():
             console.print(f"--resume-if-exists: no checkpoint in {workspace.run_dir(name)}, starting a new run")
         return False
-    runs = [r for r in ckpt.run_names(workspace) if ckpt.latest(workspace.run_dir(r)) is not None]
-    listing = (f"Runs with checkpoints in {workspace.runs_dir}: {', '.join(runs)}." if runs
-               else f"{workspace.runs_dir} has no run with a checkpoint.")
+    runs = ckpt.run_names(workspace)
+    listing = (f"Runs in {workspace.runs_dir}: {', '.join(runs)}." if runs else f"{workspace.runs_dir} has no runs.")
     raise RunDirError(
         f"--resume: run '{name}' has no checkpoint to continue ({workspace.run_dir(name)}). {listing} "
         f"Check --name, drop --resume to start a new run, or pass --resume-if-exists to start fresh "
