@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -77,32 +78,90 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, fh)
 
 
+# What torch.save writes first in its legacy (pre-zip) format: the pickled magic number.
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def container_problem(path: Path) -> Optional[str]:
+    """Why `path` cannot be a torch.save file at all (None when its container looks right).
+
+    torch.save writes a zip archive holding `<name>/data.pkl` (or, in its legacy format, a
+    pickle stream that starts with a magic number). Checking the container first keeps random
+    bytes, text and YAML from reaching the unpickler, whose errors for them read like "needs
+    unpickling" and would steer users to --trust-checkpoint.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("data.pkl") for n in z.namelist()):
+                    return None
+            return "it is a zip archive without the data.pkl of a PyTorch checkpoint"
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"it cannot be read ({_first_line(e)})"
+    if head.startswith(_LEGACY_MAGIC):
+        return None
+    if head.startswith(b"PK"):
+        return "it is a damaged zip archive (truncated or corrupt)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its bytes are neither a PyTorch zip archive nor a pickle (corrupt, or another format)"
+    if "\x00" not in text:
+        return "it is a text file (YAML, JSON or similar), not a PyTorch checkpoint"
+    return "its bytes are neither a PyTorch zip archive nor a pickle (corrupt, or another format)"
+
+
 def load_raw(path: Path, trust: bool = False) -> Any:
-    """torch.load with weights_only=True; refuse pickled objects unless `trust`."""
+    """torch.load with weights_only=True; refuse pickled objects unless `trust`.
+
+    Three diagnoses, kept apart: not a checkpoint at all (wrong file, garbage), a checkpoint that
+    is truncated or corrupt, and a sound checkpoint whose pickle needs classes a safe load does
+    not allow. Only the last gets the --trust-checkpoint advice.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the write was interrupted or the copy failed")
+    problem = container_problem(path)
+    if problem:
+        raise CheckpointError(
+            f"{path} is not a checkpoint or is corrupt: {problem}. Check the path; use an earlier checkpoint "
+            f"(a run directory keeps the previous ones) or re-download the file."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(_corrupt(path, e)) from None
         if not trust:
             raise CheckpointError(
-                f"{path} contains pickled Python objects that a safe load refuses ({_first_line(e)}).\n"
+                f"{path} contains pickled Python objects that a safe load refuses ({_unsafe_global(e)}).\n"
                 f"Loading it would run code stored in the file. If you trust where it came from, pass "
                 f"{TRUST_FLAG} to load it with full unpickling."
             ) from None
-    except Exception as e:  # noqa: BLE001 - the weights-only unpickler fails on garbage with any error (IndexError,
-        # KeyError, struct.error, ...): all of them mean the bytes are not a checkpoint
-        raise CheckpointError(
-            f"{path} is truncated or corrupt and cannot be read ({_first_line(e)}). "
-            f"Use an earlier checkpoint (the run directory keeps the previous ones) or re-download it."
-        ) from None
+    except Exception as e:  # noqa: BLE001 - a sound container whose contents fail to load is corrupt
+        raise CheckpointError(_corrupt(path, e)) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure here is a corrupt file
-        raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+        raise CheckpointError(_corrupt(path, e)) from None
+
+
+def _corrupt(path: Path, e: BaseException) -> str:
+    return (f"{path} is truncated or corrupt and cannot be read ({_first_line(e)}). "
+            f"Use an earlier checkpoint (the run directory keeps the previous ones) or re-download it.")
+
+
+def _unsafe_global(e: BaseException) -> str:
+    """'GLOBAL argparse.Namespace' out of torch's long weights_only message."""
+    text = str(e)
+    i = text.find("Unsupported global")
+    return text[i:].splitlines()[0].split(" was not")[0] if i >= 0 else _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:

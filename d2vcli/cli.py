@@ -66,6 +66,10 @@ WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Workspace (default: $D2
 PresetOpt = typer.Option(None, "--preset", help="A preset from presets/ (see `d2v config presets`).")
 ConfigOpt = typer.Option(None, "--config", help="A YAML file of config overrides.")
 SetOpt = typer.Option(None, "--set", help="Override one field: --set optim.lr=1e-4 (repeatable).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly (an error when the "
+                         "run has none).")
+ResumeIfExistsOpt = typer.Option(False, "--resume-if-exists", help="Continue the run if it has a checkpoint, "
+                                 "else start it (for schedulers that relaunch the same command).")
 
 
 def resolve_config(command, preset, config_file, overrides) -> cfgmod.Config:
@@ -248,7 +252,8 @@ def pretrain_cmd(
     config_file: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly."),
+    resume: bool = ResumeOpt,
+    resume_if_exists: bool = ResumeIfExistsOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """data2vec self-supervised pretraining (EMA teacher, masked regression). Multi-GPU: torchrun -m d2vcli pretrain."""
@@ -256,7 +261,8 @@ def pretrain_cmd(
 
     cfg = resolve_config("pretrain", preset, config_file, overrides)
     # pretrain() prints the config summary once the manifests and the run directory are checked.
-    result = pretrain(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+    result = pretrain(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
+                      resume_if_exists=resume_if_exists)
     raise typer.Exit(result.exit_code)
 
 
@@ -273,7 +279,10 @@ def finetune_cmd(
     from_teacher: bool = typer.Option(False, "--from-teacher", help="Initialize the encoder from the EMA teacher "
                                       "instead of the student (finetune.init_from=teacher)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly."),
+    resume: bool = ResumeOpt,
+    resume_if_exists: bool = ResumeIfExistsOpt,
+    trust: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling of the --init checkpoint "
+                               "(runs code from the file): only for files you trust."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """CTC fine-tuning on letters. Architecture and input normalization come from the pretrained checkpoint."""
@@ -285,7 +294,8 @@ def finetune_cmd(
         start["init_from"] = "teacher"
     cfg = cfgmod.merge(cfg, {"finetune": start})
     # Prints the config summary once completed from the checkpoint (its architecture and normalize).
-    result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset)
+    result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
+                      resume_if_exists=resume_if_exists, trust=trust)
     raise typer.Exit(result.exit_code)
 
 
@@ -298,6 +308,7 @@ app.add_typer(export_app, name="export")
 TrustOpt = typer.Option(False, "--trust-checkpoint",
                         help="Allow full unpickling (runs code from the file): only for files you trust.")
 ImportOutOpt = typer.Option(None, "--out", help="Checkpoint to write (default: <workdir>/runs/imported-<name>/last.pt).")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing output (an earlier import or export).")
 
 
 def _print_import(result) -> None:
@@ -326,13 +337,14 @@ def import_fairseq_cmd(
                                  "from the EMA teacher."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
+    force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt) into a d2v checkpoint."""
     from d2vcli.interop import import_fairseq
 
     _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,
-                                 workspace=Workspace.resolve(workdir)))
+                                 workspace=Workspace.resolve(workdir), force=force))
 
 
 @import_app.command("hf")
@@ -341,12 +353,14 @@ def import_hf_cmd(
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt to use instead of vocab.json."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
+    force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Convert a Hugging Face data2vec-audio model folder into a d2v checkpoint."""
     from d2vcli.interop import import_hf
 
-    _print_import(import_hf(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir)))
+    _print_import(import_hf(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir),
+                            force=force))
 
 
 @export_app.command("hf")
@@ -354,6 +368,8 @@ def export_hf_cmd(
     checkpoint: str = typer.Argument(..., help="A d2v checkpoint: a path, a run directory or a run name."),
     out_dir: Path = typer.Argument(..., help="Folder to write (loads with transformers' from_pretrained)."),
     trust: bool = TrustOpt,
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder, first removing the files an "
+                               "earlier export wrote there (other files are kept)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder."""
@@ -361,7 +377,7 @@ def export_hf_cmd(
     from d2vcli.interop import export_hf
 
     path = find_checkpoint(Workspace.resolve(workdir), checkpoint)
-    for written in export_hf(path, out_dir, trust=trust):
+    for written in export_hf(path, out_dir, trust=trust, force=force):
         console.print(f"wrote {written}", markup=False)
 
 

@@ -64,6 +64,11 @@ class DataConfig:
         "Fine-tuning: null (the default) = the pretrained checkpoint's setting, which is enforced.",
     )
     num_workers: int = f(4, "DataLoader worker processes per device.")
+    max_bad_files: int = f(
+        10,
+        "Unreadable audio files (truncated, corrupt, not 16 kHz) a training run skips, naming each in the log "
+        "and the summary, before it stops with the list; 0 = stop at the first one.",
+    )
 
 
 @dataclass

@@ -34,8 +34,14 @@ recipe values in `docs/recipe.md`):
   for evaluation (`drop_uneven=False`) it is kept.
 - `loader.position` = (epoch, global batches consumed in that epoch) is saved in checkpoints; after
   `load_state_dict` iteration continues with the next unseen batch, even with a different world size.
-- A file that cannot be read, or a manifest the data does not fit, raises `AudioError` / `DataError`
-  (both `d2vcli.errors.UserError`): the message names the file or utterance and the fix.
+- A file that cannot be read when its batch is built (truncated, unreadable, not 16 kHz, shorter than
+  its manifest line) never ends a run: the utterance is dropped from its batch (a batch left empty
+  is not yielded) and the file is recorded in `loader.bad_files` with the reason. Whether a file
+  reads is a property of the file, so a resumed run drops exactly the same items; `bad_files` is
+  part of the saved position. More than `max_bad_files` distinct bad files (`data.max_bad_files`)
+  raise `TooManyBadFiles` naming them: the data needs fixing, not skipping.
+- A manifest the data does not fit raises `DataError` (a `d2vcli.errors.UserError`): the message
+  names the utterance and the fix.
 """
 
 from __future__ import annotations
@@ -66,6 +72,22 @@ NORMALIZE_EPS = 1e-5  # fairseq layer_norm default
 
 class DataError(UserError):
     """Manifests that training cannot use as they are; the message names the utterance and the fix."""
+
+
+class TooManyBadFiles(DataError):
+    """More unreadable audio files than `data.max_bad_files`: a clear stop instead of skipping on."""
+
+
+def bad_files_summary(bad: dict[str, str], limit: int = 10) -> str:
+    """'N unreadable audio file(s) skipped: path (reason); ...' for logs and run summaries."""
+    shown = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:limit])
+    more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} unreadable audio file(s) skipped: {shown}{more}"
+
+
+def bad_files_fix() -> str:
+    return ("Fix or remove them, then rebuild the manifest with `d2v prepare ... --strict` (it checks that "
+            "every file decodes to its end)")
 
 
 def batch_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
@@ -251,6 +273,8 @@ class Batch:
     texts: Optional[list[str]] = None
     epoch: int = 0
     index: int = 0
+    # (path, reason) of the batch's utterances whose audio could not be read; they are not in it.
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def _map_tensors(self, fn) -> "Batch":
         tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -356,6 +380,7 @@ class BatchLoader:
         drop_uneven: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        max_bad_files: Optional[int] = None,
     ):
         if collate == "crop" and not max_sample_size:
             raise ValueError("collate='crop' needs max_sample_size")
@@ -364,6 +389,8 @@ class BatchLoader:
         self.shuffle, self.rank, self.world_size, self.drop_uneven = shuffle, rank, world_size, drop_uneven
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.position = DataPosition()
+        self.max_bad_files = max_bad_files  # None: no limit (evaluation reports what it skipped)
+        self.bad_files: dict[str, str] = {}  # path -> why it could not be read, in the order met
         # The length the collater will produce: cropping caps it; padding does not.
         self.sizes = np.minimum(dataset.sizes, max_sample_size) if collate == "crop" else dataset.sizes
         self.too_long = int((self.sizes > max_tokens).sum())
@@ -389,12 +416,34 @@ class BatchLoader:
         return len(self.local_indices(self.position.epoch, 0))
 
     def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
-        items = [self.dataset[int(i)] for i in indices]
+        """The collated batch; unreadable utterances are left out and listed in `skipped`.
+
+        Runs in DataLoader workers, so what it learns travels with the batch, not in `self`.
+        """
+        items, skipped = [], []
+        for i in indices:
+            try:
+                items.append(self.dataset[int(i)])
+            except AudioError as e:
+                skipped.append((self.dataset.records[int(i)].path, str(e)))
+        if not items:  # the whole batch is unreadable: nothing to collate, __iter__ passes over it
+            return Batch(source=torch.zeros((0, 0)), padding_mask=None, ids=[], num_samples=0, epoch=epoch,
+                         index=index, skipped=tuple(skipped))
         if self.collate == "crop":
             batch = collate_crop(items, self.max_sample_size, batch_rng(self.seed, epoch, index, STREAM_CROP))
         else:
             batch = collate_pad(items)
-        return dataclasses.replace(batch, epoch=epoch, index=index)
+        return dataclasses.replace(batch, epoch=epoch, index=index, skipped=tuple(skipped))
+
+    def _note_skipped(self, batch: Batch) -> None:
+        for path, reason in batch.skipped:
+            self.bad_files.setdefault(path, reason)
+        if self.max_bad_files is not None and len(self.bad_files) > self.max_bad_files:
+            raise TooManyBadFiles(
+                f"{bad_files_summary(self.bad_files)}. That is more than data.max_bad_files={self.max_bad_files}, "
+                f"so training stops rather than skipping on. {bad_files_fix()}; or allow more with "
+                f"--set data.max_bad_files=N."
+            )
 
     # -- iteration and position
 
@@ -421,6 +470,9 @@ class BatchLoader:
         else:
             source = (self.make_batch(batches[g], epoch, g) for g in indices)
         for batch in source:
+            self._note_skipped(batch)
+            if not batch.ids:
+                continue  # every utterance unreadable; the position moves past it with the next batch
             # Counted when handed over, not when a worker prefetched it: a checkpoint taken now
             # resumes exactly after this batch.
             # Global count: this rank's batch and the ones the other ranks took beside it.
@@ -429,10 +481,14 @@ class BatchLoader:
         self.position = DataPosition(epoch + 1, 0)
 
     def state_dict(self) -> dict:
-        return self.position.to_dict()
+        state = self.position.to_dict()
+        if self.bad_files:  # saved so a resumed run's count and summary include what came before
+            state["bad_files"] = dict(self.bad_files)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.position = DataPosition.from_dict(state)
+        self.bad_files = dict(state.get("bad_files") or {})
 
 
 def _identity(x):

@@ -97,7 +97,7 @@ def _random_init_checkpoint(ws, cfg: cfgmod.Config) -> Path:
 def _finetune(ws, init: str, name: str, settings: DemoSettings):
     cfg = cfgmod.resolve("finetune", preset="finetune-tiny",
                          overrides=[f"finetune.init={init}"] + _updates(settings.finetune_updates))
-    result = finetune(cfg, ws, name=name, resume=True, preset="finetune-tiny")
+    result = finetune(cfg, ws, name=name, resume_if_exists=True, preset="finetune-tiny")
     if result.exit_code:
         raise RuntimeError(f"fine-tuning {name} ended with status {result.status}; see {ws.run_dir(name)}")
     return result
@@ -127,7 +127,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
                           overrides=list(settings.pretrain_set) + _updates(settings.pretrain_updates))
     console.print(f"a short run ({pcfg.train.max_updates} updates of {pcfg.train.batch_seconds:g} s): on this tiny "
                   "model longer pretraining currently hurts fine-tuning (see docs/troubleshooting.md)", markup=False)
-    result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume=True, preset="speech-tiny")
+    result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume_if_exists=True, preset="speech-tiny")
     if result.exit_code:
         raise RuntimeError(f"pretraining ended with status {result.status}; see {ws.run_dir(PRETRAIN_RUN)}")
     lap("pretrain")

@@ -92,7 +92,7 @@ from d2vcli import config as cfgmod
 from d2vcli import distributed
 from d2vcli.audio import SAMPLE_RATE
 from d2vcli.config import Config, ConfigError
-from d2vcli.data import Batch, DataPosition
+from d2vcli.data import Batch, DataPosition, bad_files_fix, bad_files_summary
 from d2vcli.distributed import DistInfo
 from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, WandbSettings, bar_text, format_value
 from d2vcli.run_dir import Run
@@ -135,6 +135,7 @@ class BatchSource(Protocol):
     """What the engine asks of a data loader (see the module docstring)."""
 
     position: DataPosition  # (epoch, global batches consumed in it): where the next batch comes from
+    bad_files: dict[str, str]  # unreadable files skipped so far (path -> reason), in the order met
 
     def __iter__(self) -> Iterator[Batch]: ...  # the rest of the current epoch; then position moves on
 
@@ -483,6 +484,7 @@ class _Trainer:
             console.print(f"batch: {describe_batch(cfg.train.batch_seconds, cfg.data.max_tokens, info, self.accumulation)}")
             console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device}; run dir {self.run_info.dir}")
         batches = self._micro_batches()
+        self._bad_reported = len(self.loader.bad_files)  # those of a resumed run were reported before
         interval = Interval()
         result: Optional[TrainResult] = None
         bar = progress(TextColumn("{task.fields[info]}")) if info.is_main else None
@@ -516,13 +518,26 @@ class _Trainer:
                         if info.is_main and (bar is None or bar.disable):
                             console.print(" ".join(f"{k}={format_value(v)}" for k, v in row.items()), markup=False)
                         interval = Interval()
+                    self._report_bad_files(log)
                     result = self._after(u, log)
         finally:
             log.close()
+        if self.loader.bad_files:
+            result.message += f"\n{bad_files_summary(self.loader.bad_files)}. {bad_files_fix()}."
         if info.is_main:
             colour = "green" if result.exit_code == 0 else "red"
             console.print(f"[{colour}]{result.message}[/]")
         return result
+
+    def _report_bad_files(self, log: MetricsLog) -> None:
+        """Name each unreadable file the loader skipped since the last update, on screen and in metrics.jsonl."""
+        new = list(self.loader.bad_files.items())[self._bad_reported:]
+        self._bad_reported += len(new)
+        for path, reason in new:
+            log.write({"step": self.step, "skipped_file": path, "reason": reason}, prefix="data")
+            if self.info.is_main:
+                console.print(f"warning: skipped unreadable audio {path}: {reason}", markup=False,
+                              highlight=False, soft_wrap=True)
 
     def _resource_metrics(self) -> dict:
         """The log line's engine extras: the fp16 loss scale and the peak GPU memory, when they apply."""

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, IO
 
+from d2vcli.errors import UserError
+
 # Temp names of other hosts, and of versions before the host and pid were in the name, cannot
 # be checked against a process table; they count as leftovers once nothing can still be writing
 # them (no d2v output takes this long to write in one piece).
@@ -141,3 +143,46 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e}); re-run `d2v prepare` to rebuild it") from e
     return rows
+
+
+class OutputExistsError(UserError):
+    """An output would overwrite files the user has; the message names them and offers --force."""
+
+
+def claim_output_dir(out_dir: Path, owned: Iterable[str], force: bool, what: str) -> list[Path]:
+    """Make `out_dir` ready for a writer whose files are named `owned`; returns what it removed.
+
+    A missing or empty directory is fine. A non-empty one is refused unless `force`; with
+    `force` the files named `owned` (what an earlier run of the same writer left, e.g. stale
+    tokenizer files of another model kind) are removed and every other file is left alone.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} is a file; {what} writes a folder: pick another path")
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not present:
+        return []
+    if not force:
+        shown = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "")
+        raise OutputExistsError(
+            f"{out_dir} is not empty ({shown}); {what} would overwrite or mix with these files. Pick an empty "
+            f"or new folder, or pass --force to replace what an earlier export wrote there "
+            f"({', '.join(sorted(owned))}; other files are kept)."
+        )
+    removed = []
+    for name in owned:
+        p = out_dir / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def refuse_overwrite(paths: Iterable[Path], force: bool, what: str) -> None:
+    """Refuse to replace any existing file of `paths` unless `force` (the message names them)."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise OutputExistsError(
+            f"{what} would replace {', '.join(existing)}. Pick another --out (or --name), or pass --force to "
+            f"replace it."
+        )

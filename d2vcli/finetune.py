@@ -62,7 +62,7 @@ from d2vcli import config as cfgmod
 from d2vcli import distributed, engine
 from d2vcli.callable_module import make_callable
 from d2vcli.config import REGULARIZATION_FIELDS, Config, ConfigError, ModelConfig
-from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
+from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, bad_files_summary, batch_rng, read_splits
 from d2vcli.decode.search import greedy_batch
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
@@ -72,7 +72,7 @@ from d2vcli.models.audio import Data2VecForCTC, parameter_count
 from d2vcli.models.loading import build_model
 from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
 from d2vcli.pretrain import check_manifests
-from d2vcli.run_dir import default_run_name, prepare_run
+from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
 from d2vcli.scoring import score
 from d2vcli.ui import console, print_config_summary
 from d2vcli.vocab import BLANK, SPECIALS, Vocab
@@ -139,7 +139,7 @@ def resolve_normalize(asked: Optional[bool], stored: bool, source: Path) -> bool
     return bool(stored)
 
 
-def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
+def load_start(cfg: Config, workspace, run_dir: Path, resume: bool, trust: bool = False) -> Start:
     """Read the checkpoint this run starts from and complete `cfg` from it.
 
     With `resume` and a checkpoint in `run_dir`, that (ctc) checkpoint; otherwise the pretrained
@@ -156,9 +156,10 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
             )
         path, kind = ckpt.find_checkpoint(workspace, cfg.finetune.init), "pretrain"
     try:
-        state = ckpt.load_checkpoint(path, expect_kind=kind)
+        # Only the pretrained model may be foreign; a resumed run's own checkpoint is always safe to load.
+        state = ckpt.load_checkpoint(path, expect_kind=kind, trust=trust and kind == "pretrain")
     except ckpt.CheckpointError as e:
-        raise ckpt.CheckpointError(f"{e}{_kind_hint(path, kind, run_dir.name)}") from None
+        raise ckpt.CheckpointError(f"{e}{_kind_hint(path, kind, run_dir.name, trust)}") from None
     for key in (ckpt.ARCH_KEY, ckpt.NORMALIZE_KEY, ckpt.MODEL_KEY):
         if key not in state:
             raise ckpt.CheckpointError(f"{path} has no '{key}' entry; it is not a complete d2v checkpoint")
@@ -177,10 +178,10 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool) -> Start:
     return Start(cfg=cfg, path=path, state=state, resuming=own is not None)
 
 
-def _kind_hint(path: Path, expected: str, run_name: str) -> str:
+def _kind_hint(path: Path, expected: str, run_name: str, trust: bool = False) -> str:
     """What to do instead when `path` is a checkpoint of the other kind (read again only on this error path)."""
     try:
-        found = ckpt.load_raw(path).get(ckpt.KIND_KEY)
+        found = ckpt.load_raw(path, trust=trust).get(ckpt.KIND_KEY)
     except Exception:  # noqa: BLE001 - the original error already says what is wrong with the file
         return ""
     if found == expected or found not in ckpt.KINDS:
@@ -498,6 +499,9 @@ def decode_dataset(model: nn.Module, dataset: AudioDataset, vocab: Vocab, max_to
                                batch.target_lengths.to(info.device)))
         hyps.extend(vocab.decode(ids) for ids in greedy_batch(logits, out["padding_mask"]))
         refs.extend(batch.texts)
+    if loader.bad_files:
+        console.print(f"warning: validation: {bad_files_summary(loader.bad_files)}; they are not scored.",
+                      markup=False, highlight=False, soft_wrap=True)
     return refs, hyps, loss
 
 
@@ -548,76 +552,90 @@ def finetune(
     resume: bool = False,
     preset: Optional[str] = None,
     stop_at: Optional[int] = None,
+    resume_if_exists: bool = False,
+    trust: bool = False,
 ) -> TrainResult:
     """Run (or resume) CTC fine-tuning in <workdir>/runs/<name>; returns how it ended.
 
-    Prints the resolved config, whose model section is the checkpoint's architecture.
+    `resume` without a checkpoint is an error; `resume_if_exists` then starts fresh. The run is
+    locked for this process until it returns (`run_dir.run_lock`). `trust` (--trust-checkpoint)
+    allows full unpickling of a foreign `finetune.init` checkpoint.
+
+    Prints what the config changes; config.yaml holds it whole, with the checkpoint's architecture.
     `stop_at` saves and returns after that many updates (status "paused") without changing
     the schedule, so a run can be split into parts that together equal one uninterrupted run.
     """
     info = distributed.setup(cfg.train.device)
     try:
         name = distributed.broadcast_object(name or default_run_name("finetune", preset))
-        start = load_start(cfg, workspace, workspace.run_dir(name), resume)
-        # On screen: what the user changed from the preset; what the checkpoint fills in (architecture,
-        # normalize) is stated on the init line, and everything is in config.yaml.
-        requested, cfg = cfg, start.cfg
-        check_manifests(workspace, cfg.data.train_splits)
-        for split in cfg.data.valid_splits:
-            workspace.require_manifest(split)
-        check_validation(cfg)
-        vocab = start.vocab or Vocab.load(workspace.dictionary)
-        check_labels(workspace, list(cfg.data.train_splits) + list(cfg.data.valid_splits), vocab)
-        run = prepare_run(workspace, name, cfg, resume, info)
-        if info.is_main:
-            a = cfg.model
-            source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
-            print_config_summary(requested, cfgmod.base_config("finetune", preset),
-                                 f"finetune config (model architecture from {start.path.name})",
-                                 f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
-            console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
-                          f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
-                          f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
-            _warn_schedule(cfg)
-
-        train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
-        if info.is_main:
-            _describe_skips(cfg.data.train_splits, train, cfg)
-        if not train.records:
-            raise FinetuneDataError(f"no utterance of {', '.join(cfg.data.train_splits)} can be trained on "
-                                    f"(see the skipped utterances above)")
-        dataset = AudioDataset(train.records, normalize=cfg.data.normalize,
-                               min_sample_size=cfg.data.min_sample_size, vocab=vocab)
-        valid = {split: AudioDataset(read_splits(workspace, [split]), normalize=cfg.data.normalize, vocab=vocab)
-                 for split in cfg.data.valid_splits}
-
-        torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
-        model = build_ctc_model(cfg, len(vocab))
-        if not start.resuming:
-            load_encoder(model, start, cfg.finetune.init_from)
-        start.state = {}  # free the pretrained weights
-        model.to(info.device)
-        task = FinetuneTask(cfg, model, vocab, valid, info)
-
-        loader = BatchLoader(dataset, "pad", cfg.data.max_tokens, cfg.train.seed, rank=info.rank,
-                             world_size=info.world_size, num_workers=cfg.data.num_workers,
-                             pin_memory=info.device.type == "cuda")
-        if info.is_main:
-            console.print(
-                f"data: {len(dataset):,} utterances, {dataset.seconds / 3600:.2f} h from "
-                f"{', '.join(cfg.data.train_splits)} ({dataset.skipped:,} shorter than {cfg.data.min_sample_size} "
-                f"samples and {loader.too_long:,} longer than data.max_tokens left out); "
-                f"{len(loader.batches(1)):,} batches per epoch; validation on {', '.join(valid) or 'nothing'}")
-            console.print(f"model: {parameter_count(model, trainable_only=True):,} trainable of "
-                          f"{parameter_count(model):,} parameters; encoder frozen for the first "
-                          f"{cfg.finetune.freeze_updates} updates", markup=False)
-        ft = cfg.finetune
-        validate = ft.validate_every if cfg.data.valid_splits else 0
-        return engine.train(cfg, task, loader, run, info, description="finetune", validate_every=validate,
-                            validate_after=ft.validate_after, best_metric=ft.best_metric or None,
-                            early_stop_patience=ft.early_stop_patience, stop_at=stop_at)
+        with run_lock(workspace, name, info):
+            resume = resume_wanted(workspace, name, resume, resume_if_exists)
+            return _finetune(cfg, workspace, name, resume, stop_at, info, trust, preset)
     finally:
         distributed.teardown()
+
+
+def _finetune(cfg: Config, workspace, name: str, resume: bool, stop_at: Optional[int],
+              info: DistInfo, trust: bool, preset: Optional[str]) -> TrainResult:
+    """The fine-tuning run proper, under the run lock."""
+    start = load_start(cfg, workspace, workspace.run_dir(name), resume, trust=trust)
+    # On screen: what the user changed from the preset; what the checkpoint fills in (architecture,
+    # normalize) is stated on the init line, and everything is in config.yaml.
+    requested, cfg = cfg, start.cfg
+    check_manifests(workspace, cfg.data.train_splits)
+    for split in cfg.data.valid_splits:
+        workspace.require_manifest(split)
+    check_validation(cfg)
+    vocab = start.vocab or Vocab.load(workspace.dictionary)
+    check_labels(workspace, list(cfg.data.train_splits) + list(cfg.data.valid_splits), vocab)
+    run = prepare_run(workspace, name, cfg, resume, info)
+    if info.is_main:
+        a = cfg.model
+        source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
+        print_config_summary(requested, cfgmod.base_config("finetune", preset),
+                             f"finetune config (model architecture from {start.path.name})",
+                             f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+        console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
+                      f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
+                      f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
+        _warn_schedule(cfg)
+
+    train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
+    if info.is_main:
+        _describe_skips(cfg.data.train_splits, train, cfg)
+    if not train.records:
+        raise FinetuneDataError(f"no utterance of {', '.join(cfg.data.train_splits)} can be trained on "
+                                f"(see the skipped utterances above)")
+    dataset = AudioDataset(train.records, normalize=cfg.data.normalize,
+                           min_sample_size=cfg.data.min_sample_size, vocab=vocab)
+    valid = {split: AudioDataset(read_splits(workspace, [split]), normalize=cfg.data.normalize, vocab=vocab)
+             for split in cfg.data.valid_splits}
+
+    torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
+    model = build_ctc_model(cfg, len(vocab))
+    if not start.resuming:
+        load_encoder(model, start, cfg.finetune.init_from)
+    start.state = {}  # free the pretrained weights
+    model.to(info.device)
+    task = FinetuneTask(cfg, model, vocab, valid, info)
+
+    loader = BatchLoader(dataset, "pad", cfg.data.max_tokens, cfg.train.seed, rank=info.rank,
+                         world_size=info.world_size, num_workers=cfg.data.num_workers,
+                         pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files)
+    if info.is_main:
+        console.print(
+            f"data: {len(dataset):,} utterances, {dataset.seconds / 3600:.2f} h from "
+            f"{', '.join(cfg.data.train_splits)} ({dataset.skipped:,} shorter than {cfg.data.min_sample_size} "
+            f"samples and {loader.too_long:,} longer than data.max_tokens left out); "
+            f"{len(loader.batches(1)):,} batches per epoch; validation on {', '.join(valid) or 'nothing'}")
+        console.print(f"model: {parameter_count(model, trainable_only=True):,} trainable of "
+                      f"{parameter_count(model):,} parameters; encoder frozen for the first "
+                      f"{cfg.finetune.freeze_updates} updates", markup=False)
+    ft = cfg.finetune
+    validate = ft.validate_every if cfg.data.valid_splits else 0
+    return engine.train(cfg, task, loader, run, info, description="finetune", validate_every=validate,
+                        validate_after=ft.validate_after, best_metric=ft.best_metric or None,
+                        early_stop_patience=ft.early_stop_patience, stop_at=stop_at)
 
 
 # `d2vcli.finetune(cfg, ws)` calls the function (the Python API, see d2vcli/__init__.py).

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save
 
 from d2vcli import checkpoint as ck
 from d2vcli import config as cfgmod
-from d2vcli.fileio import atomic_open, atomic_write_text
+from d2vcli.fileio import atomic_open, atomic_write_text, claim_output_dir, refuse_overwrite
 from d2vcli.models.loading import expected_state
 from d2vcli.vocab import SPECIALS, Vocab
 from d2vcli.workspace import Workspace
@@ -215,13 +215,25 @@ class ImportResult:
 
 
 def _write(state: dict, out: Optional[Path], workspace: Optional[Workspace], source: Path,
-           notes: list[str]) -> ImportResult:
-    """Save to `out`, or into a run directory of the workspace (with its config.yaml, like any run)."""
+           notes: list[str], force: bool = False) -> ImportResult:
+    """Save to `out`, or into a run directory of the workspace (with its config.yaml, like any run).
+
+    An existing checkpoint (or the config.yaml beside it) is only replaced with `force`; then the
+    run's other checkpoints go too, since best.pt would otherwise win over the new last.pt.
+    """
     in_run_dir = out is None
     out = default_import_path(workspace or Workspace.resolve(), source) if in_run_dir else Path(out)
+    config_path = out.parent / "config.yaml"
+    with_config = in_run_dir or config_path.exists()  # a run directory: keep its config matching
+    refuse_overwrite([out] + ([config_path] if with_config else []), force, "the import")
+    if force and out.name == ck.LAST:
+        for stale in [out.parent / ck.BEST] + [p for _, p in ck.step_checkpoints(out.parent)]:
+            if stale.exists():
+                stale.unlink()
+                notes.append(f"removed {stale} (a checkpoint of the replaced run)")
     ck.save_checkpoint(out, state)
-    if in_run_dir:
-        cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), out.parent / "config.yaml")
+    if with_config:
+        cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), config_path)
     return ImportResult(
         path=out, kind=state[ck.KIND_KEY], arch=state[ck.ARCH_KEY], normalize=state[ck.NORMALIZE_KEY],
         vocab_size=len(SPECIALS) + len(state.get(ck.VOCAB_KEY, [])) if state[ck.KIND_KEY] == "ctc" else 0,
@@ -358,6 +370,8 @@ def _fairseq_cfg(raw: dict, source: Path) -> dict:
 
 def convert_fairseq(raw: Any, source: Path, dict_path: Optional[Path] = None, use_ema: bool = False) -> tuple[dict, list[str]]:
     """A loaded fairseq checkpoint -> (d2v checkpoint dict, notes). Raises InteropError on any mismatch."""
+    if isinstance(raw, dict) and ck.FORMAT_VERSION_KEY in raw and raw.get(ck.KIND_KEY) in ck.KINDS:
+        raise InteropError(_already_d2v(source, raw[ck.KIND_KEY]))
     if not isinstance(raw, dict) or "model" not in raw:
         raise InteropError(f"{source} is not a fairseq checkpoint (no 'model' state dict)")
     cfg = _fairseq_cfg(raw, source)
@@ -434,13 +448,19 @@ def convert_fairseq(raw: Any, source: Path, dict_path: Optional[Path] = None, us
     return _make_checkpoint(kind, arch, normalize, model_state, src, vocab, teacher, final_dropout), notes
 
 
+def _already_d2v(source: Path, kind: str) -> str:
+    use = "--init it in `d2v finetune`" if kind == "pretrain" else "pass it to `d2v decode`/`evaluate`/`transcribe`"
+    return (f"{source} is already a d2v checkpoint (kind {kind!r}): no conversion needed. Use it as it is "
+            f"({use}), or copy it to <workdir>/runs/NAME/last.pt to refer to it by run name.")
+
+
 def import_fairseq(path: Path, out: Optional[Path] = None, dict_path: Optional[Path] = None, use_ema: bool = False,
-                   trust: bool = False, workspace: Optional[Workspace] = None) -> ImportResult:
+                   trust: bool = False, workspace: Optional[Workspace] = None, force: bool = False) -> ImportResult:
     """`d2v import fairseq`: convert a fairseq data2vec checkpoint and write it as a d2v checkpoint."""
     path = Path(path)
     raw = ck.load_raw(path, trust=trust)
     state, notes = convert_fairseq(raw, path, dict_path=dict_path, use_ema=use_ema)
-    return _write(state, out, workspace, path, notes)
+    return _write(state, out, workspace, path, notes, force)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -532,6 +552,12 @@ def vocab_from_hf(folder: Path, num_outputs: int, dict_path: Optional[Path]) -> 
 def convert_hf(folder: Path, dict_path: Optional[Path] = None, trust: bool = False) -> tuple[dict, list[str]]:
     """A save_pretrained folder of Data2VecAudioModel / Data2VecAudioForCTC -> (d2v checkpoint dict, notes)."""
     folder = Path(folder)
+    if not folder.exists():
+        raise InteropError(f"{folder} does not exist: check the path (a `save_pretrained` folder is needed)")
+    if not folder.is_dir():
+        hint = ("; for a fairseq .pt file use `d2v import fairseq`" if ck.container_problem(folder) is None else "")
+        raise InteropError(f"{folder} is a file, not a folder: `d2v import hf` takes a `save_pretrained` "
+                           f"folder{hint}")
     if not (folder / "config.json").exists():
         raise InteropError(f"{folder}: no config.json (a `save_pretrained` folder is needed)")
     hf_cfg = _read_json(folder / "config.json")
@@ -573,11 +599,11 @@ def convert_hf(folder: Path, dict_path: Optional[Path] = None, trust: bool = Fal
 
 
 def import_hf(folder: Path, out: Optional[Path] = None, dict_path: Optional[Path] = None, trust: bool = False,
-              workspace: Optional[Workspace] = None) -> ImportResult:
+              workspace: Optional[Workspace] = None, force: bool = False) -> ImportResult:
     """`d2v import hf`: convert a Hugging Face Data2VecAudio folder and write it as a d2v checkpoint."""
     folder = Path(folder)
     state, notes = convert_hf(folder, dict_path=dict_path, trust=trust)
-    return _write(state, out, workspace, folder, notes)
+    return _write(state, out, workspace, folder, notes, force)
 
 
 def hf_config(state: dict) -> dict:
@@ -645,11 +671,17 @@ def hf_state_dict(state: dict) -> dict:
     return out
 
 
-def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False) -> list[Path]:
+# Every file export_hf may write: what --force removes from an earlier export (of either kind).
+HF_EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "vocab.json",
+                   "special_tokens_map.json", "tokenizer_config.json")
+
+
+def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool = False) -> list[Path]:
     """`d2v export hf`: write a save_pretrained folder transformers loads with no missing or unexpected keys.
 
     ctc -> Data2VecAudioForCTC + vocab.json, tokenizer and feature-extractor configs;
     pretrain -> headless Data2VecAudioModel (the student; final_proj and the teacher stay behind).
+    A non-empty `out_dir` is refused unless `force`, which first removes HF_EXPORT_FILES.
     """
     state = ck.load_checkpoint(Path(checkpoint), trust=trust)
     arch = ck.arch_of(state, checkpoint)
@@ -659,6 +691,7 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False) -> list[Path
                      str(checkpoint))
     weights = hf_state_dict(state)
     out_dir = Path(out_dir)
+    claim_output_dir(out_dir, HF_EXPORT_FILES, force, "d2v export hf")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 

@@ -1,15 +1,13 @@
-"""Advisory locks on files that one d2v process at a time may write (a run directory, a split's
-manifests, the workspace's letter dictionary, lm/).
+"""Advisory locks on files and directories that one process at a time may write.
 
-    from d2vcli.locks import hold
-    with hold(ws.data_dir / ".train.lock", "prepare of split train"):
-        ...  # write the split's files
+    with hold(workspace.runs_dir / f".{name}.lock", f"run '{name}'", "wait for it to finish or pick another --name"):
+        ...   # nobody else holds it; released on exit, on an exception and when the process dies
 
-`hold` takes an `fcntl.flock` on the lock file without waiting: a second process gets a
-`LockError` naming the holder instead of silently interleaving its writes. The kernel releases
-the lock when the holder exits or is killed, so a crash never leaves a stale lock on a local
-disk. The file itself stays (unlinking it would race with a process that has just opened it);
-while held it records the holder's pid, command and start time for the message.
+The lock is an `fcntl.flock` on the lock file, so the kernel drops it when the holder's process
+ends in any way (kill -9 included): a crashed run never leaves a stale lock behind, and no pid
+check or timeout is needed. The file holds the holder's pid, command line and start time, which
+is what a refused second process reports. Lock files are never deleted: unlinking a lock file
+while another process has it open would let a third process lock a new file beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import json
 import os
 import socket
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -28,20 +26,31 @@ from d2vcli.errors import UserError
 
 
 class LockError(UserError):
-    """Another process holds the lock; the message names it and what to do."""
+    """Another process holds the lock; the message names it and the ways out."""
 
 
-def _holder(fd: int) -> dict:
+def _holder_text(fd: int) -> str:
+    """'pid N (command) since TIME' from a lock file's contents, as well as it can be read."""
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        return json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+        info = json.loads(os.read(fd, 1 << 16).decode("utf-8") or "{}")
     except (OSError, ValueError):
-        return {}
+        info = {}
+    if not info.get("pid"):
+        # The holder has locked the file but not yet written its details (a moment's window).
+        return "another process"
+    host = info.get("host")
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    return f"pid {info['pid']}{where} ({info.get('command', '?')}) since {info.get('started', '?')}"
 
 
 @contextlib.contextmanager
-def hold(path: Path, what: str) -> Iterator[Path]:
-    """Hold the lock at `path` for the block; `what` says what it protects, for the other process's error."""
+def hold(path: Path, what: str, advice: str = "wait for it to finish") -> Iterator[Path]:
+    """Hold an exclusive lock on `path` (created if needed) for the `with` block.
+
+    Raises LockError at once, without waiting, when another process holds it: "<what> is locked
+    by pid N (<command>) since <time>; <advice>".
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -49,23 +58,20 @@ def hold(path: Path, what: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            h = _holder(fd)
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if "since" in h else "?"
             raise LockError(
-                f"cannot start the {what}: {path} is locked by pid {h.get('pid', '?')} on {h.get('host', '?')} "
-                f"({h.get('command', 'unknown command')}) since {since}; wait for it to finish or, if that "
-                f"process is gone (a lock on a network filesystem can outlive it), delete {path}"
+                f"{what} is locked by {_holder_text(fd)}; {advice} (lock file {path})."
             ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(
-            [Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python",
-            "what": what, "since": time.time()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
+                "started": datetime.now().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
         try:
             yield path
         finally:
-            # Cleared while still held, so a later reader never sees a finished holder's details.
-            os.ftruncate(fd, 0)
+            # Emptied so a later reader never reports a finished process as the holder.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

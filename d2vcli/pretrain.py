@@ -56,7 +56,7 @@ from d2vcli.objective.masking import compute_mask_indices
 from d2vcli.objective.monitors import collapse_reason, compute_std
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
-from d2vcli.run_dir import default_run_name, prepare_run
+from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
 from d2vcli.ui import console, print_config_summary
 
 # Teacher parameters copied from the student rather than averaged: the positional conv of the
@@ -169,7 +169,7 @@ def build_loader(cfg: Config, workspace, info: distributed.DistInfo) -> BatchLoa
     loader = BatchLoader(
         dataset, "crop", cfg.data.max_tokens, cfg.train.seed, max_sample_size=cfg.data.max_sample_size,
         rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
-        pin_memory=info.device.type == "cuda",
+        pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files,
     )
     if info.is_main:
         console.print(
@@ -187,25 +187,31 @@ def pretrain(
     resume: bool = False,
     preset: Optional[str] = None,
     stop_at: Optional[int] = None,
+    resume_if_exists: bool = False,
 ) -> TrainResult:
     """Run (or resume) data2vec pretraining in <workdir>/runs/<name>; returns how it ended.
 
-    `stop_at` saves and returns after that many updates (status "paused") without changing the
-    schedule, so a run can be split into parts that together equal one uninterrupted run.
+    `resume` without a checkpoint is an error; `resume_if_exists` then starts fresh. The run
+    is locked for this process until it returns (`run_dir.run_lock`). `stop_at` saves and
+    returns after that many updates (status "paused") without changing the schedule,
+    so a run can be split into parts that together equal one uninterrupted run.
     """
     info = distributed.setup(cfg.train.device)
     try:
         check_manifests(workspace, cfg.data.train_splits)
-        run = prepare_run(workspace, name or default_run_name("pretrain", preset), cfg, resume, info)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
-        task = PretrainTask(cfg, info.device)
-        if info.is_main:
-            print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
-                                 f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
-            console.print(f"model: {parameter_count(task.model):,} parameters "
-                          f"({cfg.model.num_layers} x {cfg.model.embed_dim}, teacher: EMA of the transformer)")
-        loader = build_loader(cfg, workspace, info)
-        return engine.train(cfg, task, loader, run, info, description="pretrain", stop_at=stop_at)
+        name = distributed.broadcast_object(name or default_run_name("pretrain", preset))
+        with run_lock(workspace, name, info):
+            resume = resume_wanted(workspace, name, resume, resume_if_exists)
+            run = prepare_run(workspace, name, cfg, resume, info)
+            torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
+            task = PretrainTask(cfg, info.device)
+            if info.is_main:
+                print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
+                                     f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+                console.print(f"model: {parameter_count(task.model):,} parameters "
+                              f"({cfg.model.num_layers} x {cfg.model.embed_dim}, teacher: EMA of the transformer)")
+            loader = build_loader(cfg, workspace, info)
+            return engine.train(cfg, task, loader, run, info, description="pretrain", stop_at=stop_at)
     finally:
         distributed.teardown()
 

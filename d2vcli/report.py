@@ -131,6 +131,8 @@ def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(training rows, validation rows): validation rows are those with `<split>/<metric>` keys."""
     train, valid = [], []
     for row in rows:
+        if "skipped_file" in row:  # the engine's note of an unreadable audio file, not a metric
+            continue
         (valid if any("/" in k for k in row) else train).append(row)
     return train, valid
 

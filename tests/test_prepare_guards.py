@@ -338,7 +338,7 @@ def test_prepare_lm_is_refused_while_another_writes_lm(ws, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("HELLO WORLD\n")
     with hold(ws.root / ".lm.lock", "d2v prepare lm"):
-        with pytest.raises(LockError, match=rf"\.lm\.lock is locked by pid {os.getpid()}"):
+        with pytest.raises(LockError, match=rf"d2v prepare lm is locked by pid {os.getpid()} .*lm\.lock"):
             prepare_lm(ws, text=text, order=2)
 
 

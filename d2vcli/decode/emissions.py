@@ -5,6 +5,11 @@ stored in the checkpoint, and its log-probabilities are written as one float16 (
 array per split (`decode/<run>/emissions-<split>-<key>.npy`, utterances back to back) plus a
 JSON index. The key hashes the checkpoint's bytes and the manifest's, so later decodes, tuning
 runs and `d2v evaluate` read the cache; a new checkpoint or manifest recomputes.
+
+An utterance whose audio cannot be read is left out of the split (it has no emissions, so it is
+not decoded or scored) and named, with the reason, when it is met and whenever the cache is
+read (`Emissions.skipped`). The index remembers each such file's size and mtime: once the file
+is fixed or replaced, the cache is stale and the split is recomputed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from d2vcli.audio import SAMPLE_RATE
+from d2vcli.audio import SAMPLE_RATE, AudioError
 from d2vcli.models.loading import load_ctc_model
 from d2vcli.data import Item, collate_pad, load_audio
 from d2vcli.decode.errors import DecodeError
@@ -49,6 +54,8 @@ class Emissions:
     tokens: list[str]
     frame_seconds: float
     audio_seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why its audio could not be read
+    rows: int = 0  # rows of the array (0: the sum of `lengths`); skipped utterances keep theirs unused
     _data: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -86,6 +93,12 @@ class EmissionsWriter:
         rows = max(1, int(self.lengths.sum()))
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=(rows, len(tokens)))
         self.written = np.zeros(len(self.ids), dtype=bool)
+        self.skipped: dict[int, tuple[str, str]] = {}  # utterance -> (path, reason)
+
+    def skip(self, i: int, path: str, reason: str) -> None:
+        """Leave utterance i out: its audio could not be read."""
+        self.skipped[i] = (str(path), reason)
+        self.written[i] = True
 
     def write(self, i: int, lp: np.ndarray) -> None:
         n = int(self.lengths[i])
@@ -98,13 +111,21 @@ class EmissionsWriter:
         if not self.written.all():
             missing = [self.ids[i] for i in np.flatnonzero(~self.written)[:3]]
             raise DecodeError(f"emissions for {self.split} are incomplete (e.g. {missing})")
+        if len(self.skipped) == len(self.ids):
+            raise DecodeError(f"{self.split}: the audio of every utterance is unreadable, e.g. "
+                              f"{next(iter(self.skipped.values()))[1]}")
         self.array.flush()
+        rows = int(self.array.shape[0])
         del self.array
         os.replace(self.tmp, self.final)
+        keep = [i for i in range(len(self.ids)) if i not in self.skipped]
         index = {
             "version": EMISSIONS_VERSION, "key": self.key, "split": self.split, "data": self.final.name,
             "tokens": self.tokens, "frame_seconds": self.frame_seconds, "audio_seconds": self.audio_seconds,
-            "ids": self.ids, "refs": self.refs, "lengths": self.lengths.tolist(),
+            "ids": [self.ids[i] for i in keep], "refs": [self.refs[i] for i in keep],
+            "lengths": self.lengths[keep].tolist(), "offsets": self.offsets[keep].tolist(), "rows": rows,
+            "skipped": [{"path": path, "reason": reason, "identity": _file_identity(path)}
+                        for path, reason in self.skipped.values()],
         }
         index_path = emissions_index_path(self.out_dir, self.split)
         atomic_write_text(index_path, json.dumps(index) + "\n")
@@ -149,12 +170,18 @@ def load_emissions(out_dir: Path, split: str, key: Optional[str] = None) -> Opti
     data_path = Path(out_dir) / idx["data"]
     if not data_path.exists():
         return None
+    skipped = idx.get("skipped") or []
+    if any(_file_identity(s["path"]) != s.get("identity") for s in skipped):
+        return None  # an unreadable file was fixed or replaced since: recompute the split
     lengths = np.asarray(idx["lengths"], dtype=np.int64)
+    offsets = (np.asarray(idx["offsets"], dtype=np.int64) if "offsets" in idx
+               else np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+    rows = int(idx.get("rows") or max(1, int(lengths.sum())))
     em = Emissions(idx["split"], index_path, data_path, idx["key"], idx["ids"], idx["refs"], lengths,
-                   np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), idx["tokens"],
-                   float(idx["frame_seconds"]), float(idx["audio_seconds"]))
+                   offsets, idx["tokens"], float(idx["frame_seconds"]), float(idx["audio_seconds"]),
+                   skipped={s["path"]: s["reason"] for s in skipped}, rows=rows)
     try:
-        if em.data.shape != (max(1, int(lengths.sum())), len(em.tokens)):
+        if em.data.shape != (rows, len(em.tokens)):
             return None
     except (ValueError, OSError):
         return None
@@ -162,6 +189,15 @@ def load_emissions(out_dir: Path, split: str, key: Optional[str] = None) -> Opti
 
 
 # ============================================================================ cache keys
+
+
+def _file_identity(path: str) -> list:
+    """[size, mtime_ns] of a file, or [] when it is gone: what marks a skipped file as changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    return [st.st_size, st.st_mtime_ns]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -224,15 +260,25 @@ def compute_emissions(model, vocab: Vocab, normalize: bool, records, out_dir: Pa
     batches = [order[k:k + batch_size] for k in range(0, len(order), max(1, batch_size))]
 
     def load(batch):  # audio of the next batch is read while the model runs on this one
-        return [Item(records[i].id, load_audio(records[i], normalize)) for i in batch]
+        items, readable = [], []
+        for i in batch:
+            try:
+                items.append(Item(records[i].id, load_audio(records[i], normalize)))
+                readable.append(i)
+            except AudioError as e:
+                writer.skip(i, records[i].path, str(e))
+        return items, readable
 
     try:
         with ThreadPoolExecutor(1) as io_pool, progress() as bar, torch.inference_mode():
             task = bar.add_task(f"emissions {split}", total=len(records))
             pending = io_pool.submit(load, batches[0]) if batches else None
-            for b, batch in enumerate(batches):
-                items = pending.result()
+            for b in range(len(batches)):
+                items, batch = pending.result()  # batch: the indices whose audio could be read
                 pending = io_pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
+                if not items:
+                    bar.advance(task, len(batches[b]))
+                    continue
                 col = collate_pad(items)
                 pad = col.padding_mask
                 out = model(col.source.to(device), padding_mask=pad.to(device) if bool(pad.any()) else None)
@@ -242,7 +288,7 @@ def compute_emissions(model, vocab: Vocab, normalize: bool, records, out_dir: Pa
                     if lp.shape[1] < n:
                         raise DecodeError(f"model gave {lp.shape[1]} frames for {records[i].id}, expected {n}")
                     writer.write(i, lp[row, :n])
-                bar.advance(task, len(batch))
+                bar.advance(task, len(batches[b]))
         return writer.close()
     except BaseException:
         writer.abort()
@@ -278,4 +324,11 @@ def get_emissions(ws, checkpoint: Path, splits: Sequence[str], out_dir: Path, ba
         del model
     else:
         console.print(f"emissions: cached in {out_dir} (the acoustic model is not rerun)")
+    for split in splits:
+        if out[split].skipped:
+            console.print(f"warning: {split}: {len(out[split].skipped)} utterance(s) left out of decoding and "
+                          f"scoring, their audio is unreadable: "
+                          + "; ".join(f"{p} ({r})" for p, r in list(out[split].skipped.items())[:10])
+                          + ". Fix the files (the split is recomputed then), or rebuild the manifest with "
+                            "`d2v prepare ... --strict`.", markup=False, highlight=False, soft_wrap=True)
     return {s: out[s] for s in splits}, len(todo)
