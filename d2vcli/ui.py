@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from d2vcli.config import changes, to_yaml
+from d2vcli.config import changes
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -38,13 +38,6 @@ def progress(*extra_columns, transient: bool = False) -> Progress:
         transient=transient,
         disable=disable,
     )
-
-
-def print_config(cfg: Any, title: str = "resolved config") -> None:
-    """The whole config as YAML (`d2v config show` prints it as a table; runs print `print_config_summary`)."""
-    console.rule(f"[bold]{title}")
-    console.print(to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
-    console.rule()
 
 
 def config_summary(cfg: Any, base: Any, title: str, base_name: str, saved: Optional[Path] = None) -> str:
