@@ -442,7 +442,7 @@ class BatchLoader:
             raise TooManyBadFiles(
                 f"{bad_files_summary(self.bad_files)}. That is more than data.max_bad_files={self.max_bad_files}, "
                 f"so training stops rather than skipping on. {bad_files_fix()}; or allow more with "
-                f"--set data.max_bad_files=N."
+                f"--set data.max_bad_files={len(self.bad_files)} (or more)."
             )
 
     # -- iteration and position
