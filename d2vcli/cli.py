@@ -19,6 +19,7 @@ from typing import List, Literal, Optional
 import typer
 from typer.core import TyperGroup
 
+from d2vcli import __version__
 from d2vcli import config as cfgmod
 from d2vcli.errors import UserError
 from d2vcli.ui import console, err_console
@@ -62,8 +63,20 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect configs and presets
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(config_app, name="config")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"d2vcli {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the d2vcli version and exit.")) -> None:
+    """data2vec for speech: prepare, pretrain, finetune, decode, evaluate."""
+
 WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Workspace (default: $D2V_WORKDIR or ./d2v-work).")
-PresetOpt = typer.Option(None, "--preset", help="A preset from presets/ (see `d2v config presets`).")
+PresetOpt = typer.Option(None, "--preset", help="A built-in preset (list them with `d2v config presets`).")
 ConfigOpt = typer.Option(None, "--config", help="A YAML file of config overrides.")
 SetOpt = typer.Option(None, "--set", help="Override one field: --set optim.lr=1e-4 (repeatable).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue the run's last checkpoint exactly (an error when the "
