@@ -117,6 +117,15 @@ class ObjectiveConfig:
     ema_anneal_end_step: int = f(30_000, "Updates over which the decay goes linearly from ema_decay to ema_end_decay.")
     min_target_std: float = f(0.1, "Collapse guard: stop (with a checkpoint) if the target std falls below this.")
     min_pred_std: float = f(0.01, "Collapse guard: stop (with a checkpoint) if the prediction std falls below this.")
+    min_conv_time_share: float = f(
+        0.02, "Collapse guard: stop if the time-varying share of the conv features' energy falls below this "
+        "(speech-tiny: 0.43 at init, 0.006 collapsed; 0 disables). Checked on log steps.")
+    max_position_share: float = f(
+        0.5, "Collapse guard: stop if frame position explains more than this share of the target variance "
+        "(chance-corrected R²; healthy about 0, collapsed speech-tiny 0.84; 1 disables). Checked on log steps.")
+    min_teacher_var_ratio: float = f(
+        10.0, "Collapse guard: stop if a target layer's variance over time falls below this multiple of the "
+        "instance-norm eps 1e-5 (at 10, 1/11 of each normalized target is residue; 0 disables). Log steps.")
     collapse_check_after: int = f(5_000, "Updates before the collapse guards are armed.")
 
 

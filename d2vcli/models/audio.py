@@ -273,6 +273,18 @@ class Data2VecAudio(nn.Module):
         frames = torch.arange(num_frames, device=padding_mask.device)
         return frames.unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
 
+    def conv_features(self, source: Tensor) -> Tensor:
+        """source (B, S) -> the conv encoder's output (B, T, C), before feature_norm and projection.
+
+        `feature_grad_mult` applies here: 0 runs the encoder under no_grad (frozen)."""
+        if self.feature_grad_mult > 0:
+            x = self.feature_extractor(source)  # (B, T, C)
+            if self.feature_grad_mult != 1.0 and x.requires_grad:
+                x = GradMultiply.apply(x, self.feature_grad_mult)
+            return x
+        with torch.no_grad():  # frozen conv encoder (fine-tuning): no activations kept for backward
+            return self.feature_extractor(source)
+
     def extract_features(self, source: Tensor,
                          padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """source (B, S), padding_mask (B, S) True = padding -> (features (B, T, D), frame padding (B, T) | None).
@@ -280,14 +292,7 @@ class Data2VecAudio(nn.Module):
         The features are taken after LayerNorm and projection, before dropout_input and
         masking: exactly what the EMA teacher sees.
         """
-        if self.feature_grad_mult > 0:
-            x = self.feature_extractor(source)  # (B, T, C)
-            if self.feature_grad_mult != 1.0 and x.requires_grad:
-                x = GradMultiply.apply(x, self.feature_grad_mult)
-        else:
-            with torch.no_grad():  # frozen conv encoder (fine-tuning): no activations kept for backward
-                x = self.feature_extractor(source)
-        x = self.feature_proj(self.feature_norm(x))  # (B, T, D)
+        x = self.feature_proj(self.feature_norm(self.conv_features(source)))  # (B, T, D)
         return x, self.frame_padding_mask(padding_mask, x.shape[1])
 
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, time_mask: Optional[Tensor] = None,
@@ -297,16 +302,20 @@ class Data2VecAudio(nn.Module):
         source (B, S) waveform; padding_mask (B, S) True = padding; time_mask (B, T) True = frame
         replaced by `mask_emb`; channel_mask (B, D) True = channel zeroed in every frame.
         Returns dict(x (B, T, D), padding_mask (B, T) | None, features (B, T, D) unmasked,
+        conv_features (B, T, C) the conv encoder's output (for the collapse monitors),
         layer_results [FFN output (B, T, D) per layer that ran] | None).
         """
-        features, frame_pad = self.extract_features(source, padding_mask)
+        conv = self.conv_features(source)
+        features = self.feature_proj(self.feature_norm(conv))  # (B, T, D)
+        frame_pad = self.frame_padding_mask(padding_mask, features.shape[1])
         x = self.dropout_input(features)
         if time_mask is not None:
             x = torch.where(time_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)  # (B, T, D)
         if channel_mask is not None:
             x = x.masked_fill(channel_mask.unsqueeze(1), 0.0)
         x, layer_results = self.transformer(x, frame_pad, return_layer_results=return_layer_results)
-        return {"x": x, "padding_mask": frame_pad, "features": features, "layer_results": layer_results}
+        return {"x": x, "padding_mask": frame_pad, "features": features, "conv_features": conv,
+                "layer_results": layer_results}
 
 
 # --------------------------------------------------------------------------- 5. heads
