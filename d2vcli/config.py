@@ -171,7 +171,10 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    init: str = f("", "Pretrained checkpoint (a path, or a run name in the workspace) to start from.")
+    init: str = f("", "Pretrained checkpoint (a path, or a run name in the workspace) to start from; "
+                  "'scratch' = random weights (the baseline), architecture from finetune.arch_preset and model.*.")
+    arch_preset: str = f("", "With init=scratch: the pretrain preset whose model section is the architecture "
+                         "(e.g. speech-tiny); model.* settings override it. Empty: the model.* defaults (Base).")
     init_from: Literal["student", "teacher"] = f("student", "Which pretrained weights initialize the encoder.")
     freeze_updates: int = f(0, "Updates during which only the CTC head trains.")
     final_dropout: float = f(0.0, "Dropout before the CTC head.")
