@@ -40,7 +40,6 @@ from d2vcli.ui import console, print_config, table
 PRETRAIN_RUN = "demo-pretrain"
 FINETUNE_RUN = "demo-finetune"
 SCRATCH_RUN = "demo-finetune-scratch"
-SCRATCH_INIT_RUN = "demo-random-init"
 EVAL_SPLITS = ("dev-clean", "dev-other", "test-clean", "test-other")
 TUNE_SPLIT = "dev-other"
 
@@ -80,23 +79,18 @@ def _updates(updates: Optional[int]) -> list[str]:
     return [] if updates is None else [f"train.max_updates={updates}"]
 
 
-def _random_init_checkpoint(ws, cfg: cfgmod.Config) -> Path:
-    """A pretrain-kind checkpoint with untrained weights, so --compare-init fine-tunes from scratch
-    through exactly the same code path as from the pretrained model."""
-    path = ws.run_dir(SCRATCH_INIT_RUN) / "last.pt"
-    if path.exists():
-        return path
-    torch.manual_seed(cfg.train.seed)
-    model = build_model("pretrain", cfg.model)
-    ckpt.save_checkpoint(path, ckpt.make_state(
-        "pretrain", config=cfgmod.to_dict(cfg), arch=cfgmod.to_dict(cfg.model), normalize=cfg.data.normalize,
-        model=model.state_dict(), source="random initialization (d2v demo --compare-init)", step=0))
-    return path
+def _scratch_arch(pcfg: cfgmod.Config) -> dict:
+    """--init scratch settings for the demo's pretraining architecture: the speech-tiny preset, and any
+    architecture field the demo's pretraining overrides, so both arms fine-tune the same network."""
+    arch = {name: getattr(pcfg.model, name) for name in cfgmod.ARCHITECTURE_FIELDS}
+    return {"finetune": {"init": "scratch", "arch_preset": "speech-tiny"}, "model": arch,
+            "data": {"normalize": pcfg.data.normalize}}
 
 
-def _finetune(ws, init: str, name: str, settings: DemoSettings):
-    cfg = cfgmod.resolve("finetune", preset="finetune-tiny",
-                         overrides=[f"finetune.init={init}"] + _updates(settings.finetune_updates))
+def _finetune(ws, init, name: str, settings: DemoSettings):
+    """Fine-tune with finetune-tiny from `init`: a run name, or a dict of settings (the scratch arm)."""
+    cfg = cfgmod.resolve("finetune", preset="finetune-tiny", overrides=_updates(settings.finetune_updates))
+    cfg = cfgmod.merge(cfg, init if isinstance(init, dict) else {"finetune": {"init": init}})
     result = finetune(cfg, ws, name=name, resume=True, preset="finetune-tiny")
     if result.exit_code:
         raise RuntimeError(f"fine-tuning {name} ended with status {result.status}; see {ws.run_dir(name)}")
@@ -154,8 +148,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     scratch = None
     if settings.compare_init:
         console.rule("[bold]demo --compare-init: the same fine-tuning from a random encoder")
-        _random_init_checkpoint(ws, pcfg)
-        _finetune(ws, SCRATCH_INIT_RUN, SCRATCH_RUN, settings)
+        _finetune(ws, _scratch_arch(pcfg), SCRATCH_RUN, settings)  # d2v finetune --init scratch
         scratch = evaluate(ws, dcfg, checkpoint=SCRATCH_RUN, splits=list(EVAL_SPLITS))
         lap("compare-init")
 

@@ -14,7 +14,7 @@ from d2vcli.workspace import Workspace
 
 def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
     ws = Workspace(tmp_path / "ws")
-    settings = DemoSettings(size="tiny", pretrain_updates=3, finetune_updates=4, tune_trials=2)
+    settings = DemoSettings(size="tiny", pretrain_updates=3, finetune_updates=4, tune_trials=2, compare_init=True)
     result = run_demo(ws, settings)
     print_demo(result)
 
@@ -37,9 +37,18 @@ def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
         assert (out / f"recogs-{split}-lm.txt").exists()
         assert (out / f"errs-{split}-greedy.txt").exists()
 
+    # --compare-init: the random arm is a real `--init scratch` run of the same architecture.
+    from d2vcli import checkpoint as ckpt
+    from d2vcli.demo import SCRATCH_RUN
+    assert set(result.scratch.splits) == set(EVAL_SPLITS)
+    scratch = ckpt.load_checkpoint(ws.run_dir(SCRATCH_RUN) / "last.pt", expect_kind="ctc")
+    pretrained = ckpt.load_checkpoint(ws.run_dir(FINETUNE_RUN) / "last.pt", expect_kind="ctc")
+    assert scratch[ckpt.ARCH_KEY] == pretrained[ckpt.ARCH_KEY]
+    assert scratch[ckpt.CONFIG_KEY]["finetune"]["init"] == "scratch"
+
     printed = capsys.readouterr().out
-    assert "WER / CER" in printed and "where everything is" in printed
-    assert set(result.seconds) == {"prepare", "pretrain", "finetune", "lm", "decode", "evaluate"}
+    assert "WER / CER" in printed and "where everything is" in printed and "random init" in printed
+    assert set(result.seconds) == {"prepare", "pretrain", "finetune", "lm", "decode", "evaluate", "compare-init"}
 
 
 @pytest.fixture
