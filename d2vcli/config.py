@@ -83,6 +83,8 @@ class ModelConfig:
     pos_conv_groups: int = f(16, "Groups of each positional conv layer.")
     feature_grad_mult: float = f(1.0, "Gradient scale into the conv feature encoder; 0 freezes it.")
     layer_norm_eps: float = f(1e-5, "LayerNorm epsilon.")
+    init_std: float = f(0.02, "Std of the BERT init of the transformer's Linear layers (reference 0.02); only "
+                        "initialization. Small widths need more: speech-tiny uses 0.07 = 0.02 x sqrt(768 / 64).")
 
 
 # The ModelConfig fields fine-tuning may change (fairseq's `arg_overrides` in

@@ -41,10 +41,17 @@ def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
     from d2vcli import checkpoint as ckpt
     from d2vcli.demo import SCRATCH_RUN
     assert set(result.scratch.splits) == set(EVAL_SPLITS)
-    scratch = ckpt.load_checkpoint(ws.run_dir(SCRATCH_RUN) / "last.pt", expect_kind="ctc")
+    assert set(result.sweep) == {1e-3, 3e-3} and result.scratch_lr in result.sweep, "the baseline's lr sweep"
+    scratch = ckpt.load_checkpoint(ws.run_dir(f"{SCRATCH_RUN}-lr{result.scratch_lr:g}") / "last.pt",
+                                   expect_kind="ctc")
     pretrained = ckpt.load_checkpoint(ws.run_dir(FINETUNE_RUN) / "last.pt", expect_kind="ctc")
     assert scratch[ckpt.ARCH_KEY] == pretrained[ckpt.ARCH_KEY]
     assert scratch[ckpt.CONFIG_KEY]["finetune"]["init"] == "scratch"
+    # Both arms fine-tuned on the labeled subset only: every 10th training utterance.
+    from d2vcli.demo import LABELED_SPLIT
+    from d2vcli.manifest import read_manifest
+    assert pretrained[ckpt.CONFIG_KEY]["data"]["train_splits"] == [LABELED_SPLIT]
+    assert len(read_manifest(ws.manifest(LABELED_SPLIT))) == -(-len(read_manifest(ws.manifest("train"))) // 10)
 
     printed = capsys.readouterr().out
     assert "WER / CER" in printed and "where everything is" in printed and "random init" in printed
