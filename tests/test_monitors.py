@@ -10,6 +10,7 @@ from d2vcli import checkpoint as ckpt
 from d2vcli import config as C
 from d2vcli import distributed
 from d2vcli.data import Batch
+from d2vcli.fileio import read_jsonl
 from d2vcli.objective.monitors import (Guard, collapse_reason, layer_variance_ratio, position_explained_share,
                                        time_varying_share)
 from d2vcli.objective.targets import INSTANCE_NORM_EPS
@@ -123,3 +124,34 @@ def test_monitors_see_a_forced_collapse_and_pass_a_fresh_model(synthetic_workspa
     # Off log steps the extra monitors cost nothing: they are not computed.
     task = PretrainTask(tiny_cfg("train.log_every=5"), torch.device("cpu"))
     assert set(task.train_step(task.model, batch, step=0).metrics) == {"target_std", "pred_std"}
+
+
+# ----------------------------------------------------------------------------- real runs
+
+# speech-tiny as it was before issue 11 (reference BERT init, lr 1e-3 after a 10 % warmup): it collapses.
+OLD_TINY = ["model.init_std=0.02", "optim.lr=0.001", "schedule.phase_ratio=[0.1,0.8,0.1]"]
+
+
+def test_guard_stops_the_old_tiny_recipe_with_a_checkpoint_and_says_why(synthetic_workspace):
+    cfg = tiny_cfg(*OLD_TINY, "train.max_updates=120", "train.log_every=10", "objective.collapse_check_after=40",
+                   "objective.min_target_std=0", "objective.min_pred_std=0")  # only the new monitors can stop it
+    result = pretrain(cfg, synthetic_workspace, name="old-tiny-collapses")
+    assert result.status == "stopped" and result.exit_code == 1, result.message
+    assert 40 <= result.step < 120 and result.step % 10 == 0, "checked on log steps once armed"
+    assert ckpt.load_checkpoint(result.checkpoint)[ckpt.STEP_KEY] == result.step
+    assert "representation collapse" in result.message and "What to change" in result.message
+    assert "conv_time_share" in result.message or "target_position_share" in result.message, result.message
+    assert str(result.checkpoint) in result.message
+
+
+def test_the_tiny_preset_stays_healthy_with_every_guard_armed(synthetic_workspace):
+    cfg = tiny_cfg("train.max_updates=120", "train.log_every=10", "objective.collapse_check_after=10")
+    result = pretrain(cfg, synthetic_workspace, name="tiny-healthy")
+    assert result.status == "done", result.message
+    rows = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if "conv_time_share" in r]
+    assert [r["step"] for r in rows] == list(range(10, 121, 10))
+    obj = cfg.objective
+    last = rows[-1]
+    assert last["conv_time_share"] > 2 * obj.min_conv_time_share
+    assert last["target_position_share"] < obj.max_position_share / 2
+    assert last["teacher_var_ratio"] > 10 * obj.min_teacher_var_ratio
