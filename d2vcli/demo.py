@@ -109,7 +109,9 @@ def _scratch_arch(pcfg: cfgmod.Config) -> dict:
 def _finetune(ws, init, name: str, settings: DemoSettings, lr: Optional[float] = None):
     """Fine-tune with finetune-tiny on the labeled subset from `init`: a run name, or a dict of settings
     (the scratch arm). Returns the last SELECT_SPLIT greedy CER of its validations."""
-    overrides = [f"data.train_splits=[{LABELED_SPLIT}]", *settings.finetune_set, *_updates(settings.finetune_updates)]
+    # best.pt is picked on SELECT_SPLIT too, so dev-other stays untouched by every choice the demo makes.
+    overrides = [f"data.train_splits=[{LABELED_SPLIT}]", f"finetune.best_metric={SELECT_SPLIT}/cer",
+                 *settings.finetune_set, *_updates(settings.finetune_updates)]
     if lr is not None:
         overrides.append(f"optim.lr={lr}")
     cfg = cfgmod.resolve("finetune", preset="finetune-tiny", overrides=overrides)
