@@ -65,7 +65,8 @@ from d2vcli.ui import console
 TEACHER_COPIED_PREFIXES = ("pos_conv.",)
 
 # What the collapse message suggests, in the terms of this recipe's config. The spread guards are
-# fairseq's; the other three see the collapse measured on speech-tiny (docs/troubleshooting.md).
+# fairseq's; the other three see the collapse measured on speech-tiny, and their fixes are the ones
+# that cured it there (docs/troubleshooting.md).
 SPREAD_FIXES = (
     "learning rate too high for the batch: lower optim.lr (e.g. halve it) or extend the warmup;",
     "batch too small: raise train.batch_seconds (gradient accumulation reproduces the recipe's batch);",
@@ -78,9 +79,8 @@ CONV_FIXES = (
     "0 freezes the conv encoder, which stops the drift but also stops it from learning;",
 )
 TARGET_FIXES = (
-    "a faster-following teacher at the start (lower objective.ema_decay) or a lower optim.lr;",
-    "on a small model, targets from fewer, lower layers (objective.average_top_k_layers) are larger and "
-    "less prone to shrink to the epsilon;",
+    "on a small model, raise model.init_std (speech-tiny: 0.07 = 0.02 x sqrt(768 / width)): with BERT's 0.02 "
+    "a narrow layer's outputs start near the instance-norm eps;",
 )
 
 
@@ -93,10 +93,11 @@ def collapse_guards(obj: cfgmod.ObjectiveConfig) -> list[Guard]:
               meaning="the student's predictions are nearly constant across frames.", fixes=SPREAD_FIXES),
         Guard("conv_time_share", "objective.min_conv_time_share", obj.min_conv_time_share, below=True,
               meaning="the shared conv encoder outputs nearly the same vector at every frame of an utterance, "
-              "so neither student nor teacher sees the audio any more.", fixes=CONV_FIXES + SPREAD_FIXES[:2]),
+              "so neither student nor teacher sees the audio any more.",
+              fixes=CONV_FIXES + TARGET_FIXES + SPREAD_FIXES[1:2]),
         Guard("target_position_share", "objective.max_position_share", obj.max_position_share, below=False,
               meaning="the targets mostly encode where a frame is (the positional conv's edge effects), "
-              "not what it holds.", fixes=TARGET_FIXES + CONV_FIXES[:1]),
+              "not what it holds.", fixes=CONV_FIXES[:1] + TARGET_FIXES),
         Guard("teacher_var_ratio", "objective.min_teacher_var_ratio", obj.min_teacher_var_ratio, below=True,
               meaning="a target layer's variance over time is near the instance-norm eps (1e-5), so instance "
               "norm amplifies numerical residue into the targets.", fixes=TARGET_FIXES + CONV_FIXES[:1]),
