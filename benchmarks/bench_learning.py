@@ -59,6 +59,13 @@ def last_cer(ws: Workspace, run: str, split: str) -> float:
     return rows[-1][f"{split}/cer"] if rows else float("nan")
 
 
+def train_seconds(ws: Workspace, run: str) -> float:
+    """The run's own training time (the engine's `wall` on its last log line), so a table rebuilt from
+    finished runs (they resume at their end) still reports what they cost."""
+    rows = [r for r in read_jsonl(ws.run_dir(run) / "metrics.jsonl") if "wall" in r]
+    return rows[-1]["wall"] if rows else 0.0
+
+
 def run_pretrain(ws: Workspace, seed: int, updates: int) -> str:
     name = f"pt-s{seed}-u{updates}"
     cfg = cfgmod.resolve("pretrain", preset="speech-tiny",
@@ -81,6 +88,16 @@ def run_finetune(ws: Workspace, name: str, init, seed: int, split: str, updates:
     if result.exit_code:
         sys.exit(f"{name}: {result.message}")
     return last_cer(ws, name, SELECT_SPLIT), last_cer(ws, name, REPORT_SPLIT)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def spread(values: list[float]) -> str:
@@ -114,19 +131,22 @@ def main() -> None:
 
     cer: dict[tuple[int, str], list[float]] = {}
     picked: dict[int, list[float]] = {}
-    clock = time.perf_counter()
+    runs: list[str] = []
     for seed in args.seeds:
         pretrained = {f"pretrained, {u} updates": run_pretrain(ws, seed, u) for u in (P, 2 * P)}
+        runs += pretrained.values()
         for every, split in splits.items():
             for arm, run in pretrained.items():
-                _, dev_other = run_finetune(ws, f"ft-s{seed}-{split}-{run}", run, seed, split, args.finetune_updates)
+                runs.append(f"ft-s{seed}-{split}-{run}")
+                _, dev_other = run_finetune(ws, runs[-1], run, seed, split, args.finetune_updates)
                 cer.setdefault((every, arm), []).append(dev_other)
             sweep = {lr: run_finetune(ws, f"ft-s{seed}-{split}-scratch-lr{lr:g}", arch, seed, split,
                                       args.finetune_updates, lr) for lr in args.lrs}
+            runs += [f"ft-s{seed}-{split}-scratch-lr{lr:g}" for lr in args.lrs]
             best = min(sweep, key=lambda lr: (sweep[lr][0] != sweep[lr][0], sweep[lr][0]))  # NaN last
             picked.setdefault(every, []).append(best)
             cer.setdefault((every, "random init (lr picked on dev-clean)"), []).append(sweep[best][1])
-    hours = (time.perf_counter() - clock) / 3600
+    hours = sum(train_seconds(ws, run) for run in runs) / 3600
 
     arms = [f"pretrained, {P} updates", f"pretrained, {2 * P} updates", "random init (lr picked on dev-clean)"]
     lines = [BEGIN, "## Learning: does pretraining pay? (`benchmarks/bench_learning.py`)", "",
@@ -134,8 +154,8 @@ def main() -> None:
              f"over seeds {', '.join(map(str, args.seeds))} (per-seed values in brackets; one fine-tuning run per "
              f"seed and arm). Pretraining: `speech-tiny` on all {total:.0f} min of training audio. Random init: "
              f"`--init scratch`, lr from {{{', '.join(f'{lr:g}' for lr in args.lrs)}}} picked on {SELECT_SPLIT}. "
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"{args.threads} threads; {hours:.1f} h in all; {time.strftime('%Y-%m-%d')}.", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
+             f"{args.threads} threads; {hours:.1f} h of training in all; {time.strftime('%Y-%m-%d')}.", "",
              "| labeled | " + " | ".join(arms) + " | gap (random − pretrained " + str(P) + "), per seed |",
              "|---|" + "---|" * (len(arms) + 1)]
     for every in args.every:
