@@ -8,6 +8,8 @@ stdout, which goes into the page; progress (per-case tables, raw JSON) goes to s
 shown here but not written. Ratios inside a table come from a peer measured in the same run
 (Hugging Face's encoder, pyctcdecode). The page starts with the machine and the versions, since
 every number depends on them.
+The learning benchmark (`bench_learning.py`, hours on CPU) is run on its own and writes its
+own section, which this script keeps.
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ def main() -> None:
         if proc.returncode:
             failed.append(script)
             parts += [f"**{script} failed (exit {proc.returncode}):**", "", "```", proc.stderr.strip()[-3000:], "```", ""]
+    # bench_learning.py takes hours, so it is not run here; its section (between its markers) is kept.
+    old = args.out.read_text() if args.out.exists() else ""
+    begin, end = "<!-- bench_learning: begin -->", "<!-- bench_learning: end -->"
+    if begin in old and end in old:
+        parts += [old[old.index(begin):old.index(end) + len(end)], ""]
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
     if failed:

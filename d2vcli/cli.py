@@ -288,7 +288,11 @@ def finetune_cmd(
     config_file: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Pretrained model to start from: a `d2v pretrain` run "
-                                       "name, a run directory or a checkpoint (sets finetune.init)."),
+                                       "name, a run directory or a checkpoint (sets finetune.init); 'scratch' = "
+                                       "random weights, the baseline."),
+    arch_preset: Optional[str] = typer.Option(None, "--arch-preset", help="With --init scratch: the pretrain preset "
+                                              "whose model section is the architecture, e.g. speech-tiny "
+                                              "(sets finetune.arch_preset; --set model.* overrides it)."),
     from_teacher: bool = typer.Option(False, "--from-teacher", help="Initialize the encoder from the EMA teacher "
                                       "instead of the student (finetune.init_from=teacher)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
@@ -303,6 +307,8 @@ def finetune_cmd(
 
     cfg = resolve_config("finetune", preset, config_file, overrides)
     start = {"init": init} if init else {}
+    if arch_preset:
+        start["arch_preset"] = arch_preset
     if from_teacher:
         start["init_from"] = "teacher"
     cfg = cfgmod.merge(cfg, {"finetune": start})

@@ -88,6 +88,8 @@ class ModelConfig:
     pos_conv_groups: int = f(16, "Groups of each positional conv layer.")
     feature_grad_mult: float = f(1.0, "Gradient scale into the conv feature encoder; 0 freezes it.")
     layer_norm_eps: float = f(1e-5, "LayerNorm epsilon.")
+    init_std: float = f(0.02, "Std of the BERT init of the transformer's Linear layers (reference 0.02); only "
+                        "initialization. Small widths need more: speech-tiny uses 0.07 = 0.02 x sqrt(768 / 64).")
 
 
 # The ModelConfig fields fine-tuning may change (fairseq's `arg_overrides` in
@@ -122,6 +124,15 @@ class ObjectiveConfig:
     ema_anneal_end_step: int = f(30_000, "Updates over which the decay goes linearly from ema_decay to ema_end_decay.")
     min_target_std: float = f(0.1, "Collapse guard: stop (with a checkpoint) if the target std falls below this.")
     min_pred_std: float = f(0.01, "Collapse guard: stop (with a checkpoint) if the prediction std falls below this.")
+    min_conv_time_share: float = f(
+        0.02, "Collapse guard: stop if the time-varying share of the conv features' energy falls below this "
+        "(speech-tiny: 0.43 at init, 0.006 collapsed; 0 disables). Checked on log steps.")
+    max_position_share: float = f(
+        0.5, "Collapse guard: stop if frame position explains more than this share of the target variance "
+        "(chance-corrected R²; healthy about 0, collapsed speech-tiny 0.84; 1 disables). Checked on log steps.")
+    min_teacher_var_ratio: float = f(
+        10.0, "Collapse guard: stop if a target layer's variance over time falls below this multiple of the "
+        "instance-norm eps 1e-5 (at 10, 1/11 of each normalized target is residue; 0 disables). Log steps.")
     collapse_check_after: int = f(5_000, "Updates before the collapse guards are armed.")
 
 
@@ -175,7 +186,10 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    init: str = f("", "Pretrained checkpoint (a path, or a run name in the workspace) to start from.")
+    init: str = f("", "Pretrained checkpoint (a path, or a run name in the workspace) to start from; "
+                  "'scratch' = random weights (the baseline), architecture from finetune.arch_preset and model.*.")
+    arch_preset: str = f("", "With init=scratch: the pretrain preset whose model section is the architecture "
+                         "(e.g. speech-tiny); model.* settings override it. Empty: the model.* defaults (Base).")
     init_from: Literal["student", "teacher"] = f("student", "Which pretrained weights initialize the encoder.")
     freeze_updates: int = f(0, "Updates during which only the CTC head trains.")
     final_dropout: float = f(0.0, "Dropout before the CTC head.")

@@ -12,7 +12,9 @@ It plugs `FinetuneTask` into the one training loop (`d2vcli.engine`), following 
 `wav2vec_ctc` + `audio_finetuning` + `ctc` criterion (`fairseq/models/wav2vec/wav2vec2_asr.py`,
 `fairseq/tasks/audio_finetuning.py`, `fairseq/criterions/ctc.py`; recipe values in `docs/recipe.md`):
 
-- **Start.** The encoder comes from a `d2v pretrain` (or `d2v import`) checkpoint of kind
+- **Start.** `finetune.init=scratch` (`--init scratch`) is the random-init baseline: the same
+  code path with no weights loaded, the architecture from the pretrain preset
+  `finetune.arch_preset` (`--arch-preset`) plus model.* settings (`scratch_start`). Otherwise the encoder comes from a `d2v pretrain` (or `d2v import`) checkpoint of kind
   "pretrain": the student's weights, or with `finetune.init_from=teacher` the EMA teacher's
   transformer in place of the student's (fairseq `load_ema`). Its regression head is dropped and
   a fresh Linear(D, V) head (xavier, bias 0) is added (`Data2VecForCTC`).
@@ -78,6 +80,9 @@ from d2vcli.ui import console, print_config_summary
 from d2vcli.vocab import BLANK, SPECIALS, Vocab
 
 VALID_METRICS = ("wer", "cer", "loss")
+# finetune.init value for the random-init baseline. A run literally named "scratch" is still
+# reachable by its directory (runs/scratch).
+SCRATCH = "scratch"
 
 
 class FinetuneDataError(UserError):
@@ -92,9 +97,13 @@ class Start:
     """What a run starts from: the checkpoint read and the config completed from it."""
 
     cfg: Config  # architecture and normalize filled in from the checkpoint
-    path: Path
+    path: Optional[Path]  # None: random initialization (finetune.init=scratch)
     state: dict
-    resuming: bool  # True: `path` is this run's own ctc checkpoint; False: a pretrained one
+    resuming: bool  # True: `path` is this run's own ctc checkpoint; False: a pretrained one (or scratch)
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else "random initialization (finetune.init=scratch)"
 
     @property
     def vocab(self) -> Optional[Vocab]:
@@ -148,6 +157,11 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool, trust: bool 
     own = ckpt.latest(run_dir) if resume else None
     if own is not None:
         path, kind = own, "ctc"
+    elif cfg.finetune.init == SCRATCH:
+        return scratch_start(cfg)
+    elif cfg.finetune.arch_preset:
+        raise ConfigError(f"finetune.arch_preset={cfg.finetune.arch_preset} (--arch-preset) only applies with "
+                          f"finetune.init=scratch; a pretrained checkpoint brings its own architecture.")
     else:
         if not cfg.finetune.init:
             raise ConfigError(
@@ -176,6 +190,25 @@ def load_start(cfg: Config, workspace, run_dir: Path, resume: bool, trust: bool 
             f"spans of at most {model_cfg.embed_dim // 4} channels (fairseq's 64 is for 768)."
         )
     return Start(cfg=cfg, path=path, state=state, resuming=own is not None)
+
+
+def scratch_start(cfg: Config) -> Start:
+    """The random-init baseline (finetune.init=scratch): the architecture of the pretrain preset
+    `finetune.arch_preset` (or the model defaults), with every model.* field the config sets away
+    from its default on top, and that preset's input normalization. No weights are read: the CTC
+    model is built and seeded exactly as for a pretrained start, and its encoder keeps its init."""
+    ft = cfg.finetune
+    arch_cfg = cfgmod.resolve("pretrain", preset=ft.arch_preset) if ft.arch_preset else cfgmod.Config()
+    defaults = ModelConfig()
+    asked = {fl.name: getattr(cfg.model, fl.name) for fl in dataclasses.fields(ModelConfig)
+             if fl.name in REGULARIZATION_FIELDS or getattr(cfg.model, fl.name) != getattr(defaults, fl.name)}
+    model_cfg = dataclasses.replace(arch_cfg.model, **asked)
+    normalize = arch_cfg.data.normalize if cfg.data.normalize is None else cfg.data.normalize
+    top_k = min(arch_cfg.objective.average_top_k_layers, model_cfg.num_layers)
+    cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, normalize=normalize),
+                              objective=dataclasses.replace(arch_cfg.objective, average_top_k_layers=top_k))
+    cfg.validate()
+    return Start(cfg=cfg, path=None, state={}, resuming=False)
 
 
 def _kind_hint(path: Path, expected: str, run_name: str, trust: bool = False) -> str:
@@ -591,13 +624,15 @@ def _finetune(cfg: Config, workspace, name: str, resume: bool, stop_at: Optional
     run = prepare_run(workspace, name, cfg, resume, info)
     if info.is_main:
         a = cfg.model
-        source = "resuming" if start.resuming else f"{cfg.finetune.init_from} weights of"
+        scratch = start.path is None
+        source = "resuming" if start.resuming else "" if scratch else f"{cfg.finetune.init_from} weights of "
+        arch_from = (cfg.finetune.arch_preset or "model defaults") + " + model.*" if scratch else start.path.name
         print_config_summary(requested, cfgmod.base_config("finetune", preset),
-                             f"finetune config (model architecture from {start.path.name})",
+                             f"finetune config (model architecture from {arch_from})",
                              f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
-        console.print(f"init: {source} {start.path} ({a.num_layers} x {a.embed_dim}); normalize="
-                      f"{str(cfg.data.normalize).lower()} (from the checkpoint); {len(vocab)} outputs "
-                      f"({len(vocab) - len(SPECIALS)} letters)", markup=False)
+        console.print(f"init: {source}{start.label} ({a.num_layers} x {a.embed_dim}); normalize="
+                      f"{str(cfg.data.normalize).lower()} (from the {'preset' if scratch else 'checkpoint'}); "
+                      f"{len(vocab)} outputs ({len(vocab) - len(SPECIALS)} letters)", markup=False)
         _warn_schedule(cfg)
 
     train = select_trainable(read_splits(workspace, cfg.data.train_splits), vocab, cfg)
@@ -613,7 +648,7 @@ def _finetune(cfg: Config, workspace, name: str, resume: bool, stop_at: Optional
 
     torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
     model = build_ctc_model(cfg, len(vocab))
-    if not start.resuming:
+    if not start.resuming and start.path is not None:  # scratch keeps the builder's random init
         load_encoder(model, start, cfg.finetune.init_from)
     start.state = {}  # free the pretrained weights
     model.to(info.device)

@@ -196,6 +196,9 @@ class Interval:
         self.seconds = 0.0
         self.gnorm = 0.0
         self.metrics: dict[str, float] = {}
+        # Per-metric counts: some metrics (the pretraining collapse monitors) are computed only on
+        # log steps, so each is averaged over the updates that reported it, not over all of them.
+        self.metric_counts: dict[str, int] = {}
         self.last: Optional[UpdateResult] = None
 
     def add(self, u: UpdateResult, seconds: float) -> None:
@@ -210,6 +213,7 @@ class Interval:
         self.gnorm += u.gnorm
         for k, v in u.metrics.items():
             self.metrics[k] = self.metrics.get(k, 0.0) + v
+            self.metric_counts[k] = self.metric_counts.get(k, 0) + 1
 
     def audio_per_second(self) -> float:
         return self.samples / SAMPLE_RATE / max(self.seconds, 1e-9)
@@ -225,7 +229,7 @@ class Interval:
             "lr": self.last.lr if self.last is not None else 0.0,
             "gnorm": self.gnorm / n,
             "sample_size": self.sample_size / n,
-            **{k: v / n for k, v in self.metrics.items()},
+            **{k: v / self.metric_counts[k] for k, v in self.metrics.items()},
             "audio_s_per_s": self.audio_per_second(),
             "skipped": skipped,
             "wall": round(wall, 3),

@@ -30,10 +30,11 @@ and the recipe's choices. One update, as in the paper (arXiv 2202.03555 §3) and
    `set_num_updates`, which `FairseqTask.train_step` calls per micro-batch), so with gradient
    accumulation k its teacher moves k times per update (effective decay tau^k). Here it moves once per update, whatever the accumulation, so a 1-GPU run with 16x
    accumulation has the teacher of the 16-GPU recipe.
-6. Collapse monitors (`compute_std`, fairseq's `compute_var`, which is a mean std): target and
-   prediction std are logged every update; after `collapse_check_after` updates a value below
-   `min_target_std` / `min_pred_std` saves a checkpoint and stops with an explanation
-   (`collapse_reason`, with this recipe's `COLLAPSE_FIXES`).
+6. Collapse monitors (`d2vcli.objective.monitors`): target and prediction std (fairseq's
+   `compute_var`, a mean std) every update; on log steps also the conv features' time-varying
+   share, the targets' position-explained share and the teacher's target-layer variance over the
+   instance-norm eps. After `collapse_check_after` updates a guard (`collapse_guards`) that trips
+   saves a checkpoint and stops with a message naming the monitor, its meaning and what to change.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from d2vcli.engine import StepOutput, TrainResult
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_model
 from d2vcli.objective.masking import compute_mask_indices
-from d2vcli.objective.monitors import collapse_reason, compute_std
+from d2vcli.objective.monitors import (Guard, collapse_reason, compute_std, layer_variance_ratio,
+                                      position_explained_share, time_varying_share)
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
@@ -63,13 +65,44 @@ from d2vcli.ui import console, print_config_summary
 # audio transformer (fairseq `ema_layers_only`, the recipe's setting).
 TEACHER_COPIED_PREFIXES = ("pos_conv.",)
 
-# What the collapse message suggests, in the terms of this recipe's config.
-COLLAPSE_FIXES = (
+# What the collapse message suggests, in the terms of this recipe's config. The spread guards are
+# fairseq's; the other three see the collapse measured on speech-tiny, and their fixes are the ones
+# that cured it there (docs/troubleshooting.md).
+SPREAD_FIXES = (
     "learning rate too high for the batch: lower optim.lr (e.g. halve it) or extend the warmup;",
     "batch too small: raise train.batch_seconds (gradient accumulation reproduces the recipe's batch);",
     "target normalization off: keep objective.layer_target_norm=instance;",
     "input normalization: keep data.normalize=true with the LayerNorm conv encoder.",
 )
+CONV_FIXES = (
+    "lower optim.lr or lengthen the warmup (schedule.phase_ratio): the shared conv encoder drifts fastest early;",
+    "feature_grad_mult between 0 and 1 does nothing under Adam (a constant gradient scale cancels); "
+    "0 freezes the conv encoder, which stops the drift but also stops it from learning;",
+)
+TARGET_FIXES = (
+    "on a small model, raise model.init_std (speech-tiny: 0.07 = 0.02 x sqrt(768 / width)): with BERT's 0.02 "
+    "a narrow layer's outputs start near the instance-norm eps;",
+)
+
+
+def collapse_guards(obj: cfgmod.ObjectiveConfig) -> list[Guard]:
+    """The pretraining stop rules with this config's thresholds."""
+    return [
+        Guard("target_std", "objective.min_target_std", obj.min_target_std, below=True,
+              meaning="the teacher's targets are nearly constant across frames.", fixes=SPREAD_FIXES),
+        Guard("pred_std", "objective.min_pred_std", obj.min_pred_std, below=True,
+              meaning="the student's predictions are nearly constant across frames.", fixes=SPREAD_FIXES),
+        Guard("conv_time_share", "objective.min_conv_time_share", obj.min_conv_time_share, below=True,
+              meaning="the shared conv encoder outputs nearly the same vector at every frame of an utterance, "
+              "so neither student nor teacher sees the audio any more.",
+              fixes=CONV_FIXES + TARGET_FIXES + SPREAD_FIXES[1:2]),
+        Guard("target_position_share", "objective.max_position_share", obj.max_position_share, below=False,
+              meaning="the targets mostly encode where a frame is (the positional conv's edge effects), "
+              "not what it holds.", fixes=CONV_FIXES[:1] + TARGET_FIXES),
+        Guard("teacher_var_ratio", "objective.min_teacher_var_ratio", obj.min_teacher_var_ratio, below=True,
+              meaning="a target layer's variance over time is near the instance-norm eps (1e-5), so instance "
+              "norm amplifies numerical residue into the targets.", fixes=TARGET_FIXES + CONV_FIXES[:1]),
+    ]
 
 
 # ----------------------------------------------------------------------------- the task
@@ -106,11 +139,28 @@ class PretrainTask:
         pred = out["pred"]  # (N_masked, D)
         layer_results = self.teacher.layer_results(out["features"], out["padding_mask"])
         with torch.no_grad():
-            target = build_targets(layer_results, obj.average_top_k_layers, obj.layer_target_norm,
-                                   obj.final_target_norm)[time_mask]  # (N_masked, D) fp32
+            full_target = build_targets(layer_results, obj.average_top_k_layers, obj.layer_target_norm,
+                                        obj.final_target_norm)  # (B, T, D) fp32
+            target = full_target[time_mask]  # (N_masked, D)
         loss = regression_loss(pred, target, obj.loss_beta, obj.loss_scale)
         metrics = {"target_std": compute_std(target), "pred_std": compute_std(pred)}
+        if (step + 1) % max(1, self.cfg.train.log_every) == 0:  # the update this step makes is logged
+            metrics.update(self.collapse_monitors(out, layer_results, full_target))
         return StepOutput(loss=loss, sample_size=pred.shape[0], metrics=metrics)
+
+    def collapse_monitors(self, out: dict, layer_results: list[Tensor], full_target: Tensor) -> dict:
+        """The log-step monitors (objective.monitors): conv time share, position share, teacher variance."""
+        pad = out["padding_mask"]
+        top = layer_results[-self.cfg.objective.average_top_k_layers:]
+        ratios = layer_variance_ratio(top, pad)
+        metrics = {
+            "conv_time_share": time_varying_share(out["conv_features"], pad),
+            "target_position_share": position_explained_share(full_target, pad),
+            "teacher_var_ratio": torch.stack(ratios).min(),  # the guard watches the weakest target layer
+        }
+        # Per target layer, counted from the top (LayerDrop can skip layers, so absolute indices vary).
+        metrics.update({f"teacher_var_ratio_top{j + 1}": r for j, r in enumerate(reversed(ratios))})
+        return metrics
 
     def after_update(self, step: int) -> dict:
         decay = ema_decay_at(step, self.cfg.objective)
@@ -122,9 +172,7 @@ class PretrainTask:
 
     def stop_reason(self, step: int, metrics: dict) -> Optional[str]:
         obj = self.cfg.objective
-        return collapse_reason(step, metrics, check_after=obj.collapse_check_after,
-                               min_target_std=obj.min_target_std, min_pred_std=obj.min_pred_std,
-                               fixes=COLLAPSE_FIXES)
+        return collapse_reason(step, metrics, check_after=obj.collapse_check_after, guards=collapse_guards(obj))
 
     def checkpoint_state(self) -> dict:
         return {

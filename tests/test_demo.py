@@ -14,7 +14,7 @@ from d2vcli.workspace import Workspace
 
 def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
     ws = Workspace(tmp_path / "ws")
-    settings = DemoSettings(size="tiny", pretrain_updates=3, finetune_updates=4, tune_trials=2)
+    settings = DemoSettings(size="tiny", pretrain_updates=3, finetune_updates=4, tune_trials=2, compare_init=True)
     result = run_demo(ws, settings)
     print_demo(result)
 
@@ -37,13 +37,29 @@ def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
         assert (out / f"recogs-{split}-lm.txt").exists()
         assert (out / f"errs-{split}-greedy.txt").exists()
 
+    # --compare-init: the random arm is a real `--init scratch` run of the same architecture.
+    from d2vcli import checkpoint as ckpt
+    from d2vcli.demo import SCRATCH_RUN
+    assert set(result.scratch.splits) == set(EVAL_SPLITS)
+    assert set(result.sweep) == {1e-3, 3e-3} and result.scratch_lr in result.sweep, "the baseline's lr sweep"
+    scratch = ckpt.load_checkpoint(ws.run_dir(f"{SCRATCH_RUN}-lr{result.scratch_lr:g}") / "last.pt",
+                                   expect_kind="ctc")
+    pretrained = ckpt.load_checkpoint(ws.run_dir(FINETUNE_RUN) / "last.pt", expect_kind="ctc")
+    assert scratch[ckpt.ARCH_KEY] == pretrained[ckpt.ARCH_KEY]
+    assert scratch[ckpt.CONFIG_KEY]["finetune"]["init"] == "scratch"
+    # Both arms fine-tuned on the labeled subset only: every 10th training utterance.
+    from d2vcli.demo import LABELED_SPLIT
+    from d2vcli.manifest import read_manifest
+    assert pretrained[ckpt.CONFIG_KEY]["data"]["train_splits"] == [LABELED_SPLIT]
+    assert len(read_manifest(ws.manifest(LABELED_SPLIT))) == -(-len(read_manifest(ws.manifest("train"))) // 10)
+
     printed = capsys.readouterr().out
-    assert "WER / CER" in printed and "where everything is" in printed
+    assert "WER / CER" in printed and "where everything is" in printed and "random init" in printed
     # Issue 15 case 18: each stage printed the whole config (about 120 lines); now a summary and the path.
     assert "conv_layers" not in printed and "ema_anneal_end_step" not in printed
     assert f"full config: {ws.run_dir(PRETRAIN_RUN) / 'config.yaml'}" in printed
     assert f"full config: {ws.run_dir(FINETUNE_RUN) / 'config.yaml'}" in printed
-    assert set(result.seconds) == {"prepare", "pretrain", "finetune", "lm", "decode", "evaluate"}
+    assert set(result.seconds) == {"prepare", "pretrain", "finetune", "lm", "decode", "evaluate", "compare-init"}
 
 
 @pytest.fixture
@@ -55,26 +71,31 @@ def all_cores():
     torch.set_num_threads(threads)
 
 
-def test_demo_recipe_brings_dev_cer_well_down(tmp_path, all_cores):
-    """The demo's recipe at full size (800 utterances, the short speech-tiny pretraining, finetune-tiny):
-    greedy dev CER must end far below where a broken model sits (about 100 %, all blank). About 2 minutes."""
+def test_demo_recipe_pretraining_pays(tmp_path, all_cores):
+    """The demo's claim at full size: speech-tiny pretrained on all 800 training utterances (unlabeled),
+    then finetune-tiny on the 10 % labeled subset, beats the same fine-tuning from random init by at
+    least 10 points of greedy dev-other CER, with the random arm out of CTC's all-blank phase
+    (measured: 13.8 against 42.3, seed 1, one run each). About 8 minutes on 2 cores."""
     from d2vcli import config as cfgmod
-    from d2vcli.demo import DEMO_PRETRAIN_SET
+    from d2vcli.demo import LABELED_SPLIT, RANDOM_INIT_LRS, _finetune, _scratch_arch, write_labeled_subset
     from d2vcli.fileio import read_jsonl
-    from d2vcli.finetune import finetune
     from d2vcli.prepare import prepare_synthetic
     from d2vcli.pretrain import pretrain
 
     ws = Workspace(tmp_path / "ws")
     prepare_synthetic(ws, size="demo")
-    pcfg = cfgmod.resolve("pretrain", preset="speech-tiny", overrides=list(DEMO_PRETRAIN_SET))
-    assert pretrain(pcfg, ws, name="pt").status == "done"
-    fcfg = cfgmod.resolve("finetune", preset="finetune-tiny", overrides=["finetune.init=pt"])
-    result = finetune(fcfg, ws, name="ft")
-    assert result.status == "done", result.message
+    pcfg = cfgmod.resolve("pretrain", preset="speech-tiny")
+    assert pretrain(pcfg, ws, name="pt").status == "done", "no collapse guard fires in the demo's pretraining"
+    assert "10 %" in write_labeled_subset(ws, 10)
+    settings = DemoSettings()
+    _finetune(ws, "pt", "ft", settings)
+    _finetune(ws, _scratch_arch(pcfg), "ft-scratch", settings, lr=RANDOM_INIT_LRS[0])
 
-    valid = [r for r in read_jsonl(ws.run_dir("ft") / "metrics.jsonl") if "dev-clean/cer" in r]
-    assert valid, "finetune-tiny validates on dev-clean and dev-other"
-    last = valid[-1]
-    assert last["dev-clean/cer"] < 20, last
-    assert last["dev-other/cer"] < 25, last
+    def last(run):
+        return [r for r in read_jsonl(ws.run_dir(run) / "metrics.jsonl") if "dev-other/cer" in r][-1]
+
+    pretrained, scratch = last("ft"), last("ft-scratch")
+    assert scratch["dev-other/cer"] < 90, scratch  # the baseline left the all-blank phase
+    assert pretrained["dev-other/cer"] + 10 <= scratch["dev-other/cer"], (pretrained, scratch)
+    cfg = cfgmod.from_dict(cfgmod.load_yaml(ws.run_dir("ft") / "config.yaml"))
+    assert list(cfg.data.train_splits) == [LABELED_SPLIT]

@@ -406,3 +406,39 @@ def test_imported_checkpoints_start_fine_tuning_like_pretrain_runs(pretrained_ti
     with pytest.raises(ckpt.CheckpointError, match="no EMA teacher weights"):
         finetune(short_cfg(tmp_path / "student-only.pt", "finetune.init_from=teacher"), synthetic_workspace,
                  name="ft-no-teacher")
+
+
+# ----------------------------------------------------------------------------- random-init baseline
+
+
+def test_init_scratch_fine_tunes_the_preset_architecture_from_random_weights(synthetic_workspace):
+    """--init scratch --arch-preset: same code path, no weights read, architecture from the preset plus --set."""
+    ws = synthetic_workspace
+    args = ["finetune", "--preset", "finetune-tiny", "--init", "scratch", "--arch-preset", "speech-tiny",
+            "--name", "ft-scratch", "--workdir", str(ws.root)]
+    for item in SHORT + ["train.max_updates=3", "finetune.freeze_updates=0", "model.ffn_dim=128"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "random initialization (finetune.init=scratch)" in result.output
+    state = ckpt.load_checkpoint(ws.run_dir("ft-scratch") / "last.pt", expect_kind="ctc")
+    tiny = C.resolve("pretrain", preset="speech-tiny").model
+    arch = state[ckpt.ARCH_KEY]
+    assert arch["embed_dim"] == tiny.embed_dim and arch["ffn_dim"] == 128, "preset, then --set on top"
+    assert [list(c) for c in arch["conv_layers"]] == [list(c) for c in tiny.conv_layers]
+    assert state[ckpt.NORMALIZE_KEY] is True
+    cfg = C.from_dict(state[ckpt.CONFIG_KEY])
+    assert cfg.finetune.init == "scratch" and cfg.finetune.arch_preset == "speech-tiny"
+    # The encoder started from the builder's seeded random init: 3 updates moved it only a little.
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_ctc_model(cfg, len(state[ckpt.VOCAB_KEY]) + 4).state_dict()
+    w = "backbone.transformer.layers.layers.0.fc1.weight"
+    w = w if w in fresh else next(k for k in fresh if k.endswith("fc1.weight"))
+    moved = (state[ckpt.MODEL_KEY][w] - fresh[w]).abs().max().item()
+    assert 0 < moved < 0.05, moved
+
+
+def test_arch_preset_without_scratch_is_an_error(pretrained_tiny, synthetic_workspace):
+    cfg = short_cfg(str(pretrained_tiny), "finetune.arch_preset=speech-tiny")
+    with pytest.raises(C.ConfigError, match="only applies with finetune.init=scratch"):
+        finetune(cfg, synthetic_workspace, name="ft-arch-conflict")

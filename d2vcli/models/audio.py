@@ -194,14 +194,14 @@ class Transformer(nn.Module):
 
     def __init__(self, embed_dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float,
                  attention_dropout: float, activation_dropout: float, layerdrop: float, pos_conv_depth: int,
-                 pos_conv_kernel: int, pos_conv_groups: int, layer_norm_eps: float):
+                 pos_conv_kernel: int, pos_conv_groups: int, layer_norm_eps: float, init_std: float = 0.02):
         super().__init__()
         self.pos_conv = PositionalConv(embed_dim, pos_conv_depth, pos_conv_kernel, pos_conv_groups)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         # BERT init reaches only the stack's Linear layers: the positional convs keep PyTorch's default init.
         self.layers = LayerStack(num_layers, embed_dim, num_heads, ffn_dim, dropout, attention_dropout,
-                                 activation_dropout, layer_norm_eps, layerdrop)
+                                 activation_dropout, layer_norm_eps, layerdrop, init_std)
 
     @property
     def layerdrop(self) -> float:
@@ -240,13 +240,14 @@ class Data2VecAudio(nn.Module):
         pos_conv_depth, pos_conv_kernel, pos_conv_groups: positional conv stack (base 5/19/16).
         feature_grad_mult: gradient scale into the conv encoder; 0 runs it under no_grad (frozen).
         layer_norm_eps: eps of the feature, encoder and layer LayerNorms (the conv ones use 1e-5).
+        init_std: std of the BERT init of the transformer's Linear layers (reference 0.02).
     """
 
     def __init__(self, conv_layers: Sequence[Sequence[int]], embed_dim: int = 768, num_layers: int = 12,
                  num_heads: int = 12, ffn_dim: int = 3072, dropout: float = 0.1, attention_dropout: float = 0.1,
                  activation_dropout: float = 0.0, dropout_input: float = 0.0, layerdrop: float = 0.05,
                  pos_conv_depth: int = 5, pos_conv_kernel: int = 19, pos_conv_groups: int = 16,
-                 feature_grad_mult: float = 1.0, layer_norm_eps: float = 1e-5):
+                 feature_grad_mult: float = 1.0, layer_norm_eps: float = 1e-5, init_std: float = 0.02):
         super().__init__()
         self.conv_layers = tuple(tuple(int(v) for v in layer) for layer in conv_layers)
         self.embed_dim = embed_dim
@@ -259,7 +260,7 @@ class Data2VecAudio(nn.Module):
         self.mask_emb = nn.Parameter(torch.empty(embed_dim).uniform_())
         self.transformer = Transformer(embed_dim, num_layers, num_heads, ffn_dim, dropout, attention_dropout,
                                        activation_dropout, layerdrop, pos_conv_depth, pos_conv_kernel,
-                                       pos_conv_groups, layer_norm_eps)
+                                       pos_conv_groups, layer_norm_eps, init_std)
 
     def num_frames(self, num_samples: Length) -> Length:
         """Frames the conv encoder makes from `num_samples` (an int or any int tensor)."""
@@ -273,6 +274,18 @@ class Data2VecAudio(nn.Module):
         frames = torch.arange(num_frames, device=padding_mask.device)
         return frames.unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
 
+    def conv_features(self, source: Tensor) -> Tensor:
+        """source (B, S) -> the conv encoder's output (B, T, C), before feature_norm and projection.
+
+        `feature_grad_mult` applies here: 0 runs the encoder under no_grad (frozen)."""
+        if self.feature_grad_mult > 0:
+            x = self.feature_extractor(source)  # (B, T, C)
+            if self.feature_grad_mult != 1.0 and x.requires_grad:
+                x = GradMultiply.apply(x, self.feature_grad_mult)
+            return x
+        with torch.no_grad():  # frozen conv encoder (fine-tuning): no activations kept for backward
+            return self.feature_extractor(source)
+
     def extract_features(self, source: Tensor,
                          padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """source (B, S), padding_mask (B, S) True = padding -> (features (B, T, D), frame padding (B, T) | None).
@@ -280,14 +293,7 @@ class Data2VecAudio(nn.Module):
         The features are taken after LayerNorm and projection, before dropout_input and
         masking: exactly what the EMA teacher sees.
         """
-        if self.feature_grad_mult > 0:
-            x = self.feature_extractor(source)  # (B, T, C)
-            if self.feature_grad_mult != 1.0 and x.requires_grad:
-                x = GradMultiply.apply(x, self.feature_grad_mult)
-        else:
-            with torch.no_grad():  # frozen conv encoder (fine-tuning): no activations kept for backward
-                x = self.feature_extractor(source)
-        x = self.feature_proj(self.feature_norm(x))  # (B, T, D)
+        x = self.feature_proj(self.feature_norm(self.conv_features(source)))  # (B, T, D)
         return x, self.frame_padding_mask(padding_mask, x.shape[1])
 
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, time_mask: Optional[Tensor] = None,
@@ -297,16 +303,20 @@ class Data2VecAudio(nn.Module):
         source (B, S) waveform; padding_mask (B, S) True = padding; time_mask (B, T) True = frame
         replaced by `mask_emb`; channel_mask (B, D) True = channel zeroed in every frame.
         Returns dict(x (B, T, D), padding_mask (B, T) | None, features (B, T, D) unmasked,
+        conv_features (B, T, C) the conv encoder's output (for the collapse monitors),
         layer_results [FFN output (B, T, D) per layer that ran] | None).
         """
-        features, frame_pad = self.extract_features(source, padding_mask)
+        conv = self.conv_features(source)
+        features = self.feature_proj(self.feature_norm(conv))  # (B, T, D)
+        frame_pad = self.frame_padding_mask(padding_mask, features.shape[1])
         x = self.dropout_input(features)
         if time_mask is not None:
             x = torch.where(time_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)  # (B, T, D)
         if channel_mask is not None:
             x = x.masked_fill(channel_mask.unsqueeze(1), 0.0)
         x, layer_results = self.transformer(x, frame_pad, return_layer_results=return_layer_results)
-        return {"x": x, "padding_mask": frame_pad, "features": features, "layer_results": layer_results}
+        return {"x": x, "padding_mask": frame_pad, "features": features, "conv_features": conv,
+                "layer_results": layer_results}
 
 
 # --------------------------------------------------------------------------- 5. heads
@@ -377,6 +387,7 @@ def build_backbone(model_cfg) -> Data2VecAudio:
         activation_dropout=c.activation_dropout, dropout_input=c.dropout_input, layerdrop=c.layerdrop,
         pos_conv_depth=c.pos_conv_depth, pos_conv_kernel=c.pos_conv_kernel, pos_conv_groups=c.pos_conv_groups,
         feature_grad_mult=c.feature_grad_mult, layer_norm_eps=c.layer_norm_eps,
+        init_std=c.init_std,
     )
 
 

@@ -88,10 +88,15 @@ class TransformerLayer(nn.Module):
         return out, ffn_out
 
 
-def init_bert_params(module: nn.Module) -> None:
-    """BERT init for the transformer (fairseq `init_bert_params`): Linear N(0, 0.02), bias 0."""
+BERT_INIT_STD = 0.02
+
+
+def init_bert_params(module: nn.Module, std: float = BERT_INIT_STD) -> None:
+    """BERT init for the transformer (fairseq `init_bert_params`): Linear N(0, std), bias 0; std 0.02
+    in the reference. `std` exists for small widths (docs/recipe.md, speech-tiny): with 0.02 a 64-wide
+    layer's outputs start about 10x smaller than a 768-wide one's."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -105,13 +110,14 @@ class LayerStack(nn.ModuleList):
     """
 
     def __init__(self, num_layers: int, dim: int, num_heads: int, ffn_dim: int, dropout: float,
-                 attention_dropout: float, activation_dropout: float, layer_norm_eps: float, layerdrop: float):
+                 attention_dropout: float, activation_dropout: float, layer_norm_eps: float, layerdrop: float,
+                 init_std: float = BERT_INIT_STD):
         super().__init__(
             TransformerLayer(dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout, layer_norm_eps)
             for _ in range(num_layers)
         )
         self.layerdrop = layerdrop
-        self.apply(init_bert_params)
+        self.apply(lambda module: init_bert_params(module, init_std))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 return_layer_results: bool = False) -> tuple[Tensor, Optional[list[Tensor]]]:

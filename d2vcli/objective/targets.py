@@ -20,8 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# F.instance_norm's eps (fairseq's instance_norm_target_layer uses the default). A teacher layer whose
+# variance over time nears this is amplified to unit variance whatever it holds (objective.monitors).
+INSTANCE_NORM_EPS = 1e-5
+
+
 def _instance_norm(x: Tensor) -> Tensor:  # (B, T, D): per sample and channel, over positions
-    return F.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+    return F.instance_norm(x.transpose(1, 2), eps=INSTANCE_NORM_EPS).transpose(1, 2)
 
 
 def build_targets(layer_results: Sequence[Tensor], k: int, layer_norm: str = "instance",

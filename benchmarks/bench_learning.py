@@ -1,0 +1,178 @@
+"""Does pretraining pay? Fine-tuned greedy CER from speech-tiny pretraining against random init, over seeds.
+
+    python benchmarks/bench_learning.py                         # 3 seeds, the demo's budgets (long: see below)
+    python benchmarks/bench_learning.py --seeds 1 --quick        # one seed, short budgets (a smoke run)
+
+On the synthetic demo corpus (`d2v prepare synthetic`, 800 training utterances), for each seed:
+
+1. pretraining: `speech-tiny` on all the training audio (unlabeled), for P and for 2P updates
+   (two runs, each with its own full schedule: "more pretraining must not hurt");
+2. fine-tuning (`finetune-tiny`, the same budget for every arm) at two labeled sizes, every 20th
+   and every 10th training utterance (5 % and 10 % of the audio), from each pretrained model and
+   from random init (`--init scratch`) at each learning rate of a small sweep; the random arm's
+   rate is picked on dev-clean, as in `d2v demo --compare-init`;
+3. greedy CER on dev-other at the end of fine-tuning (the last validation).
+
+It prints the table and writes it into docs/benchmarks.md between the markers below (the rest of
+the page is left alone). Every number is one fine-tuning run per (seed, arm, size); the spread is
+the standard deviation over seeds. Budget: 3 seeds x (P + 2P pretraining updates + 2 sizes x
+(2 + len(lrs)) fine-tunings); on 2 shared CPU cores expect hours at the full budgets. This is a
+benchmark script, not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from d2vcli import config as cfgmod
+from d2vcli.demo import RANDOM_INIT_LRS, SELECT_SPLIT, _scratch_arch
+from d2vcli.fileio import read_jsonl
+from d2vcli.finetune import finetune
+from d2vcli.manifest import read_manifest, write_manifest
+from d2vcli.prepare.synthetic import prepare_synthetic
+from d2vcli.pretrain import pretrain
+from d2vcli.workspace import Workspace
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench_learning: begin -->", "<!-- bench_learning: end -->"
+REPORT_SPLIT = "dev-other"
+
+
+def labeled_split(ws: Workspace, every: int) -> str:
+    """data/train-every<N>.jsonl: every N-th training utterance by id (all speakers)."""
+    name = f"train-every{every}"
+    records = sorted(read_manifest(ws.manifest("train")), key=lambda r: r.id)
+    write_manifest(ws.manifest(name), records[::every])
+    return name
+
+
+def last_cer(ws: Workspace, run: str, split: str) -> float:
+    rows = [r for r in read_jsonl(ws.run_dir(run) / "metrics.jsonl") if f"{split}/cer" in r]
+    return rows[-1][f"{split}/cer"] if rows else float("nan")
+
+
+def train_seconds(ws: Workspace, run: str) -> float:
+    """The run's own training time (the engine's `wall` on its last log line), so a table rebuilt from
+    finished runs (they resume at their end) still reports what they cost."""
+    rows = [r for r in read_jsonl(ws.run_dir(run) / "metrics.jsonl") if "wall" in r]
+    return rows[-1]["wall"] if rows else 0.0
+
+
+def run_pretrain(ws: Workspace, seed: int, updates: int) -> str:
+    name = f"pt-s{seed}-u{updates}"
+    cfg = cfgmod.resolve("pretrain", preset="speech-tiny",
+                         overrides=[f"train.seed={seed}", f"train.max_updates={updates}", "train.log_every=25"])
+    result = pretrain(cfg, ws, name=name, resume=True, preset="speech-tiny")
+    if result.exit_code:
+        sys.exit(f"{name}: {result.message}")
+    return name
+
+
+def run_finetune(ws: Workspace, name: str, init, seed: int, split: str, updates: int, lr=None) -> tuple[float, float]:
+    """(SELECT_SPLIT CER, REPORT_SPLIT CER) at the end of a finetune-tiny run on `split`."""
+    overrides = [f"train.seed={seed}", f"data.train_splits=[{split}]", f"train.max_updates={updates}",
+                 f"finetune.validate_every={updates}", f"finetune.validate_after={updates}"]
+    if lr is not None:
+        overrides.append(f"optim.lr={lr}")
+    cfg = cfgmod.resolve("finetune", preset="finetune-tiny", overrides=overrides)
+    cfg = cfgmod.merge(cfg, init if isinstance(init, dict) else {"finetune": {"init": init}})
+    result = finetune(cfg, ws, name=name, resume=True, preset="finetune-tiny")
+    if result.exit_code:
+        sys.exit(f"{name}: {result.message}")
+    return last_cer(ws, name, SELECT_SPLIT), last_cer(ws, name, REPORT_SPLIT)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("bench-learning"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--pretrain-updates", type=int, default=400, help="P; 2P is also run")
+    ap.add_argument("--finetune-updates", type=int, default=1200)
+    ap.add_argument("--every", type=int, nargs="+", default=[20, 10], help="labeled subsets: every N-th utterance")
+    ap.add_argument("--lrs", type=float, nargs="+", default=list(RANDOM_INIT_LRS), help="random-init lr sweep")
+    ap.add_argument("--quick", action="store_true", help="P=100, 400 fine-tuning updates: a smoke run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=DOC)
+    args = ap.parse_args()
+    if args.quick:
+        args.pretrain_updates, args.finetune_updates = 100, 400
+    torch.set_num_threads(args.threads)
+    ws = Workspace.resolve(args.workdir)
+    prepare_synthetic(ws, size="demo")
+    splits = {every: labeled_split(ws, every) for every in args.every}
+    minutes = {every: sum(r.seconds for r in read_manifest(ws.manifest(s))) / 60 for every, s in splits.items()}
+    total = sum(r.seconds for r in read_manifest(ws.manifest("train"))) / 60
+    P = args.pretrain_updates
+    arch = _scratch_arch(cfgmod.resolve("pretrain", preset="speech-tiny"))
+
+    cer: dict[tuple[int, str], list[float]] = {}
+    picked: dict[int, list[float]] = {}
+    runs: list[str] = []
+    for seed in args.seeds:
+        pretrained = {f"pretrained, {u} updates": run_pretrain(ws, seed, u) for u in (P, 2 * P)}
+        runs += pretrained.values()
+        for every, split in splits.items():
+            for arm, run in pretrained.items():
+                runs.append(f"ft-s{seed}-{split}-{run}")
+                _, dev_other = run_finetune(ws, runs[-1], run, seed, split, args.finetune_updates)
+                cer.setdefault((every, arm), []).append(dev_other)
+            sweep = {lr: run_finetune(ws, f"ft-s{seed}-{split}-scratch-lr{lr:g}", arch, seed, split,
+                                      args.finetune_updates, lr) for lr in args.lrs}
+            runs += [f"ft-s{seed}-{split}-scratch-lr{lr:g}" for lr in args.lrs]
+            best = min(sweep, key=lambda lr: (sweep[lr][0] != sweep[lr][0], sweep[lr][0]))  # NaN last
+            picked.setdefault(every, []).append(best)
+            cer.setdefault((every, "random init (lr picked on dev-clean)"), []).append(sweep[best][1])
+    hours = sum(train_seconds(ws, run) for run in runs) / 3600
+
+    arms = [f"pretrained, {P} updates", f"pretrained, {2 * P} updates", "random init (lr picked on dev-clean)"]
+    lines = [BEGIN, "## Learning: does pretraining pay? (`benchmarks/bench_learning.py`)", "",
+             f"Greedy CER (%) on {REPORT_SPLIT} after `finetune-tiny` ({args.finetune_updates} updates), mean ± std "
+             f"over seeds {', '.join(map(str, args.seeds))} (per-seed values in brackets; one fine-tuning run per "
+             f"seed and arm). Pretraining: `speech-tiny` on all {total:.0f} min of training audio. Random init: "
+             f"`--init scratch`, lr from {{{', '.join(f'{lr:g}' for lr in args.lrs)}}} picked on {SELECT_SPLIT}. "
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
+             f"{args.threads} threads; {hours:.1f} h of training in all; {time.strftime('%Y-%m-%d')}.", "",
+             "| labeled | " + " | ".join(arms) + " | gap (random − pretrained " + str(P) + "), per seed |",
+             "|---|" + "---|" * (len(arms) + 1)]
+    for every in args.every:
+        gaps = [r - p for r, p in zip(cer[(every, arms[2])], cer[(every, arms[0])])]
+        lines.append(f"| every {every}th: {minutes[every]:.1f} min ({100 * minutes[every] / total:.0f} %) | "
+                     + " | ".join(spread(cer[(every, a)]) for a in arms)
+                     + f" | {', '.join(f'{g:+.1f}' for g in gaps)} (lrs {', '.join(f'{lr:g}' for lr in picked[every])}) |")
+    lines += ["", END]
+    table = "\n".join(lines)
+    print(table)
+    page = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+    if BEGIN in page and END in page:
+        page = page[:page.index(BEGIN)] + table + page[page.index(END) + len(END):]
+    else:
+        page = page.rstrip("\n") + "\n\n" + table + "\n"
+    args.out.write_text(page)
+
+
+if __name__ == "__main__":
+    main()
