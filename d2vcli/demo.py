@@ -29,6 +29,7 @@ from typing import Optional
 
 from d2vcli import config as cfgmod
 from d2vcli.decode.run import decode
+from d2vcli.errors import UserError
 from d2vcli.evaluate import evaluate
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import finetune
@@ -36,6 +37,7 @@ from d2vcli.lm.prepare import prepare_lm, print_report
 from d2vcli.manifest import read_manifest, write_manifest
 from d2vcli.prepare.synthetic import default_synthetic_dir, prepare_synthetic
 from d2vcli.pretrain import pretrain
+from d2vcli.report import write_report
 from d2vcli.ui import console, table
 
 PRETRAIN_RUN = "demo-pretrain"
@@ -188,6 +190,10 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
         "language model": ws.lm_dir,
         "hypotheses, errors, WER": evaluation.out_dir,
     }
+    try:
+        artefacts["report (open in a browser)"] = write_report(ws, FINETUNE_RUN)
+    except UserError as e:  # matplotlib is an optional extra: the demo's results stand without the page
+        console.print(f"no report page: {e}", markup=False)
     return DemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, seconds, artefacts)
 
 

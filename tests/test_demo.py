@@ -27,6 +27,10 @@ def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
     out = result.evaluation.out_dir
     assert (out / "tuned.json").exists(), "stage 5 tunes the LM weights and saves them"
     assert json.loads((out / "wer.json").read_text())
+    # It ends by writing the run's report page, and names it.
+    page = ws.run_dir(FINETUNE_RUN) / "report" / "index.html"
+    assert page.exists() and ".png" in page.read_text()
+    assert result.artefacts["report (open in a browser)"] == page
 
     # The table covers every dev/test split, greedy and 4-gram, with real numbers.
     ev = result.evaluation
