@@ -75,13 +75,14 @@ def all_cores():
     torch.set_num_threads(threads)
 
 
-def test_demo_recipe_pretraining_pays(tmp_path, all_cores):
-    """The demo's claim at full size: speech-tiny pretrained on all 800 training utterances (unlabeled),
-    then finetune-tiny on the 10 % labeled subset, beats the same fine-tuning from random init by at
-    least 10 points of greedy dev-other CER, with the random arm out of CTC's all-blank phase
-    (measured: 13.8 against 42.3, seed 1, one run each). About 8 minutes on 2 cores."""
+def test_demo_recipe_pretrains_healthily_and_fine_tunes_well(tmp_path, all_cores):
+    """The demo's recipe at full size: speech-tiny pretrained on all 800 training utterances (unlabeled)
+    finishes with every collapse guard armed and silent, and finetune-tiny on the 10 % labeled subset
+    from it brings greedy dev CER far below an all-blank model (measured: dev-other 13.8 %, seed 1;
+    7.6-19.9 % over seeds 1-3). Whether it beats random init is the benchmark's question, not a test's:
+    over three seeds it does not reliably (docs/benchmarks.md). About 6 minutes on 2 cores."""
     from d2vcli import config as cfgmod
-    from d2vcli.demo import LABELED_SPLIT, RANDOM_INIT_LRS, _finetune, _scratch_arch, write_labeled_subset
+    from d2vcli.demo import LABELED_SPLIT, _finetune, write_labeled_subset
     from d2vcli.fileio import read_jsonl
     from d2vcli.prepare import prepare_synthetic
     from d2vcli.pretrain import pretrain
@@ -89,17 +90,11 @@ def test_demo_recipe_pretraining_pays(tmp_path, all_cores):
     ws = Workspace(tmp_path / "ws")
     prepare_synthetic(ws, size="demo")
     pcfg = cfgmod.resolve("pretrain", preset="speech-tiny")
-    assert pretrain(pcfg, ws, name="pt").status == "done", "no collapse guard fires in the demo's pretraining"
+    result = pretrain(pcfg, ws, name="pt")
+    assert result.status == "done", result.message  # no collapse guard fired after update 100
     assert "10 %" in write_labeled_subset(ws, 10)
-    settings = DemoSettings()
-    _finetune(ws, "pt", "ft", settings)
-    _finetune(ws, _scratch_arch(pcfg), "ft-scratch", settings, lr=RANDOM_INIT_LRS[0])
-
-    def last(run):
-        return [r for r in read_jsonl(ws.run_dir(run) / "metrics.jsonl") if "dev-other/cer" in r][-1]
-
-    pretrained, scratch = last("ft"), last("ft-scratch")
-    assert scratch["dev-other/cer"] < 90, scratch  # the baseline left the all-blank phase
-    assert pretrained["dev-other/cer"] + 10 <= scratch["dev-other/cer"], (pretrained, scratch)
+    _finetune(ws, "pt", "ft", DemoSettings())
+    last = [r for r in read_jsonl(ws.run_dir("ft") / "metrics.jsonl") if "dev-other/cer" in r][-1]
+    assert last["dev-clean/cer"] < 30 and last["dev-other/cer"] < 35, last
     cfg = cfgmod.from_dict(cfgmod.load_yaml(ws.run_dir("ft") / "config.yaml"))
     assert list(cfg.data.train_splits) == [LABELED_SPLIT]
