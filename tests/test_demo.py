@@ -14,7 +14,8 @@ from d2vcli.workspace import Workspace
 
 def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
     ws = Workspace(tmp_path / "ws")
-    settings = DemoSettings(size="tiny", pretrain_updates=3, finetune_updates=4, tune_trials=2, compare_init=True)
+    settings = DemoSettings(size="tiny", pretrain_updates=3, finetune_updates=4, tune_trials=2, compare_init=True,
+                            finetune_set=("train.log_every=1",))  # so the report has curves to draw
     result = run_demo(ws, settings)
     print_demo(result)
 
@@ -60,7 +61,8 @@ def test_shortened_demo_end_to_end(tmp_path, kenlm_tools, capsys):
     printed = capsys.readouterr().out
     assert "WER / CER" in printed and "where everything is" in printed and "random init" in printed
     # Issue 15 case 18: each stage printed the whole config (about 120 lines); now a summary and the path.
-    assert "conv_layers" not in printed and "ema_anneal_end_step" not in printed
+    # (The random-init arm sets its architecture with model.* fields, so those lines are expected.)
+    assert "ema_anneal_end_step" not in printed and "mask_channel_length" not in printed
     assert f"full config: {ws.run_dir(PRETRAIN_RUN) / 'config.yaml'}" in printed
     assert f"full config: {ws.run_dir(FINETUNE_RUN) / 'config.yaml'}" in printed
     assert set(result.seconds) == {"prepare", "pretrain", "finetune", "lm", "decode", "evaluate", "compare-init"}
