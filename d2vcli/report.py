@@ -223,7 +223,8 @@ def plan_figures(train: list[dict], valid: list[dict], config: dict, kind: str) 
         add(FigureSpec("train-loss", "Training loss", LOSS_UNIT.get(kind, "loss"), [_series(train, "loss")]))
     if "lr" in train_keys:
         add(FigureSpec("train-lr", "Learning rate", "learning rate", [_series(train, "lr")]))
-    spread = [k for k in train_keys if any(w in k for w in SPREAD)]
+    # A ratio or share (teacher_var_ratio) is a monitor of its own scale, not a spread to overlay.
+    spread = [k for k in train_keys if any(w in k for w in SPREAD) and not any(w in k for w in MONITOR)]
     if spread:
         lines = []
         for key, limit in (("target_std", "min_target_std"), ("pred_std", "min_pred_std")):
