@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from d2vcli import config as cfgmod
+from run_all import _cpu as cpu_name  # benchmarks/ is on sys.path when a script here runs
 from d2vcli.demo import RANDOM_INIT_LRS, SELECT_SPLIT, _scratch_arch
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import finetune
@@ -88,16 +88,6 @@ def run_finetune(ws: Workspace, name: str, init, seed: int, split: str, updates:
     if result.exit_code:
         sys.exit(f"{name}: {result.message}")
     return last_cer(ws, name, SELECT_SPLIT), last_cer(ws, name, REPORT_SPLIT)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def spread(values: list[float]) -> str:
