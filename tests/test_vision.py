@@ -1,0 +1,204 @@
+"""The ViT of models/vision.py against transformers' Data2VecVision, and the HF import/export of images.
+
+Tiny random HF configs (width 32, 2 blocks, 32x32 images of 8x8 patches) with every parameter,
+the relative position tables included, filled with noise so a wrong key, a wrong split of qkv
+or a transposed bias table cannot hide behind a zero init.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from d2vcli import checkpoint as ck
+from d2vcli.errors import UserError
+from d2vcli.interop_vision import export_hf, from_hf_state, import_hf, to_hf_state
+from d2vcli.models.loading import build_vision_model, load_model
+from d2vcli.models.vision import VisionConfig, relative_position_index, vision_base, vision_large
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    Data2VecVisionConfig, Data2VecVisionForImageClassification, Data2VecVisionModel,
+)
+
+TOL = 1e-5
+
+
+def _hf_config(**kw) -> Data2VecVisionConfig:
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                patch_size=8, layer_norm_eps=1e-6, use_mask_token=True, use_shared_relative_position_bias=True,
+                use_relative_position_bias=False, layer_scale_init_value=0.1, drop_path_rate=0.0,
+                use_mean_pooling=False)
+    base.update(kw)
+    return Data2VecVisionConfig(**base)
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _arch_like(hf_cfg: Data2VecVisionConfig) -> VisionConfig:
+    return VisionConfig(image_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64,
+                        layer_scale_init=0.1, drop_path=0.0, attention_dropout=0.0,
+                        rel_pos_bias="shared" if hf_cfg.use_shared_relative_position_bias else "per-layer")
+
+
+def _images(n: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_encoder_outputs_and_every_layer_equal_hf_data2vec_vision_model():
+    hf_cfg = _hf_config()
+    hf = Data2VecVisionModel(hf_cfg).eval()
+    _randomize(hf)
+    state, unmatched = from_hf_state("vision-pretrain", hf.state_dict())
+    assert unmatched == []
+    ours = build_vision_model("vision-pretrain", _arch_like(hf_cfg)).eval()
+    fresh = ours.state_dict()
+    state["lm_head.weight"], state["lm_head.bias"] = fresh["lm_head.weight"], fresh["lm_head.bias"]
+    ours.load_state_dict(state, strict=True)
+    x = _images()
+    mask = torch.rand(3, 16, generator=torch.Generator().manual_seed(2)) < 0.5
+    with torch.no_grad():
+        for m in (None, mask):
+            ref = hf(x, bool_masked_pos=m, output_hidden_states=True)
+            last, layers = ours.encoder(x, m, return_layer_results=True)
+            torch.testing.assert_close(ours.norm(last), ref.last_hidden_state, atol=TOL, rtol=0)
+            # hidden_states[0] is the embedding output; [i + 1] is block i's end-of-block output (the targets).
+            for ours_i, ref_i in zip(layers, ref.hidden_states[1:]):
+                torch.testing.assert_close(ours_i, ref_i, atol=TOL, rtol=0)
+    # The mask changes what the encoder sees: the test above is not blind to it.
+    assert not torch.allclose(ours.encoder(x, mask)[0], ours.encoder(x)[0])
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_classifier_logits_equal_hf_for_image_classification(per_layer):
+    hf_cfg = _hf_config(use_mean_pooling=True, num_labels=5, use_shared_relative_position_bias=not per_layer,
+                        use_relative_position_bias=per_layer)
+    hf = Data2VecVisionForImageClassification(hf_cfg).eval()
+    _randomize(hf, seed=3)
+    state, unmatched = from_hf_state("vision-cls", hf.state_dict())
+    assert unmatched == []
+    ours = build_vision_model("vision-cls", _arch_like(hf_cfg), num_classes=5).eval()
+    ours.load_state_dict(state, strict=True)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=TOL, rtol=0)
+
+
+def test_to_hf_state_inverts_from_hf_state():
+    hf = Data2VecVisionForImageClassification(_hf_config(use_mean_pooling=True, num_labels=4))
+    _randomize(hf)
+    hf_state = {k: v for k, v in hf.state_dict().items() if "relative_position_index" not in k}
+    ours, _ = from_hf_state("vision-cls", hf_state)
+    back = to_hf_state("vision-cls", ours)
+    assert sorted(back) == sorted(hf_state)
+    assert all(torch.equal(back[k], hf_state[k]) for k in hf_state)
+
+
+def test_relative_position_index_matches_hf():
+    from transformers.models.data2vec.modeling_data2vec_vision import Data2VecVisionRelativePositionBias
+
+    for grid in ((4, 4), (14, 14), (3, 5)):
+        ref = Data2VecVisionRelativePositionBias.generate_relative_position_index(grid)
+        assert torch.equal(relative_position_index(*grid), ref)
+
+
+def _save_checkpoint(tmp_path, kind: str, classes=None):
+    arch = VisionConfig(image_size=32, patch_size=8, embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64,
+                        layer_scale_init=0.1, drop_path=0.1, attention_dropout=0.0)
+    model = build_vision_model(kind, arch, len(classes or []))
+    _randomize(model, seed=5)
+    import dataclasses
+
+    state = ck.make_state(kind, config={}, arch=dataclasses.asdict(arch), normalize=False, model=model.state_dict(),
+                          classes=classes)
+    path = tmp_path / "run" / "last.pt"
+    ck.save_checkpoint(path, state)
+    return path, model.eval()
+
+
+def test_export_then_transformers_loads_with_no_missing_keys_and_same_logits(tmp_path):
+    classes = ["circle", "square", "triangle"]
+    path, ours = _save_checkpoint(tmp_path, "vision-cls", classes)
+    out = tmp_path / "hf"
+    export_hf(path, out)
+    hf, info = Data2VecVisionForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set())
+    assert hf.config.id2label == dict(enumerate(classes))
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(x).logits, ours(x), atol=TOL, rtol=0)
+    # A second export into the same folder is refused without --force, allowed with it.
+    with pytest.raises(UserError, match="not empty"):
+        export_hf(path, out)
+    export_hf(path, out, force=True)
+
+
+def test_export_pretrained_gives_data2vec_vision_model_with_the_students_final_norm(tmp_path):
+    path, ours = _save_checkpoint(tmp_path, "vision-pretrain")
+    out = tmp_path / "hf"
+    export_hf(path, out)
+    hf, info = Data2VecVisionModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(x).last_hidden_state, ours.norm(ours.encoder(x)[0]), atol=TOL, rtol=0)
+
+
+def test_import_hf_classifier_gives_a_checkpoint_with_the_same_logits_and_class_names(tmp_path):
+    hf_cfg = _hf_config(use_mean_pooling=True, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                        label2id={"a": 0, "b": 1, "c": 2}, use_mask_token=False)
+    hf = Data2VecVisionForImageClassification(hf_cfg).eval()
+    _randomize(hf, seed=7)
+    hf.save_pretrained(tmp_path / "folder")
+    result = import_hf(tmp_path / "folder", out=tmp_path / "imported" / "last.pt")
+    assert result.kind == "vision-cls" and result.num_classes == 3
+    assert any("mask token" in n for n in result.notes)  # use_mask_token false: said, not hidden
+    loaded = load_model(result.path)
+    assert loaded.kind == "vision-cls" and loaded.classes == ["a", "b", "c"]
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), hf(x).logits, atol=TOL, rtol=0)
+
+
+def test_import_hf_refuses_what_the_vit_cannot_represent(tmp_path):
+    hf = Data2VecVisionModel(_hf_config(use_absolute_position_embeddings=True))
+    hf.save_pretrained(tmp_path / "abs")
+    with pytest.raises(UserError, match="use_absolute_position_embeddings"):
+        import_hf(tmp_path / "abs", out=tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+    cfg = json.loads((tmp_path / "abs" / "config.json").read_text())
+    cfg.update(use_absolute_position_embeddings=False, use_shared_relative_position_bias=False)
+    (tmp_path / "abs" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="exactly one of"):
+        import_hf(tmp_path / "abs", out=tmp_path / "x.pt")
+
+
+def test_import_hf_reports_every_missing_key_and_writes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = Data2VecVisionModel(_hf_config())
+    hf.save_pretrained(tmp_path / "folder")
+    weights = load_file(str(tmp_path / "folder" / "model.safetensors"))
+    dropped = [k for k in weights if k.endswith("layernorm_after.weight")]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, str(tmp_path / "folder" / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"missing \(2\)") as err:
+        import_hf(tmp_path / "folder", out=tmp_path / "x.pt")
+    assert "encoder.blocks.1.norm2.weight" in str(err.value)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_named_architectures_are_the_papers_vit_b_and_vit_l():
+    b, L = vision_base(), vision_large()
+    assert (b.embed_dim, b.num_layers, b.num_heads, b.ffn_dim, b.num_patches) == (768, 12, 12, 3072, 196)
+    assert (L.embed_dim, L.num_layers, L.num_heads, L.layer_scale_init) == (1024, 24, 16, 1e-5)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_vision_model("vision-cls", b, 1000).parameters())
+    assert 86e6 < n < 87.5e6  # ViT-B/16: about 86M parameters
