@@ -212,6 +212,26 @@ def prepare_folder_cmd(
                  keep_text=keep_text, strict=strict, workers=workers)
 
 
+@prepare_app.command("images")
+def prepare_images_cmd(
+    root: Path = typer.Argument(..., help="ImageNet-style tree (train/<class>/..., val/<class>/...) or one folder "
+                                "of class folders."),
+    splits: Optional[List[str]] = SplitsOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="Name of the one split when ROOT holds the class "
+                                        "folders (default: ROOT's name)."),
+    min_side: int = typer.Option(32, "--min-side", min=1, max=100000, help="Flag images whose shorter side is "
+                                 "below this many pixels as tiny."),
+    strict: bool = StrictOpt,
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Image manifests (path, class, width, height) and classes.txt under <workdir>/data/images/."""
+    from d2vcli.prepare.images import prepare_images
+
+    _run_prepare(prepare_images, Workspace.resolve(workdir), root, splits, split=split, strict=strict,
+                 min_side=min_side, workers=workers)
+
+
 @prepare_app.command("synthetic")
 def prepare_synthetic_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: <workdir>/corpus/synthetic)."),
