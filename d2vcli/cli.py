@@ -248,6 +248,24 @@ def prepare_synthetic_cmd(
     _run_prepare(prepare_synthetic, Workspace.resolve(workdir), out, size, seed, strict=strict, workers=workers)
 
 
+@prepare_app.command("synthetic-images")
+def prepare_synthetic_images_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: "
+                                       "<workdir>/corpus/synthetic-images)."),
+    size: str = typer.Option("demo", "--size", help="demo (4,000 pool + 100 labeled images) or tiny (for tests)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
+                              "corpus."),
+    strict: bool = StrictOpt,
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Generate the synthetic image corpus (10 shape/texture classes, ImageFolder layout) and prepare it."""
+    from d2vcli.prepare.synthetic_images import prepare_synthetic_images
+
+    _run_prepare(prepare_synthetic_images, Workspace.resolve(workdir), out, size, seed, strict=strict,
+                 workers=workers)
+
+
 @prepare_app.command("fairseq-export")
 def prepare_fairseq_export_cmd(
     out: Path = typer.Option(..., "--out", help="fairseq data dir to write (task.data)."),
