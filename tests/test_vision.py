@@ -202,3 +202,27 @@ def test_named_architectures_are_the_papers_vit_b_and_vit_l():
     with torch.device("meta"):
         n = sum(p.numel() for p in build_vision_model("vision-cls", b, 1000).parameters())
     assert 86e6 < n < 87.5e6  # ViT-B/16: about 86M parameters
+
+
+def test_cli_import_and_export_hf_dispatch_on_image_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from d2vcli.cli import app
+
+    hf = Data2VecVisionForImageClassification(_hf_config(use_mean_pooling=True, num_labels=2))
+    _randomize(hf, seed=9)
+    hf.save_pretrained(tmp_path / "folder")
+    runner = CliRunner()
+    res = runner.invoke(app, ["import", "hf", str(tmp_path / "folder"), "-w", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    assert "vision-cls" in res.output
+    run = tmp_path / "w" / "runs" / "imported-folder" / "last.pt"
+    assert ck.load_checkpoint(run)[ck.KIND_KEY] == "vision-cls"
+    res = runner.invoke(app, ["export", "hf", "imported-folder", str(tmp_path / "out"), "-w", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    back = Data2VecVisionForImageClassification.from_pretrained(tmp_path / "out").eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, hf.eval()(x).logits, atol=TOL, rtol=0)
+    res = runner.invoke(app, ["import", "hf", str(tmp_path / "folder"), "--dict", "x.txt", "-w", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "--dict" in res.output and "Traceback" not in res.output
