@@ -169,3 +169,12 @@ def test_cli_prints_the_summary_and_bad_input_is_one_line(tmp_path):
     assert "prepare images" in flat and "classes: " in flat and "train" in flat and "to RGB" in flat
     res = runner.invoke(app, ["prepare", "images", str(tmp_path / "nowhere"), "-w", str(tmp_path / "w")])
     assert res.exit_code == 2 and "is not a directory" in res.output and "Traceback" not in res.output
+
+
+def test_a_workspace_inside_the_tree_is_not_taken_for_a_split_or_a_class(tmp_path):
+    _img(tmp_path / "in/train/cat/1.png", fmt="PNG")
+    ws = Workspace(tmp_path / "in" / "d2v-work")
+    prepare_images(ws, tmp_path / "in")
+    prepare_images(ws, tmp_path / "in")  # its own manifests are now inside the tree: still not read
+    assert [s.split for s in prepare_images(ws, tmp_path / "in").splits] == ["train"]
+    assert classes_path(ws).read_text() == "cat\n"

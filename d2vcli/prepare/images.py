@@ -128,9 +128,11 @@ class _File:
     mtime_ns: int
 
 
-def find_splits(root: Path, split: Optional[str]) -> dict[str, Path]:
-    """{split name: folder}: ROOT's folders when one is named like a split, else ROOT itself."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def find_splits(root: Path, split: Optional[str], exclude: Optional[Path] = None) -> dict[str, Path]:
+    """{split name: folder}: ROOT's folders (but `exclude`, the workspace) when one is named like a
+    split, else ROOT itself."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and (exclude is None or p.resolve() != Path(exclude).resolve()))
     if any(p.name.lower() in SPLIT_NAMES for p in folders):
         if split is not None:
             raise PrepareError(f"{root} holds split folders ({', '.join(p.name for p in folders)}); --split names "
@@ -358,7 +360,7 @@ def prepare_images(ws: Workspace, root: Path | str, splits: Optional[Sequence[st
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise PrepareError(f"{root} is not a directory: pass the folder holding train/<class>/... (or the classes)")
-    found = find_splits(root, split)
+    found = find_splits(root, split, exclude=ws.root)
     wanted = split_list(splits)
     if wanted:
         missing = [s for s in wanted if s not in found]
