@@ -402,7 +402,8 @@ def import_fairseq_cmd(
     force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt) into a d2v checkpoint."""
+    """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt), or a data2vec 1.0 vision
+    checkpoint of the BEiT repo (checkpoint-799.pth, mp_rank_00_model_states.pt), into a d2v checkpoint."""
     from d2vcli.interop import import_fairseq
 
     _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,

@@ -2,6 +2,8 @@
 
     d2v import hf ./data2vec-vision-base-ft1k        # -> runs/imported-data2vec-vision-base-ft1k/last.pt
     d2v export hf RUN_OR_CHECKPOINT ./out            # Data2VecVisionModel / Data2VecVisionForImageClassification
+    d2v import fairseq checkpoint-799.pth --trust-checkpoint   # data2vec_vision/beit files (interop.import_fairseq
+                                                                # hands them here)
 
 Our ViT (`d2vcli/models/vision.py`) names its parameters as the BEiT repo does, so one table
 maps them to transformers' names (docs/images.md, "Hugging Face"; transformers
@@ -305,6 +307,137 @@ def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, wor
                            f"CTC models; drop it (class names come from config.json's id2label)")
     state, notes = convert_hf(folder, trust=trust)
     out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
+    return _save_import(state, out, force, notes)
+
+
+# --------------------------------------------------------------------------- the BEiT repo's files
+#
+# data2vec 1.0 vision was released from `facebookresearch/data2vec_vision/beit` (README: base_800/
+# checkpoint-799.pth, large_1600/..., finetuned_base/.../mp_rank_00_model_states.pt). Those files are
+# `torch.save` dicts holding the state dict under "model" (deepspeed: "module"), the EMA under
+# "model_ema" when one was kept, and an argparse Namespace under "args" (so --trust-checkpoint is
+# needed). Our names are the BEiT names with `encoder.` before the encoder's, except a per-block
+# table, which BEiT keeps inside the attention. The architecture is not stored in a usable form;
+# it is read off the tensor shapes.
+
+BEIT_HEADS = ("norm.", "lm_head.", "fc_norm.", "head.")
+BEIT_DROPPED = re.compile(r"(^|\.)relative_position_index$")
+BEIT_PER_LAYER = re.compile(r"^blocks\.(\d+)\.attn\.relative_position_bias_table$")
+
+
+def _beit_state(raw) -> Optional[dict]:
+    """The BEiT-layout state dict inside a loaded file, or None if it is not one."""
+    if not isinstance(raw, dict):
+        return None
+    for key in ("model", "module"):
+        sd = raw.get(key)
+        if isinstance(sd, dict) and "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
+            return sd
+    return None
+
+
+def is_beit_checkpoint(raw) -> bool:
+    """Whether a loaded file is a data2vec_vision/beit checkpoint (pretrained or fine-tuned)."""
+    return _beit_state(raw) is not None
+
+
+def _d2v_name(key: str) -> str:
+    m = BEIT_PER_LAYER.match(key)
+    if m:
+        return f"encoder.blocks.{m[1]}.rel_pos_bias.relative_position_bias_table"
+    return key if key.startswith(BEIT_HEADS) else "encoder." + key
+
+
+def _from_beit(sd: dict) -> dict:
+    out = {}
+    for key, value in sd.items():
+        if BEIT_DROPPED.search(key) or not isinstance(value, torch.Tensor):
+            continue
+        out[_d2v_name(key.removeprefix("module."))] = value.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def arch_from_beit(sd: dict, source: Path) -> VisionConfig:
+    """The ViT's shape read off a BEiT state dict."""
+    if "pos_embed" in sd:
+        raise InteropError(f"{source}: the model has an absolute position embedding (pos_embed); data2vec's ViT uses "
+                           f"relative position bias only")
+    patch = sd["patch_embed.proj.weight"]  # (D, C, P, P)
+    dim, channels, p = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[-1])
+    shared = "rel_pos_bias.relative_position_bias_table" in sd
+    table = sd["rel_pos_bias.relative_position_bias_table" if shared else "blocks.0.attn.relative_position_bias_table"]
+    side = (int(round((int(table.shape[0]) - 3) ** 0.5)) + 1) // 2  # ((2 side - 1)^2 + 3) rows
+    if (2 * side - 1) ** 2 + 3 != table.shape[0]:
+        raise InteropError(f"{source}: a relative position table of {table.shape[0]} rows is not a square grid's")
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    gamma = sd.get("blocks.0.gamma_1")
+    return VisionConfig(
+        image_size=side * p, patch_size=p, in_channels=channels, embed_dim=dim, num_layers=layers,
+        num_heads=int(table.shape[1]), ffn_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
+        # Only a fresh model's init reads these; the file's gammas are loaded as they are.
+        layer_scale_init=0.0 if gamma is None else (1e-4 if dim < 1024 else 1e-5),
+        rel_pos_bias="shared" if shared else "per-layer",
+        drop_path=0.25 if dim < 1024 else 0.2, attention_dropout=0.05 if dim < 1024 else 0.15,
+    )
+
+
+def convert_beit(raw, source: Path, use_ema: bool = False) -> tuple[dict, list[str]]:
+    """A loaded data2vec_vision/beit file -> (d2v checkpoint dict, notes); all-or-nothing like every import."""
+    sd = _beit_state(raw)
+    if sd is None:
+        raise InteropError(f"{source} is not a data2vec_vision (BEiT repo) checkpoint")
+    source = Path(source)
+    arch = arch_from_beit(sd, source)
+    kind = "vision-cls" if "head.weight" in sd else "vision-pretrain"
+    model_state = _from_beit(sd)
+    num_classes = int(sd["head.weight"].shape[0]) if kind == "vision-cls" else 0
+    fresh = build_vision_model(kind, arch, num_classes).state_dict()
+    notes = [f"architecture read off the tensor shapes: {arch.num_layers} blocks x {arch.embed_dim}, "
+             f"{arch.num_heads} heads, {arch.image_size}px images of {arch.patch_size}px patches"]
+    if "encoder.mask_token" not in model_state:
+        model_state["encoder.mask_token"] = fresh["encoder.mask_token"]
+        notes.append("no mask token in the file: freshly initialized")
+    ema = raw.get("model_ema") if isinstance(raw.get("model_ema"), dict) else None
+    teacher = None
+    if kind == "vision-pretrain":
+        teacher = _from_beit(ema) if ema else None
+        if teacher is not None:
+            teacher.setdefault("encoder.mask_token", model_state["encoder.mask_token"])
+            check_state_dict(teacher, fresh, str(source), what="EMA teacher (model_ema)")
+            notes.append(f"EMA teacher imported from model_ema ({len(teacher)} tensors)")
+            if use_ema:
+                model_state = {k: v.clone() for k, v in teacher.items()}
+                notes.append("student initialized from the EMA teacher (--use-ema)")
+        else:
+            if use_ema:
+                raise InteropError(f"{source} has no EMA teacher (model_ema); drop --use-ema")
+            teacher = {k: v.clone() for k, v in model_state.items()}
+            notes.append("no model_ema in the file: the teacher starts as a copy of the student")
+    elif use_ema:
+        raise InteropError(f"{source} is a fine-tuned classifier: it has no EMA teacher; drop --use-ema")
+    check_state_dict(model_state, fresh, str(source))
+    classes = [str(i) for i in range(num_classes)] if kind == "vision-cls" else None
+    if classes:
+        notes.append(f"the file has no class names: the {num_classes} classes are named by index 0..{num_classes - 1}")
+    src = {"format": "beit", "path": str(source.resolve()), "use_ema": use_ema}
+    state = ck.make_state(kind, config={}, arch=dataclasses.asdict(arch), normalize=False, model=model_state,
+                          teacher=teacher, classes=classes, source=src)
+    return state, notes
+
+
+def import_beit(raw, path: Path, out: Optional[Path] = None, workspace: Optional[Workspace] = None,
+                force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None) -> VisionImportResult:
+    """`d2v import fairseq` for a data2vec_vision file (`interop.import_fairseq` hands the loaded file here)."""
+    path = Path(path)
+    if dict_path is not None:
+        raise InteropError(f"{path} is a data2vec vision model: --dict (a letter dictionary) is for speech CTC "
+                           f"models; drop it")
+    state, notes = convert_beit(raw, path, use_ema=use_ema)
+    out = Path(out) if out is not None else (workspace or Workspace.resolve()).run_dir(f"imported-{path.stem}") / ck.LAST
+    return _save_import(state, out, force, notes)
+
+
+def _save_import(state: dict, out: Path, force: bool, notes: list[str]) -> VisionImportResult:
     refuse_overwrite([out], force, "the import")
     ck.save_checkpoint(out, state)
     return VisionImportResult(

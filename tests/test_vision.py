@@ -226,3 +226,82 @@ def test_cli_import_and_export_hf_dispatch_on_image_models(tmp_path):
         torch.testing.assert_close(back(x).logits, hf.eval()(x).logits, atol=TOL, rtol=0)
     res = runner.invoke(app, ["import", "hf", str(tmp_path / "folder"), "--dict", "x.txt", "-w", str(tmp_path / "w")])
     assert res.exit_code == 2 and "--dict" in res.output and "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------- the BEiT repo's files
+
+def _beit_layout(hf_model, kind: str) -> dict:
+    """A state dict in data2vec_vision/beit's names (docs/images.md), written from the HF model's tensors."""
+    from d2vcli.interop_vision import from_hf_state
+
+    ours, _ = from_hf_state(kind, hf_model.state_dict())
+    out = {}
+    for k, v in ours.items():
+        k = k.removeprefix("encoder.")
+        if ".rel_pos_bias.relative_position_bias_table" in k and k.startswith("blocks."):
+            k = k.replace(".rel_pos_bias.", ".attn.")  # BEiT keeps a per-block table inside the attention
+        out[k] = v
+    # The repo saves the index buffers too; they must be dropped, not reported as unexpected.
+    if "rel_pos_bias.relative_position_bias_table" in out:
+        out["rel_pos_bias.relative_position_index"] = relative_position_index(4, 4)
+    for i in range(2):
+        if f"blocks.{i}.attn.relative_position_bias_table" in out:
+            out[f"blocks.{i}.attn.relative_position_index"] = relative_position_index(4, 4)
+    return out
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_import_fairseq_reads_a_beit_repo_classifier_with_the_same_logits(tmp_path, per_layer):
+    from d2vcli.interop import import_fairseq
+
+    hf_cfg = _hf_config(use_mean_pooling=True, num_labels=4, use_shared_relative_position_bias=not per_layer,
+                        use_relative_position_bias=per_layer)
+    hf = Data2VecVisionForImageClassification(hf_cfg).eval()
+    _randomize(hf, seed=11)
+    sd = _beit_layout(hf, "vision-cls")
+    sd.pop("mask_token", None)  # fine-tuned BEiT models carry none
+    torch.save({"module": sd, "epoch": 99}, tmp_path / "mp_rank_00_model_states.pt")
+    result = import_fairseq(tmp_path / "mp_rank_00_model_states.pt", out=tmp_path / "ft" / "last.pt")
+    assert result.kind == "vision-cls" and result.num_classes == 4
+    loaded = load_model(result.path)
+    assert loaded.model.encoder.cfg.rel_pos_bias == ("per-layer" if per_layer else "shared")
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), hf(x).logits, atol=TOL, rtol=0)
+
+
+def test_import_fairseq_reads_a_beit_repo_pretrained_model_and_its_ema(tmp_path):
+    from d2vcli.interop import import_fairseq
+
+    hf = Data2VecVisionModel(_hf_config()).eval()
+    _randomize(hf, seed=12)
+    sd = _beit_layout(hf, "vision-pretrain")
+    sd["lm_head.weight"], sd["lm_head.bias"] = torch.randn(32, 32), torch.randn(32)
+    ema = {k: v + 1 for k, v in sd.items() if "index" not in k}
+    torch.save({"model": sd, "model_ema": ema, "epoch": 799}, tmp_path / "checkpoint-799.pth")
+    result = import_fairseq(tmp_path / "checkpoint-799.pth", out=tmp_path / "pt" / "last.pt")
+    state = ck.load_checkpoint(result.path)
+    assert state[ck.KIND_KEY] == "vision-pretrain"
+    assert torch.equal(state[ck.MODEL_KEY]["lm_head.weight"], sd["lm_head.weight"])
+    assert torch.equal(state[ck.TEACHER_KEY]["encoder.blocks.1.mlp.fc2.weight"], ema["blocks.1.mlp.fc2.weight"])
+    model = load_model(result.path).model
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.norm(model.encoder(x)[0]), hf(x).last_hidden_state, atol=TOL, rtol=0)
+    used = import_fairseq(tmp_path / "checkpoint-799.pth", out=tmp_path / "ema" / "last.pt", use_ema=True)
+    assert torch.equal(ck.load_checkpoint(used.path)[ck.MODEL_KEY]["encoder.cls_token"], ema["cls_token"])
+
+
+def test_import_fairseq_refuses_a_beit_file_with_absolute_positions_or_unknown_keys(tmp_path):
+    from d2vcli.interop import import_fairseq
+
+    hf = Data2VecVisionModel(_hf_config())
+    sd = _beit_layout(hf, "vision-pretrain")
+    sd["lm_head.weight"], sd["lm_head.bias"] = torch.randn(32, 32), torch.randn(32)
+    torch.save({"model": {**sd, "pos_embed": torch.zeros(1, 17, 32)}}, tmp_path / "abs.pth")
+    with pytest.raises(UserError, match="pos_embed"):
+        import_fairseq(tmp_path / "abs.pth", out=tmp_path / "x.pt")
+    torch.save({"model": {**sd, "blocks.0.attn.k_bias": torch.zeros(32)}}, tmp_path / "odd.pth")
+    with pytest.raises(UserError, match=r"unexpected \(1\):\s+encoder.blocks.0.attn.k_bias"):
+        import_fairseq(tmp_path / "odd.pth", out=tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()

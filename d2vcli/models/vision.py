@@ -253,7 +253,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.rel_pos_bias = RelativePositionBias(cfg.grid, cfg.num_heads) if cfg.rel_pos_bias == "shared" else None
-        rates = torch.linspace(0, cfg.drop_path, cfg.num_layers).tolist() if cfg.num_layers > 1 else [cfg.drop_path]
+        # Plain floats, not torch.linspace: the model is also built on the meta device (loading.expected_state).
+        L = cfg.num_layers
+        rates = [cfg.drop_path * i / (L - 1) for i in range(L)] if L > 1 else [cfg.drop_path]
         self.blocks = nn.ModuleList(Block(cfg, p) for p in rates)
         self.reset_parameters()
 
