@@ -267,8 +267,14 @@ def convert_hf(folder: Path, trust: bool = False) -> tuple[dict, list[str]]:
     if kind == "vision-cls" and not hf.get("use_mean_pooling", True):
         raise InteropError(f"{folder}/config.json: use_mean_pooling is false (a CLS-token classifier); d2v's image "
                            f"classifier pools the mean of the patch tokens, as data2vec fine-tunes it")
-    model_state, unmatched = from_hf_state(kind, weights)
     notes: list[str] = []
+    pooler = sorted(k for k in weights if k.startswith("pooler."))
+    if kind == "vision-pretrain" and pooler:
+        # A Data2VecVisionModel saved with its pooling layer: a LayerNorm over the mean of the patch
+        # tokens, which only a classifier uses (ours is `fc_norm`, built at fine-tuning).
+        weights = {k: v for k, v in weights.items() if k not in pooler}
+        notes.append(f"dropped the pooling layer ({', '.join(pooler)}): a pretrained model has no use for it")
+    model_state, unmatched = from_hf_state(kind, weights)
     num_classes = int(weights["classifier.weight"].shape[0]) if kind == "vision-cls" else 0
     fresh = build_vision_model(kind, arch, num_classes).state_dict()
     if "encoder.mask_token" not in model_state:

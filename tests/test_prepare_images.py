@@ -178,3 +178,29 @@ def test_a_workspace_inside_the_tree_is_not_taken_for_a_split_or_a_class(tmp_pat
     prepare_images(ws, tmp_path / "in")  # its own manifests are now inside the tree: still not read
     assert [s.split for s in prepare_images(ws, tmp_path / "in").splits] == ["train"]
     assert classes_path(ws).read_text() == "cat\n"
+
+
+def test_a_prepare_waits_for_a_moment_long_holder_of_the_classes_file(tmp_path):
+    import threading
+
+    _img(tmp_path / "in/train/cat/1.png", fmt="PNG")
+    ws = Workspace(tmp_path / "w")
+    pim.images_dir(ws).mkdir(parents=True)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with pim.hold_classes(ws):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    prepare_images(ws, tmp_path / "in")  # waits for the holder instead of failing
+    t.join()
+    assert classes_path(ws).read_text() == "cat\n"
+    with pim.hold_classes(ws):  # past its wait, a holder that does not let go is named
+        with pytest.raises(UserError, match="image classes file is locked"):
+            with pim.hold_classes(ws, wait_s=0.0):
+                pass

@@ -305,3 +305,15 @@ def test_import_fairseq_refuses_a_beit_file_with_absolute_positions_or_unknown_k
     with pytest.raises(UserError, match=r"unexpected \(1\):\s+encoder.blocks.0.attn.k_bias"):
         import_fairseq(tmp_path / "odd.pth", out=tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_import_hf_pretrained_model_saved_with_its_pooler_drops_it_and_says_so(tmp_path):
+    hf = Data2VecVisionModel(_hf_config(use_mean_pooling=True), add_pooling_layer=True).eval()
+    _randomize(hf, seed=13)
+    hf.save_pretrained(tmp_path / "folder")
+    result = import_hf(tmp_path / "folder", out=tmp_path / "pt" / "last.pt")
+    assert result.kind == "vision-pretrain" and any("pooling layer" in n for n in result.notes)
+    model = load_model(result.path).model
+    x = _images()
+    with torch.no_grad():  # use_mean_pooling: HF's last_hidden_state has no final norm
+        torch.testing.assert_close(model.encoder(x)[0], hf(x).last_hidden_state, atol=TOL, rtol=0)

@@ -30,20 +30,22 @@ the manifest); images whose shorter side is under `min_side` are kept and flagge
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from d2vcli.fileio import atomic_write_jsonl, atomic_write_text, remove_stale_temps
-from d2vcli.locks import hold
+from d2vcli.locks import LockError, hold
 from d2vcli.prepare.pipeline import default_workers, split_list, walk_audio
 from d2vcli.prepare.result import PrepareError, Skip
 from d2vcli.ui import console, progress, table
@@ -56,6 +58,7 @@ SPLIT_NAMES = frozenset({"train", "val", "validation", "test", "dev", "valid"})
 TAIL_BYTES = 4096
 POOL_MIN_FILES = 2048
 MIN_SIDE = 32
+CLASSES_WAIT_S = 120.0  # how long a prepare waits for another one's classes.txt check (a moment at most)
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 ImageSkipReason = Literal["empty", "unreadable", "truncated", "not-image", "no-class", "symlink-loop",
                           "duplicate-dir"]
@@ -244,6 +247,23 @@ def read_classes(ws: Workspace) -> Optional[list[str]]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@contextlib.contextmanager
+def hold_classes(ws: Workspace, wait_s: float = CLASSES_WAIT_S) -> Iterator[None]:
+    """The lock on classes.txt. Other prepares hold it for a moment only (a read and maybe one write), so
+    wait for them, as speech prepare waits for the letter dictionary."""
+    deadline = time.monotonic() + wait_s
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(hold(images_dir(ws) / ".classes.lock", "update of the image classes file"))
+                break
+            except LockError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield
+
+
 def settle_classes(ws: Workspace, found: dict[str, list[str]]) -> list[str]:
     """classes.txt: created from every split's classes (sorted) if absent; else every split must fit it."""
     existing = read_classes(ws)
@@ -372,7 +392,7 @@ def prepare_images(ws: Workspace, root: Path | str, splits: Optional[Sequence[st
     for name, folder in found.items():
         skips: list[Skip] = []
         walked[name] = (walk_split(folder, skips, exclude=ws.root), skips)
-    with hold(images_dir(ws) / ".classes.lock", "update of the image classes file"):
+    with hold_classes(ws):
         classes = settle_classes(ws, {s: sorted({f.cls for f in fs}) for s, (fs, _) in walked.items()})
     results = [prepare_image_split(ws, name, fs, skips, classes, strict, min_side, workers)
                for name, (fs, skips) in walked.items()]
