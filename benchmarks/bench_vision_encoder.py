@@ -43,7 +43,7 @@ def build_pair(size: str, device: str):
                                   use_mask_token=True, use_mean_pooling=True, drop_path_rate=0.0,
                                   layer_scale_init_value=1e-4)
     hf = Data2VecVisionModel(hf_cfg).eval()
-    with torch.no_grad():  # the zero-initialized position table would make both sides skip nothing, but be unlike a trained one
+    with torch.no_grad():  # noise on every weight: the zero-initialized position table is unlike a trained one
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     ours = VisionTransformer(arch_from_hf(hf_cfg.to_dict(), "hf")).eval()

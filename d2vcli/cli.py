@@ -374,7 +374,8 @@ def _print_import(result) -> None:
     a = result.arch
     vision = result.kind.startswith("vision-")
     rows = [("kind", result.kind), ("parameters", f"{result.num_parameters:,}"),
-            ("architecture", f"{a['num_layers']} layers x {a['embed_dim']}, {a['num_heads']} heads, FFN {a['ffn_dim']}")]
+            ("architecture", f"{a['num_layers']} layers x {a['embed_dim']}, {a['num_heads']} heads, "
+                             f"FFN {a['ffn_dim']}")]
     rows += [("image", f"{a['image_size']}px, {a['patch_size']}px patches")] if vision else \
         [("normalize", result.normalize)]
     if result.kind == "ctc":

@@ -151,7 +151,8 @@ def arch_from_hf(hf: dict, source: Path) -> VisionConfig:
         problems.append(f"hidden_act is {hf.get('hidden_act')!r}; only the exact GELU ('gelu') is implemented")
     if g("use_absolute_position_embeddings", False):
         problems.append("use_absolute_position_embeddings is true (data2vec's ViT uses relative position bias only)")
-    shared, per_layer = bool(g("use_shared_relative_position_bias", False)), bool(g("use_relative_position_bias", False))
+    shared = bool(g("use_shared_relative_position_bias", False))
+    per_layer = bool(g("use_relative_position_bias", False))
     if shared == per_layer:
         problems.append("exactly one of use_shared_relative_position_bias and use_relative_position_bias must be "
                         "true (data2vec's ViT has one kind of relative position bias)")
@@ -439,8 +440,9 @@ def import_beit(raw, path: Path, out: Optional[Path] = None, workspace: Optional
         raise InteropError(f"{path} is a data2vec vision model: --dict (a letter dictionary) is for speech CTC "
                            f"models; drop it")
     state, notes = convert_beit(raw, path, use_ema=use_ema)
-    out = Path(out) if out is not None else (workspace or Workspace.resolve()).run_dir(f"imported-{path.stem}") / ck.LAST
-    return _save_import(state, out, force, notes)
+    if out is None:
+        out = (workspace or Workspace.resolve()).run_dir(f"imported-{path.stem}") / ck.LAST
+    return _save_import(state, Path(out), force, notes)
 
 
 def _save_import(state: dict, out: Path, force: bool, notes: list[str]) -> VisionImportResult:

@@ -132,9 +132,9 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
 def _plan(size: ImageCorpusSize) -> dict[str, list[int]]:
     """split -> the label of each image, balanced over classes."""
     n = len(CLASSES)
-    return {"pool": [i % n for i in range(size.pool)], "train": [c for c in range(n) for _ in range(size.train_per_class)],
-            "val": [c for c in range(n) for _ in range(size.val_per_class)],
-            "test": [c for c in range(n) for _ in range(size.test_per_class)]}
+    per_class = {"train": size.train_per_class, "val": size.val_per_class, "test": size.test_per_class}
+    return {"pool": [i % n for i in range(size.pool)],
+            **{split: [c for c in range(n) for _ in range(k)] for split, k in per_class.items()}}
 
 
 def _stamp_params(size: str, seed: int) -> dict:

@@ -347,7 +347,7 @@ def prepare_image_split(ws: Workspace, split: str, files: list[_File], walk_skip
         if skipped and (strict or not records):
             atomic_write_text(skipped_file, _skip_rows(skipped))
         kept = image_manifest(ws, split)
-        kept_note = f"{kept} from an earlier run was kept" if kept.exists() else f"no manifest was written"
+        kept_note = f"{kept} from an earlier run was kept" if kept.exists() else "no manifest was written"
         if strict and skipped:
             path, reason, detail = skipped[0]
             raise PrepareError(f"--strict: {path} would be skipped ({reason}: {detail}); {len(skipped)} problem(s) "
