@@ -317,3 +317,24 @@ def test_import_hf_pretrained_model_saved_with_its_pooler_drops_it_and_says_so(t
     x = _images()
     with torch.no_grad():  # use_mean_pooling: HF's last_hidden_state has no final norm
         torch.testing.assert_close(model.encoder(x)[0], hf(x).last_hidden_state, atol=TOL, rtol=0)
+
+
+def test_cli_import_fairseq_of_a_beit_file_with_pickled_args_needs_trust(tmp_path):
+    """The repo's files carry an argparse Namespace: refused by a safe load, imported with --trust-checkpoint."""
+    import argparse
+
+    from typer.testing import CliRunner
+
+    from d2vcli.cli import app
+
+    hf = Data2VecVisionForImageClassification(_hf_config(use_mean_pooling=True, num_labels=3))
+    sd = _beit_layout(hf, "vision-cls")
+    torch.save({"model": sd, "args": argparse.Namespace(model="beit_base_patch16_224")}, tmp_path / "checkpoint-99.pth")
+    runner = CliRunner()
+    argv = ["import", "fairseq", str(tmp_path / "checkpoint-99.pth"), "-w", str(tmp_path / "w")]
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 2 and "--trust-checkpoint" in res.output
+    res = runner.invoke(app, argv + ["--trust-checkpoint"])
+    assert res.exit_code == 0, res.output
+    assert "vision-cls" in res.output and "tensor shapes" in " ".join(res.output.split())
+    assert ck.load_checkpoint(tmp_path / "w/runs/imported-checkpoint-99/last.pt")[ck.CLASSES_KEY] == ["0", "1", "2"]
