@@ -32,6 +32,8 @@ BENCHMARKS = [
      "bench_resample.py", [], ["--repeat", "2"]),
     ("Encoder inference: d2v vs Hugging Face Data2VecAudioModel (same weights)", "bench_encoder.py", [],
      ["--sizes", "tiny,base", "--batches", "1", "--repeat", "3"]),
+    ("Image encoder inference: d2v ViT vs Hugging Face Data2VecVisionModel (same weights)",
+     "bench_vision_encoder.py", [], ["--sizes", "tiny,base", "--batches", "1", "--repeat", "3"]),
     ("Pretraining throughput: audio-seconds/second, peak memory, EMA cost", "bench_pretrain.py",
      ["--threads", "1"], ["--threads", "1", "--configs", "tiny,base", "--steps", "4"]),
     ("Decoding: flashlight-text lexicon beam search vs pyctcdecode (same emissions, LM, beam)",

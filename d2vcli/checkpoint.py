@@ -3,13 +3,15 @@
 Keys (named constants below):
 
     format_version  int, FORMAT_VERSION; anything else fails loudly (no silent upgrade chain)
-    kind            "pretrain" (data2vec student + teacher) or "ctc" (fine-tuned letter CTC)
+    kind            "pretrain" (data2vec student + teacher) or "ctc" (fine-tuned letter CTC); for images
+                    "vision-pretrain" (ViT student + regression head) or "vision-cls" (ViT classifier)
     config          the resolved config (plain dict, see config.to_dict)
-    arch            the model architecture (ModelConfig as a dict): enough to rebuild the network
+    arch            the model architecture (ModelConfig as a dict; for vision kinds models.vision.VisionConfig)
     normalize       bool, waveform normalization the model was trained with (enforced downstream)
     model           model state_dict
     teacher         EMA teacher state_dict (fp32 shadow weights), pretrain only
     vocab           list of dictionary letters (ctc only): outputs are interpretable with no side file
+    classes         list of class names (vision-cls only), in the order of the classifier's outputs
     optimizer, scheduler, scaler, rng, data_position, step, engine   training state for exact resume
     source          where an imported checkpoint came from (interop), optional
 
@@ -42,7 +44,8 @@ from d2vcli.ui import err_console
 from d2vcli.vocab import SPECIALS, Vocab
 
 FORMAT_VERSION = 1
-KINDS = ("pretrain", "ctc")
+KINDS = ("pretrain", "ctc", "vision-pretrain", "vision-cls")
+VISION_KINDS = ("vision-pretrain", "vision-cls")
 
 FORMAT_VERSION_KEY = "format_version"
 KIND_KEY = "kind"
@@ -52,6 +55,7 @@ NORMALIZE_KEY = "normalize"
 MODEL_KEY = "model"
 TEACHER_KEY = "teacher"
 VOCAB_KEY = "vocab"
+CLASSES_KEY = "classes"
 OPTIMIZER_KEY = "optimizer"
 SCHEDULER_KEY = "scheduler"
 SCALER_KEY = "scaler"
@@ -189,7 +193,9 @@ def load_checkpoint(path: Path, expect_kind: Optional[str] = None, trust: bool =
     kind = state.get(KIND_KEY)
     if expect_kind and kind != expect_kind:
         what = {"pretrain": "a pretrained data2vec model (from `d2v pretrain` or `d2v import`)",
-                "ctc": "a fine-tuned CTC model (from `d2v finetune` or `d2v import`)"}
+                "ctc": "a fine-tuned CTC model (from `d2v finetune` or `d2v import`)",
+                "vision-pretrain": "a pretrained data2vec image model (from `d2v import hf`)",
+                "vision-cls": "an image classifier (from `d2v import hf`)"}
         raise CheckpointError(
             f"{path} is {what.get(kind, repr(kind))}, but {what[expect_kind]} is needed here."
         )
@@ -216,21 +222,26 @@ def peek_kind(path: Path) -> Optional[str]:
 
 def make_state(kind: str, *, config: dict, arch: dict, normalize: bool, model: dict,
                teacher: Optional[dict] = None, vocab: Optional[Sequence[str]] = None,
-               source: Any = None, **training: Any) -> dict:
+               source: Any = None, classes: Optional[Sequence[str]] = None, **training: Any) -> dict:
     """The one constructor of a checkpoint dict.
 
     `kind` "pretrain" carries the EMA `teacher` (may be None for a random or student-only
-    model); "ctc" carries the `vocab` letters (specials excluded). `training` holds the engine's
+    model); "ctc" carries the `vocab` letters (specials excluded); "vision-cls" the `classes` names.
+    `training` holds the engine's
     resume keys (optimizer, scheduler, scaler, rng, data_position, step, engine) by their key names.
     """
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     if kind == "ctc" and not vocab:
         raise ValueError("a ctc checkpoint needs its vocabulary")
+    if kind == "vision-cls" and not classes:
+        raise ValueError("a vision-cls checkpoint needs its class names")
     state = {FORMAT_VERSION_KEY: FORMAT_VERSION, KIND_KEY: kind, CONFIG_KEY: config, ARCH_KEY: arch,
              NORMALIZE_KEY: bool(normalize), MODEL_KEY: model}
     if kind == "ctc":
         state[VOCAB_KEY] = list(vocab)
+    elif kind == "vision-cls":
+        state[CLASSES_KEY] = list(classes)
     elif teacher is not None:
         state[TEACHER_KEY] = teacher
     if source is not None:

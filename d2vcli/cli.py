@@ -212,6 +212,26 @@ def prepare_folder_cmd(
                  keep_text=keep_text, strict=strict, workers=workers)
 
 
+@prepare_app.command("images")
+def prepare_images_cmd(
+    root: Path = typer.Argument(..., help="ImageNet-style tree (train/<class>/..., val/<class>/...) or one folder "
+                                "of class folders."),
+    splits: Optional[List[str]] = SplitsOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="Name of the one split when ROOT holds the class "
+                                        "folders (default: ROOT's name)."),
+    min_side: int = typer.Option(32, "--min-side", min=1, max=100000, help="Flag images whose shorter side is "
+                                 "below this many pixels as tiny."),
+    strict: bool = StrictOpt,
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Image manifests (path, class, width, height) and classes.txt under <workdir>/data/images/."""
+    from d2vcli.prepare.images import prepare_images
+
+    _run_prepare(prepare_images, Workspace.resolve(workdir), root, splits, split=split, strict=strict,
+                 min_side=min_side, workers=workers)
+
+
 @prepare_app.command("synthetic")
 def prepare_synthetic_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: <workdir>/corpus/synthetic)."),
@@ -226,6 +246,24 @@ def prepare_synthetic_cmd(
     from d2vcli.prepare import prepare_synthetic
 
     _run_prepare(prepare_synthetic, Workspace.resolve(workdir), out, size, seed, strict=strict, workers=workers)
+
+
+@prepare_app.command("synthetic-images")
+def prepare_synthetic_images_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: "
+                                       "<workdir>/corpus/synthetic-images)."),
+    size: str = typer.Option("demo", "--size", help="demo (4,000 pool + 100 labeled images) or tiny (for tests)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
+                              "corpus."),
+    strict: bool = StrictOpt,
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Generate the synthetic image corpus (10 shape/texture classes, ImageFolder layout) and prepare it."""
+    from d2vcli.prepare.synthetic_images import prepare_synthetic_images
+
+    _run_prepare(prepare_synthetic_images, Workspace.resolve(workdir), out, size, seed, strict=strict,
+                 workers=workers)
 
 
 @prepare_app.command("fairseq-export")
@@ -334,16 +372,22 @@ def _print_import(result) -> None:
     from d2vcli.ui import table
 
     a = result.arch
+    vision = result.kind.startswith("vision-")
     rows = [("kind", result.kind), ("parameters", f"{result.num_parameters:,}"),
-            ("architecture", f"{a['num_layers']} layers x {a['embed_dim']}, {a['num_heads']} heads, FFN {a['ffn_dim']}"),
-            ("normalize", result.normalize)]
+            ("architecture", f"{a['num_layers']} layers x {a['embed_dim']}, {a['num_heads']} heads, "
+                             f"FFN {a['ffn_dim']}")]
+    rows += [("image", f"{a['image_size']}px, {a['patch_size']}px patches")] if vision else \
+        [("normalize", result.normalize)]
     if result.kind == "ctc":
         rows.append(("vocabulary", f"{result.vocab_size} outputs"))
+    if result.kind == "vision-cls":
+        rows.append(("classes", result.num_classes))
     console.print(table("imported", ["field", "value"], rows))
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     run = result.path.parent.name
-    use = f"--set finetune.init={run}" if result.kind == "pretrain" else f"decode/evaluate with {run}"
+    use = {"pretrain": f"--set finetune.init={run}", "ctc": f"decode/evaluate with {run}"}.get(
+        result.kind, f"d2v export hf {run} DIR, or d2vcli.models.loading.load_model")
     console.print(f"wrote {result.path}  (use it by run name: {use})", markup=False)
 
 
@@ -359,7 +403,8 @@ def import_fairseq_cmd(
     force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt) into a d2v checkpoint."""
+    """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt), or a data2vec 1.0 vision
+    checkpoint of the BEiT repo (checkpoint-799.pth, mp_rank_00_model_states.pt), into a d2v checkpoint."""
     from d2vcli.interop import import_fairseq
 
     _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,
@@ -368,18 +413,21 @@ def import_fairseq_cmd(
 
 @import_app.command("hf")
 def import_hf_cmd(
-    folder: Path = typer.Argument(..., help="A save_pretrained folder of Data2VecAudioModel or Data2VecAudioForCTC."),
+    folder: Path = typer.Argument(..., help="A save_pretrained folder of Data2VecAudioModel/ForCTC or "
+                                  "Data2VecVisionModel/ForImageClassification."),
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt to use instead of vocab.json."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
     force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Convert a Hugging Face data2vec-audio model folder into a d2v checkpoint."""
+    """Convert a Hugging Face data2vec-audio or data2vec-vision model folder into a d2v checkpoint."""
+    from d2vcli import interop_vision
     from d2vcli.interop import import_hf
 
-    _print_import(import_hf(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir),
-                            force=force))
+    convert = interop_vision.import_hf if interop_vision.is_vision_folder(folder) else import_hf
+    _print_import(convert(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir),
+                          force=force))
 
 
 @export_app.command("hf")
@@ -391,12 +439,15 @@ def export_hf_cmd(
                                "earlier export wrote there (other files are kept)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder."""
+    """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder,
+    or an image model as Data2VecVisionForImageClassification (vision-cls) or Data2VecVisionModel (vision-pretrain)."""
+    from d2vcli import interop_vision
     from d2vcli.checkpoint import find_checkpoint
     from d2vcli.interop import export_hf
 
     path = find_checkpoint(Workspace.resolve(workdir), checkpoint)
-    for written in export_hf(path, out_dir, trust=trust, force=force):
+    write = interop_vision.export_hf if interop_vision.is_vision_checkpoint(path) else export_hf
+    for written in write(path, out_dir, trust=trust, force=force):
         console.print(f"wrote {written}", markup=False)
 
 

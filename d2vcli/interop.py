@@ -449,16 +449,23 @@ def convert_fairseq(raw: Any, source: Path, dict_path: Optional[Path] = None, us
 
 
 def _already_d2v(source: Path, kind: str) -> str:
-    use = "--init it in `d2v finetune`" if kind == "pretrain" else "pass it to `d2v decode`/`evaluate`/`transcribe`"
+    use = {"pretrain": "--init it in `d2v finetune`", "ctc": "pass it to `d2v decode`/`evaluate`/`transcribe`"}.get(
+        kind, "`d2v export hf` it")
     return (f"{source} is already a d2v checkpoint (kind {kind!r}): no conversion needed. Use it as it is "
             f"({use}), or copy it to <workdir>/runs/NAME/last.pt to refer to it by run name.")
 
 
 def import_fairseq(path: Path, out: Optional[Path] = None, dict_path: Optional[Path] = None, use_ema: bool = False,
                    trust: bool = False, workspace: Optional[Workspace] = None, force: bool = False) -> ImportResult:
-    """`d2v import fairseq`: convert a fairseq data2vec checkpoint and write it as a d2v checkpoint."""
+    """`d2v import fairseq`: convert a fairseq data2vec checkpoint and write it as a d2v checkpoint
+    (a data2vec vision file from the BEiT repo goes to `interop_vision.import_beit`)."""
     path = Path(path)
     raw = ck.load_raw(path, trust=trust)
+    from d2vcli import interop_vision  # deferred: interop_vision builds on this module's checks
+
+    if interop_vision.is_beit_checkpoint(raw):  # data2vec 1.0 vision, released from the BEiT repo
+        return interop_vision.import_beit(raw, path, out=out, workspace=workspace, force=force, use_ema=use_ema,
+                                          dict_path=dict_path)
     state, notes = convert_fairseq(raw, path, dict_path=dict_path, use_ema=use_ema)
     return _write(state, out, workspace, path, notes, force)
 

@@ -4,6 +4,7 @@
     model = build_model("ctc", arch, vocab_size=32)              # a fresh CTC model
     loaded = load_model("runs/base-10h/best.pt")                  # any kind, weights checked
     loaded.model, loaded.kind, loaded.vocab, loaded.normalize
+    model = build_vision_model("vision-cls", vision_tiny(), num_classes=10)   # the image kinds
 
 Pretraining, fine-tuning, interop, decode, transcribe and the demo all build their networks
 here, so a kind's architecture and its weights can only be paired one way. Unlike the network
@@ -22,11 +23,15 @@ from torch import nn
 from d2vcli import checkpoint as ckpt
 from d2vcli.config import ModelConfig, from_dict
 from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
+from d2vcli.models.vision import Data2VecVisionForImageClassification, Data2VecVisionForPretraining, VisionConfig
 from d2vcli.vocab import BLANK, Vocab
 
 
 def build_model(kind: str, arch: ModelConfig | dict, vocab_size: int = 0, final_dropout: float = 0.0) -> nn.Module:
-    """A freshly initialized network of `kind` ("pretrain" or "ctc") for `arch` (a ModelConfig or its dict)."""
+    """A freshly initialized network of `kind` ("pretrain" or "ctc") for `arch` (a ModelConfig or its dict);
+    the vision kinds go to `build_vision_model` (`vocab_size` is then the number of classes)."""
+    if kind in ckpt.VISION_KINDS:
+        return build_vision_model(kind, arch, vocab_size)
     if isinstance(arch, dict):
         arch = from_dict(arch, ModelConfig)
     backbone = build_backbone(arch)
@@ -35,6 +40,36 @@ def build_model(kind: str, arch: ModelConfig | dict, vocab_size: int = 0, final_
     if kind == "pretrain":
         return Data2VecForPretraining(backbone)
     raise ValueError(f"unknown model kind {kind!r}; expected one of {ckpt.KINDS}")
+
+
+def vision_arch(arch: VisionConfig | dict, path: Path | str = "checkpoint") -> VisionConfig:
+    """A VisionConfig from a checkpoint's `arch` dict (unknown or missing fields are a CheckpointError)."""
+    if isinstance(arch, VisionConfig):
+        return arch
+    fields = VisionConfig.__dataclass_fields__
+    unknown = sorted(set(arch) - set(fields))
+    if unknown:
+        raise ckpt.CheckpointError(f"{path}: its image architecture has unknown fields {unknown}; "
+                                   f"it was written by another d2vcli version")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+    try:
+        cfg = VisionConfig(**values)
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: its image architecture is not valid ({e})") from None
+    return cfg
+
+
+def build_vision_model(kind: str, arch: VisionConfig | dict, num_classes: int = 0) -> nn.Module:
+    """A fresh ViT: "vision-pretrain" (student + regression head) or "vision-cls" (classifier, `num_classes`)."""
+    arch = vision_arch(arch)
+    if kind == "vision-pretrain":
+        return Data2VecVisionForPretraining(arch)
+    if kind == "vision-cls":
+        if num_classes < 1:
+            raise ValueError("a vision-cls model needs num_classes >= 1")
+        return Data2VecVisionForImageClassification(arch, num_classes)
+    raise ValueError(f"unknown image model kind {kind!r}; expected one of {ckpt.VISION_KINDS}")
 
 
 def expected_state(kind: str, arch: ModelConfig | dict, vocab_size: int = 0) -> dict:
@@ -50,6 +85,7 @@ class LoadedModel:
     vocab: Optional[Vocab]  # ctc only
     normalize: bool  # the waveform normalization the model was trained with
     state: dict  # the whole checkpoint, for callers that need more (config, teacher, source)
+    classes: Optional[list[str]] = None  # vision-cls only, in output order
 
 
 def load_model(path: Path, expect_kind: Optional[str] = None, trust: bool = False) -> LoadedModel:
@@ -62,7 +98,11 @@ def load_model(path: Path, expect_kind: Optional[str] = None, trust: bool = Fals
     state = ckpt.load_checkpoint(path, expect_kind=expect_kind, trust=trust)
     kind = state[ckpt.KIND_KEY]
     vocab = ckpt.vocab_of(state, path) if kind == "ctc" else None
-    model = build_model(kind, ckpt.arch_of(state, path), len(vocab) if vocab else 0)
+    classes = list(state.get(ckpt.CLASSES_KEY) or []) if kind == "vision-cls" else None
+    if kind in ckpt.VISION_KINDS:
+        model = build_vision_model(kind, vision_arch(state.get(ckpt.ARCH_KEY) or {}, path), len(classes or []))
+    else:
+        model = build_model(kind, ckpt.arch_of(state, path), len(vocab) if vocab else 0)
     missing, unexpected = model.load_state_dict(state[ckpt.MODEL_KEY], strict=False)
     if missing or unexpected:
         raise ckpt.CheckpointError(
@@ -70,7 +110,7 @@ def load_model(path: Path, expect_kind: Optional[str] = None, trust: bool = Fals
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}). The file is damaged or was edited."
         )
     model.eval()
-    return LoadedModel(model, kind, vocab, bool(state.get(ckpt.NORMALIZE_KEY, True)), state)
+    return LoadedModel(model, kind, vocab, bool(state.get(ckpt.NORMALIZE_KEY, True)), state, classes)
 
 
 def load_ctc_model(path: Path, trust: bool = False) -> tuple[Data2VecForCTC, Vocab, bool, dict]:
