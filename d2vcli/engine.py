@@ -487,6 +487,8 @@ class _Trainer:
         log = MetricsLog(self.run_info.metrics_path, self.run_info.dir / "tensorboard", info.is_main,
                          self.step if self.run_info.resume_from else None, WandbSettings.of(cfg, self.run_info))
         if info.is_main:
+            if info.backend:
+                console.print(f"distributed: {info.backend} process group, {info.world_size} process(es), DDP")
             console.print(f"batch: {describe_batch(cfg.train.batch_seconds, cfg.data.max_tokens, info, self.accumulation)}")
             compiled = "torch.compile" if compile_wanted(cfg.train.compile, self.device) else "eager"
             ckpting = ", activation checkpointing" if cfg.train.activation_checkpointing else ""
