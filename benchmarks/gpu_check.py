@@ -544,7 +544,7 @@ def check_fused_adamw(run: Run, allowed: float):
                "params": sum(p.numel() for p in params)}
     if worst > TOL["adamw"]:
         raise CheckFailed(f"fused AdamW differs from foreach by {worst:.1e} > {TOL['adamw']:.0e}")
-    where = "engine uses it on CUDA" if engine_fused else "engine uses foreach on CPU"
+    where = f"the engine uses it on {dev.type}" if engine_fused else f"the engine uses foreach on {dev.type}"
     return (f"3 steps equal foreach (max |diff| {worst:.1e}); {1e3 * times['fused']:.1f} ms vs "
             f"{1e3 * times['foreach']:.1f} ms per step; {where}"), details
 
