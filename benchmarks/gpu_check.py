@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
+import gc
 import io
 import json
 import os
@@ -556,7 +556,8 @@ def check_torchrun(run: Run, allowed: float):
     tokens = 64_000 if run.cpu else 3_800_000
     sets = overrides + [f"data.max_tokens={tokens}", f"train.batch_seconds={tokens / 16000}", "train.save_every=1",
                         "train.log_every=1", "data.train_splits=[train]", f"data.min_sample_size={min(samples, 32000)}",
-                        "data.num_workers=2", f"data.max_sample_size={samples}"]
+                        "data.num_workers=2", f"data.max_sample_size={samples}",
+                        "train.compile=off"]  # compiling twice would take most of the budget; `compile` checks it
     env = dict(os.environ, D2V_PROGRESS="0", COLUMNS="400", OMP_NUM_THREADS="1" if run.cpu else os.environ.get("OMP_NUM_THREADS", "4"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     outputs = []
@@ -618,6 +619,8 @@ def throughput_case(run: Run, label: str, variant: str, sets: list[str], updates
     except torch.cuda.OutOfMemoryError:
         row["note"] = f"out of memory (at {torch.cuda.max_memory_allocated() / 2**30:.0f} GB)"
         run.throughput.append(row)
+        gc.collect()  # the traceback's frames hold the dead run's tensors
+        torch.cuda.empty_cache()
         return row
     if result.status != "done":
         raise CheckFailed(f"{label} {variant}: pretraining ended '{result.status}': {result.message}")

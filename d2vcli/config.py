@@ -186,8 +186,8 @@ class TrainConfig:
     )
     activation_checkpointing: bool = f(
         False, "Recompute each transformer layer's activations in the backward pass instead of keeping them "
-        "(torch.utils.checkpoint, non-reentrant): about a third more compute for much less memory. "
-        "speech-large turns it on so the recipe's per-GPU batch fits an 80 GB GPU.",
+        "(torch.utils.checkpoint, non-reentrant): a third more transformer compute for about 9x less activation "
+        "memory. Needed when data.max_tokens outgrows the GPU (speech-large at 1.9M fits 80 GB without; docs/gpu.md).",
     )
     wandb_project: str = f(
         "", "Weights & Biases project to log to as well (rank 0, beside metrics.jsonl and TensorBoard); "
