@@ -725,10 +725,11 @@ def main(argv=None) -> int:
             run.run_check(check_name, budget, fn)
     finally:
         run.write()
-        (run.args.md.with_suffix(".log")).write_text(run.log.getvalue()) if args.out else None
+        # d2v's own output of every run (config summaries, torchrun logs), for when a check fails; not committed.
+        run.args.md.with_suffix(".log").write_text(run.log.getvalue())
         shutil.rmtree(run.tmp, ignore_errors=True)
     failed = run.failed()
-    print(f"report: {args.md} and {args.json}", file=sys.stderr)
+    print(f"report: {args.md} and {args.json} (d2v's output: {args.md.with_suffix('.log')})", file=sys.stderr)
     if failed:
         print(f"gpu_check: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

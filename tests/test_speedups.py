@@ -163,3 +163,20 @@ def test_checkpointing_keeps_only_each_layers_input_for_backward():
 
     plain, ckpt = saved_bytes(False), saved_bytes(True)
     assert ckpt < 0.6 * plain
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_training_on_cuda_matches_eager(tmp_path):
+    """On a GPU: train.compile=on (the CUDA default) gives the eager losses within bf16 noise, without a fallback."""
+    ws = _corpus(tmp_path / "ws", [32000] * 8)
+    common = ["data.train_splits=[train]", "data.max_tokens=64000", "data.max_sample_size=32000",
+              "data.min_sample_size=8000", "train.batch_seconds=4", "train.max_updates=3", "train.log_every=1",
+              "model.dropout=0.0", "model.attention_dropout=0.0", "train.device=cuda"]
+    losses = {}
+    for mode in ("off", "on"):
+        cfg = cfgmod.resolve("pretrain", preset="speech-tiny", overrides=common + [f"train.compile={mode}"])
+        result = pretrain(cfg, ws, name=f"compile-{mode}")
+        assert result.status == "done", result.message
+        losses[mode] = _losses(result.run_dir)
+    assert losses["on"] == pytest.approx(losses["off"], rel=2e-2)
