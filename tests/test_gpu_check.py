@@ -89,3 +89,25 @@ def test_base_update_flops_and_peaks():
     assert flops_per_audio_second(250_000, large.model, large.masking) / 1e9 == pytest.approx(153.6, abs=1)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989.4e12 and peak_flops("Some GPU") is None
+
+
+def test_a_check_that_overruns_its_budget_is_stopped_and_reported(tmp_path):
+    """The watchdog: a hung check (a stuck kernel or compile) ends the run at its budget, report written, exit 1."""
+    code = f"""
+import sys, time, types
+from pathlib import Path
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import torch, gpu_check
+args = types.SimpleNamespace(budget=60, only=[], md=Path({str(tmp_path / 'r.md')!r}),
+                             json=Path({str(tmp_path / 'r.json')!r}))
+run = gpu_check.Run(args, torch.device("cpu"))
+run.run_check("quick", 5, lambda allowed: ("fine", {{}}))
+run.run_check("hang", 1, lambda allowed: time.sleep(60))
+print("not reached")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "not reached" not in proc.stdout
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [(c["name"], c["status"]) for c in doc["checks"]] == [("quick", "pass"), ("hang", "fail")]
+    assert "timed out" in doc["checks"][1]["summary"] and doc["failed"] == ["hang"]
