@@ -22,7 +22,7 @@ from d2vcli.models.audio2 import ContextEncoder, alibi_bias, alibi_slopes
 from d2vcli.models.loading import build_model
 from d2vcli.objective.masking import compute_block_mask
 from d2vcli.objective.targets import build_targets
-from d2vcli.objective.teacher import EMATeacher, ema_decay_at
+from d2vcli.objective.teacher import ema_decay_at
 from d2vcli.pretrain import Pretrain2Task, build_loader, pretrain
 
 from conftest import PRETRAIN_TINY_SET
@@ -228,3 +228,44 @@ def test_two_processes_match_one_process_with_accumulation(synthetic_workspace):
     two = losses(synthetic_workspace.run_dir("ddp2-two"))
     assert len(two) == 3
     assert two == pytest.approx(losses(one.run_dir), rel=1e-5, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- fine-tuning and inference
+
+
+def test_finetune_from_a_2_0_checkpoint_then_transcribe_and_evaluate(pretrained2_tiny, synthetic_workspace):
+    from typer.testing import CliRunner
+
+    from d2vcli.audio import read_audio
+    from d2vcli.cli import app
+    from d2vcli.decode.search import greedy_batch
+    from d2vcli.manifest import read_manifest
+    from d2vcli.models.loading import load_ctc_model
+    from d2vcli.transcribe import model_input, transcribe
+
+    ws = synthetic_workspace
+    args = ["finetune", "--preset", "finetune-tiny", "--init", "pretrained2-tiny", "--from-teacher",
+            "--name", "ft2", "--workdir", str(ws.root)]
+    for item in ["data.max_tokens=64000", "train.batch_seconds=4", "train.log_every=1", "train.save_every=1000",
+                 "data.valid_splits=[dev-clean]", "finetune.best_metric=dev-clean/cer", "finetune.validate_every=1000",
+                 "finetune.validate_after=0", "train.max_updates=30", "finetune.freeze_updates=0", "optim.lr=0.001"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [r for r in read_jsonl(ws.run_dir("ft2") / "metrics.jsonl") if "loss" in r and "epoch" in r]
+    curve = [r["loss"] for r in rows]
+    assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5  # CTC on the ALiBi encoder learns
+
+    model, vocab, normalize, state = load_ctc_model(ws.run_dir("ft2") / "last.pt")
+    assert state[ckpt.ARCH_KEY]["version"] == 2 and type(model.backbone).__name__ == "Data2Vec2Audio"
+    path = read_manifest(ws.manifest("train"))[0].path
+    [t] = transcribe([path], ws, model="ft2", lm=None)
+    wav, sr = read_audio(path)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(model_input(wav, sr, normalize))[None])["logits"]
+    assert t.text == vocab.decode(greedy_batch(logits)[0])  # transcribe runs the same 2.0 network
+
+    evaluated = CliRunner().invoke(app, ["evaluate", "ft2", "--splits", "dev-clean", "--no-lm",
+                                         "--workdir", str(ws.root)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "dev-clean" in evaluated.output
