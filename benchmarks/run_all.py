@@ -32,8 +32,9 @@ BENCHMARKS = [
      "bench_resample.py", [], ["--repeat", "2"]),
     ("Encoder inference: d2v vs Hugging Face Data2VecAudioModel (same weights)", "bench_encoder.py", [],
      ["--sizes", "tiny,base", "--batches", "1", "--repeat", "3"]),
-    ("Pretraining throughput: audio-seconds/second, peak memory, EMA cost", "bench_pretrain.py",
-     ["--threads", "1"], ["--threads", "1", "--configs", "tiny,base", "--steps", "4"]),
+    ("Pretraining throughput, data2vec 1.0 and 2.0: audio-seconds/second, peak memory, EMA cost", "bench_pretrain.py",
+     ["--threads", "1", "--configs", "tiny,tiny2,base,base2"],
+     ["--threads", "1", "--configs", "tiny,tiny2,base,base2", "--steps", "4"]),
     ("Decoding: flashlight-text lexicon beam search vs pyctcdecode (same emissions, LM, beam)",
      "bench_decode.py", [], ["--utts", "40", "--beams", "50"]),
 ]
