@@ -49,6 +49,20 @@ def pretrained2_tiny(synthetic_workspace):
     return result.checkpoint
 
 
+# ----------------------------------------------------------------------------- the presets' networks
+
+
+@pytest.mark.parametrize("preset,params,ema_keys,blocks", [("speech2-base", 93_783_308, 157, 12),
+                                                           ("speech2-large", 315_184_144, 301, 24)])
+def test_presets_build_the_recipes_networks(preset, params, ema_keys, blocks):
+    """Parameter counts of fairseq's data2vec_multi built from base/large_audio_only_task.yaml (93.78M and
+    315.18M, decoder included), and its EMA key count (157 / 301) plus our q/k/v split (+4 tensors per block)."""
+    with torch.device("meta"):
+        model = build_model("pretrain", C.resolve("pretrain", preset=preset).model)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert len(model.backbone.encoder.state_dict()) == ema_keys + 4 * blocks
+
+
 # ----------------------------------------------------------------------------- ALiBi and the gather
 
 
@@ -264,6 +278,11 @@ def test_finetune_from_a_2_0_checkpoint_then_transcribe_and_evaluate(pretrained2
     with torch.no_grad():
         logits = model(torch.from_numpy(model_input(wav, sr, normalize))[None])["logits"]
     assert t.text == vocab.decode(greedy_batch(logits)[0])  # transcribe runs the same 2.0 network
+    import d2vcli
+
+    loaded = d2vcli.load("ft2", workdir=ws.root)
+    frames = model.backbone.num_frames(len(model_input(wav, sr, normalize)))
+    assert loaded.embed(path, layer=2).shape == (frames, state[ckpt.ARCH_KEY]["embed_dim"])  # the Python API's hidden states
 
     evaluated = CliRunner().invoke(app, ["evaluate", "ft2", "--splits", "dev-clean", "--no-lm",
                                          "--workdir", str(ws.root)])
