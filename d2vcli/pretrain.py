@@ -206,6 +206,8 @@ class Pretrain2Task(PretrainTask):
         self.model = build_model("pretrain", cfg.model).to(device)
         # Nothing is copied instead of averaged (fairseq ema_encoder_only=false, ema_local_encoder=false).
         self.teacher = EMATeacher(self.model.backbone.encoder)
+        if cfg.model.feature_grad_mult == 0:  # a frozen conv encoder (speech2-tiny) runs under no_grad: no grads
+            self.model.backbone.feature_extractor.requires_grad_(False)
         self.find_unused_parameters = cfg.model.layerdrop > 0
 
     def time_mask(self, batch: Batch, num_frames_: int, frame_pad: Optional[Tensor]) -> Tensor:
