@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from d2vcli import checkpoint as ck
 from d2vcli import config as cfgmod
+from d2vcli import interop_vision
 from d2vcli.interop_fairseq2 import convert_fairseq2, is_fairseq2
 from d2vcli.interop_hf import (HF_CTC_MAP, HF_MODEL_MAP, convert_hf, export_hf, hf_config, hf_state_dict,
                                import_hf, model_config_from_hf)
@@ -208,8 +209,6 @@ def import_fairseq(path: Path, out: Optional[Path] = None, dict_path: Optional[P
     (a data2vec vision file from the BEiT repo goes to `interop_vision.import_beit`)."""
     path = Path(path)
     raw = ck.load_raw(path, trust=trust)
-    from d2vcli import interop_vision  # deferred: interop_vision builds on this module's checks
-
     if interop_vision.is_beit_checkpoint(raw):  # data2vec 1.0 vision, released from the BEiT repo
         return interop_vision.import_beit(raw, path, out=out, workspace=workspace, force=force, use_ema=use_ema,
                                           dict_path=dict_path)
