@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="P=100, 400 fine-tuning updates: a smoke run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DOC)
+    ap.add_argument("--note", default="", help="a remark for the caption, e.g. that other jobs shared the cores")
     args = ap.parse_args()
     if args.quick:
         args.pretrain_updates, args.finetune_updates = 100, 200
@@ -147,7 +148,8 @@ def main() -> None:
              f"seed and arm). Pretraining: `speech-tiny` on all {total:.0f} min of training audio. Random init: "
              f"`--init scratch`, lr from {{{', '.join(f'{lr:g}' for lr in args.lrs)}}} picked on {SELECT_SPLIT}. "
              f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
-             f"{args.threads} thread{'s' if args.threads != 1 else ''}; {hours:.1f} h of training in all (cores shared with other jobs); {time.strftime('%Y-%m-%d')}.", "",
+             f"{args.threads} thread{'s' if args.threads != 1 else ''}; {hours:.1f} h of training in all"
+             f"{'; ' + args.note if args.note else ''}; {time.strftime('%Y-%m-%d')}.", "",
              "| labeled | " + " | ".join(arms) + " | gap (random − pretrained " + str(P) + "), per seed |",
              "|---|" + "---|" * (len(arms) + 1)]
     for every in args.every:

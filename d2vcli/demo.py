@@ -91,6 +91,14 @@ def _updates(updates: Optional[int]) -> list[str]:
     return [] if updates is None else [f"train.max_updates={updates}"]
 
 
+def _stop(what: str, result, run_dir: Path) -> None:
+    """A stage's run stopped early (interrupted, or a guard fired): say so in one line, not a traceback, and
+    exit with the run's status; finished stages are kept, so re-running `d2v demo` resumes."""
+    console.print(f"demo: {what} ended with status {result.status}; see {run_dir}. "
+                  "Re-run `d2v demo` with the same --workdir to resume.", markup=False, soft_wrap=True)
+    raise SystemExit(result.exit_code)
+
+
 def write_labeled_subset(ws, every: int) -> str:
     """data/train-labeled.jsonl: every `every`-th utterance of train (by id, so every speaker is in it).
     Returns a one-line description (utterances and minutes against the whole split)."""
@@ -122,7 +130,7 @@ def _finetune(ws, init, name: str, settings: DemoSettings, lr: Optional[float] =
     cfg = cfgmod.merge(cfg, init if isinstance(init, dict) else {"finetune": {"init": init}})
     result = finetune(cfg, ws, name=name, resume_if_exists=True, preset="finetune-tiny")
     if result.exit_code:
-        raise RuntimeError(f"fine-tuning {name} ended with status {result.status}; see {ws.run_dir(name)}")
+        _stop(f"fine-tuning {name}", result, ws.run_dir(name))
     rows = [r for r in read_jsonl(ws.run_dir(name) / "metrics.jsonl") if f"{SELECT_SPLIT}/cer" in r]
     return rows[-1][f"{SELECT_SPLIT}/cer"] if rows else float("nan")
 
@@ -151,7 +159,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
                           overrides=list(settings.pretrain_set) + _updates(settings.pretrain_updates))
     result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume_if_exists=True, preset="speech-tiny")
     if result.exit_code:
-        raise RuntimeError(f"pretraining ended with status {result.status}; see {ws.run_dir(PRETRAIN_RUN)}")
+        _stop("pretraining", result, ws.run_dir(PRETRAIN_RUN))
     lap("pretrain")
 
     _stage(3, total, "CTC fine-tuning from the pretrained model on a labeled subset (finetune-tiny)")
