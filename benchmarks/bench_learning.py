@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--finetune-updates", type=int, default=600)
     ap.add_argument("--every", type=int, nargs="+", default=[40, 20], help="labeled subsets: every N-th utterance")
     ap.add_argument("--lrs", type=float, nargs="+", default=list(RANDOM_INIT_LRS), help="random-init lr sweep")
-    ap.add_argument("--quick", action="store_true", help="P=100, 400 fine-tuning updates: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="P=100, 200 fine-tuning updates: a smoke run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DOC)
     ap.add_argument("--note", default="", help="a remark for the caption, e.g. that other jobs shared the cores")

@@ -49,7 +49,7 @@ TUNE_SPLIT = "dev-other"
 
 # The labeled subset: every 40th training utterance (20 utterances from all 20 speakers, about 1 minute,
 # 2.7 % of the audio), like the paper's 10-minute setting against 960 h unlabeled. With every 10th
-# (80 utterances) random init learnt this corpus as well as pretraining did (docs/benchmarks.md).
+# (80 utterances) random init learnt this corpus as well as pretraining did (docs/troubleshooting.md).
 LABELED_SPLIT = "train-labeled"
 LABELED_EVERY = 40
 # The random-init arm's learning-rate sweep (finetune-tiny's 1e-3 and half of it; 3e-3 stayed all blank
