@@ -264,7 +264,7 @@ class Batch:
     set only for labelled data ("pad" collation with a vocabulary).
     """
 
-    source: Tensor  # (B, S) float32 waveform
+    source: Tensor  # (B, S) float32 waveform, or (B, 3, H, W) normalized images (image_data.ImageBatchLoader)
     padding_mask: Optional[Tensor]  # (B, S) bool, True = padding; None when nothing is padded (crop)
     ids: list[str]
     num_samples: int  # real (unpadded) samples in the batch

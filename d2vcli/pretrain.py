@@ -4,6 +4,7 @@
     d2v pretrain --preset speech-tiny --name demo           # seconds on CPU (d2v prepare synthetic)
     torchrun --nproc_per_node 8 -m d2vcli pretrain --preset speech-base
     d2v pretrain --preset speech-base --resume              # continue the run exactly
+    d2v pretrain --preset vision-tiny                       # images: d2vcli.pretrain_vision
 
 Python: `pretrain(cfg, workspace, name=..., resume=...) -> engine.TrainResult`.
 
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
-from d2vcli import distributed, engine
+from d2vcli import distributed, engine, pretrain_vision
 from d2vcli.callable_module import make_callable
 from d2vcli.config import Config
 from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
@@ -243,7 +244,11 @@ def pretrain(
     is locked for this process until it returns (`run_dir.run_lock`). `stop_at` saves and
     returns after that many updates (status "paused") without changing the schedule,
     so a run can be split into parts that together equal one uninterrupted run.
+    A config with `modality: images` trains the ViT (`d2vcli.pretrain_vision`).
     """
+    if cfg.modality == "images":
+        return pretrain_vision.pretrain(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,
+                                        resume_if_exists=resume_if_exists)
     info = distributed.setup(cfg.train.device)
     try:
         check_manifests(workspace, cfg.data.train_splits)

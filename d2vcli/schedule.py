@@ -70,11 +70,31 @@ def lr_at(step: int, lr: float, schedule: ScheduleConfig, max_updates: int) -> f
     return lr
 
 
-def build_optimizer(params, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `params` (those with requires_grad), fused kernels on CUDA."""
-    params = [p for p in params if p.requires_grad]
+# Parameters the BEiT recipe exempts from weight decay besides 1-D ones (`optim_factory.get_parameter_groups`:
+# 1-D tensors, names ending in ".bias", and its skip list `pos_embed`, `cls_token`).
+NO_DECAY_NAMES = ("cls_token", "pos_embed")
+
+
+def decay_groups(named_params, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and biases/norms/1-D tensors/cls_token with weight_decay 0."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(params, optim: OptimConfig, device: torch.device, named_params=None) -> torch.optim.AdamW:
+    """AdamW over `params` (those with requires_grad), fused kernels on CUDA. With `optim.no_decay_1d`
+    the groups come from `named_params` (the model's named_parameters()) through `decay_groups`."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    if optim.no_decay_1d and named_params is not None:
+        groups = decay_groups(named_params, optim.weight_decay)
+    else:
+        groups = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=fused, foreach=None if fused else True)
 
 

@@ -308,9 +308,12 @@ class Data2VecVisionForPretraining(nn.Module):
         nn.init.trunc_normal_(self.lm_head.weight, std=cfg.init_std)
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """-> predictions (B, N, D) for every patch; the loss keeps the masked ones."""
-        x, _ = self.encoder(images, mask)
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None, return_layer_results: bool = False):
+        """-> predictions (B, N, D) for every patch; the loss keeps the masked ones. With
+        `return_layer_results` (the EMA teacher's call): the encoder's (x, [block outputs]), no heads."""
+        x, layer_results = self.encoder(images, mask, return_layer_results=return_layer_results)
+        if return_layer_results:
+            return x, layer_results
         return self.lm_head(self.norm(x)[:, 1:])  # CLS dropped
 
 
