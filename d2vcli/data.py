@@ -78,11 +78,11 @@ class TooManyBadFiles(DataError):
     """More unreadable audio files than `data.max_bad_files`: a clear stop instead of skipping on."""
 
 
-def bad_files_summary(bad: dict[str, str], limit: int = 10) -> str:
+def bad_files_summary(bad: dict[str, str], limit: int = 10, what: str = "audio") -> str:
     """'N unreadable audio file(s) skipped: path (reason); ...' for logs and run summaries."""
     shown = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:limit])
     more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
-    return f"{len(bad)} unreadable audio file(s) skipped: {shown}{more}"
+    return f"{len(bad)} unreadable {what} file(s) skipped: {shown}{more}"
 
 
 def bad_files_fix() -> str:

@@ -103,6 +103,8 @@ from d2vcli.ui import console, progress
 
 FP16_INIT_SCALE = 128.0  # fairseq fp16_init_scale
 FP16_MIN_SCALE = 1e-4  # fairseq min_loss_scale: below this the loss is exploding, not overflowing
+IMAGE_FILES_FIX = ("Fix or remove them, then re-run `d2v prepare images` (it lists unreadable files in "
+                   "skipped-<split>.tsv)")
 
 
 # ----------------------------------------------------------------------------- the step interface
@@ -564,7 +566,9 @@ class _Trainer:
         finally:
             log.close()
         if self.loader.bad_files:
-            result.message += f"\n{bad_files_summary(self.loader.bad_files)}. {bad_files_fix()}."
+            what = "audio" if self.batch.unit == "s" else "image"
+            fix = bad_files_fix() if what == "audio" else IMAGE_FILES_FIX
+            result.message += f"\n{bad_files_summary(self.loader.bad_files, what=what)}. {fix}."
         if info.is_main:
             colour = "green" if result.exit_code == 0 else "red"
             console.print(f"[{colour}]{result.message}[/]")
@@ -577,7 +581,8 @@ class _Trainer:
         for path, reason in new:
             log.write({"step": self.step, "skipped_file": path, "reason": reason}, prefix="data")
             if self.info.is_main:
-                console.print(f"warning: skipped unreadable audio {path}: {reason}", markup=False,
+                what = "audio" if self.batch.unit == "s" else "image"
+                console.print(f"warning: skipped unreadable {what} {path}: {reason}", markup=False,
                               highlight=False, soft_wrap=True)
 
     def _resource_metrics(self) -> dict:

@@ -237,6 +237,27 @@ def test_collapse_guard_stops_with_the_images_fixes(image_ws):
     assert "target_std" in result.message and "train.images_per_update" in result.message
 
 
+def test_an_unreadable_image_is_skipped_named_and_limited(image_ws, tmp_path):
+    from d2vcli.data import DataError
+    from d2vcli.fileio import atomic_write_jsonl
+    from d2vcli.prepare.images import image_manifest
+    from d2vcli.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    rows = read_jsonl(image_manifest(image_ws, "pool"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"")  # emptied after prepare checked it
+    rows[0] = {**rows[0], "path": str(broken)}
+    image_manifest(ws, "pool").parent.mkdir(parents=True)
+    atomic_write_jsonl(image_manifest(ws, "pool"), rows)
+    result = pretrain(tiny_cfg("train.max_updates=12"), ws, name="bad-image")
+    assert result.status == "done"
+    assert "1 unreadable image file(s) skipped" in result.message and str(broken) in result.message
+    assert "d2v prepare images" in result.message
+    with pytest.raises(DataError, match="data.max_bad_files=0"):
+        pretrain(tiny_cfg("train.max_updates=12", "data.max_bad_files=0"), ws, name="bad-image-strict")
+
+
 def test_missing_image_manifests_name_the_prepare_commands(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--preset", "vision-tiny", "--workdir", str(tmp_path / "w")])
     assert result.exit_code == 2, result.output
