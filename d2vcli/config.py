@@ -548,6 +548,9 @@ def resolve(
         cfg = merge(cfg, load_yaml(Path(config_file)))
     for item in overrides or []:
         cfg = merge(cfg, parse_set(item))
+    if command == "finetune" and cfg.modality == "images":
+        raise ConfigError("modality: images is for `d2v pretrain` (presets vision-tiny, vision-base, vision-large); "
+                          "`d2v finetune` trains speech (CTC) models, and image classification is not in it yet")
     if command != "finetune" and cfg.data.normalize is None:
         raise ConfigError("data.normalize=null means 'as the pretrained checkpoint' and only applies to "
                           "`d2v finetune`; set it to true or false")

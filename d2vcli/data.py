@@ -461,7 +461,7 @@ class BatchLoader:
             source: Iterator[Batch] = iter(
                 torch.utils.data.DataLoader(
                     view, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                    pin_memory=self.pin_memory, collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
+                    pin_memory=self.pin_memory, collate_fn=identity, worker_init_fn=ignore_stop_signals,
                     # An explicit generator keeps DataLoader from drawing its base seed from the
                     # global torch RNG, which would make dropout depend on epoch boundaries.
                     generator=torch.Generator().manual_seed(self.seed),
@@ -491,11 +491,11 @@ class BatchLoader:
         self.bad_files = dict(state.get("bad_files") or {})
 
 
-def _identity(x):
+def identity(x):
     return x
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int) -> None:
     """Workers leave Ctrl-C/SIGTERM to the training process, which saves a checkpoint and then
     shuts them down; a worker dying first would turn a clean stop into a DataLoader error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

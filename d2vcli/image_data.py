@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from d2vcli.data import Batch, DataError, DataPosition, _identity, _ignore_stop_signals, batch_rng
+from d2vcli.data import Batch, DataError, DataPosition, identity, ignore_stop_signals, batch_rng
 from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
 from d2vcli.models.vision import IMAGENET_MEAN, IMAGENET_STD
@@ -189,7 +189,7 @@ class ImageBatchLoader:
             view = _EpochImageBatches(self, batches, indices, epoch)
             source: Iterator[Batch] = iter(torch.utils.data.DataLoader(
                 view, batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
+                collate_fn=identity, worker_init_fn=ignore_stop_signals,
                 generator=torch.Generator().manual_seed(self.seed)))
         else:
             source = (self.make_batch(batches[g], epoch, g) for g in indices)
