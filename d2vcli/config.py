@@ -238,6 +238,15 @@ class FinetuneConfig:
     validate_after: int = f(0, "No validation before this update.")
     best_metric: str = f("dev-other/wer", "Metric (split/wer or split/cer) that selects best.pt; lower is better.")
     early_stop_patience: int = f(0, "Stop after this many validations without improvement; 0 disables.")
+    layer_decay: float = f(
+        0.65, "Images: layer-wise lr decay; block i trains at lr x decay^(L - i), the patch embedding at "
+        "decay^(L + 1), the head at lr (the BEiT recipe's 0.65).")
+    mixup: float = f(0.8, "Images: mixup Beta(alpha, alpha) parameter; 0 = off.")
+    cutmix: float = f(1.0, "Images: cutmix Beta(alpha, alpha) parameter; 0 = off. With both on, each batch "
+                      "takes one of the two at random (the recipe's switch probability 0.5).")
+    label_smoothing: float = f(0.1, "Images: label smoothing of the (mixed) targets.")
+    linear_probe: bool = f(False, "Images: freeze the encoder and train only fc_norm and the linear head "
+                           "(no mixup, cutmix, drop path or RandAugment).")
 
 
 @dataclass
@@ -278,8 +287,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
-    def validate(self) -> None:
-        """Reject impossible combinations with a message that says what to change."""
+    def validate(self, command: Optional[str] = None) -> None:
+        """Reject impossible combinations with a message that says what to change. The image
+        objective's settings (top-K, block masks) are not checked for `d2v finetune`, which ignores them."""
         problems = []
         m = self.model
         if m.embed_dim % m.num_heads:
@@ -288,15 +298,15 @@ class Config:
             problems.append(
                 f"model.embed_dim ({m.embed_dim}) must be divisible by model.pos_conv_groups ({m.pos_conv_groups})"
             )
-        layers, section = ((self.vision.num_layers, "vision") if self.modality == "images"
-                           else (m.num_layers, "model"))
-        if not 1 <= self.objective.average_top_k_layers <= layers:
+        images = self.modality == "images"
+        layers, section = (self.vision.num_layers, "vision") if images else (m.num_layers, "model")
+        if not 1 <= self.objective.average_top_k_layers <= layers and not (images and command == "finetune"):
             problems.append(
                 f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) must be between 1 and "
                 f"{section}.num_layers ({layers})"
             )
-        if self.modality == "images":
-            problems.extend(self._vision_problems())
+        if images:
+            problems.extend(self._vision_problems(masking=command != "finetune"))
         if not 0 <= self.masking.mask_prob < 1:
             problems.append("masking.mask_prob must be in [0, 1)")
         if self.data.max_tokens < self.data.min_sample_size:
@@ -311,7 +321,7 @@ class Config:
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
-    def _vision_problems(self) -> list[str]:
+    def _vision_problems(self, masking: bool) -> list[str]:
         v, problems = self.vision, []
         if v.image_size % v.patch_size:
             problems.append(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size "
@@ -319,7 +329,7 @@ class Config:
         if v.embed_dim % v.num_heads:
             problems.append(f"vision.embed_dim ({v.embed_dim}) must be divisible by vision.num_heads ({v.num_heads})")
         patches = (v.image_size // max(1, v.patch_size)) ** 2
-        if not 0 < self.masking.block_patches < patches:
+        if masking and not 0 < self.masking.block_patches < patches:
             problems.append(f"masking.block_patches ({self.masking.block_patches}) must be between 1 and "
                             f"{patches - 1} (the image has {patches} patches)")
         if not 0 < self.masking.block_min_patches <= self.masking.block_patches:
@@ -383,6 +393,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "finetune-vox-100h": ("finetune", "finetune-vox-100h.yaml"),
     "finetune-vox-960h": ("finetune", "finetune-vox-960h.yaml"),
     "finetune-tiny": ("finetune", "finetune-tiny.yaml"),
+    "vision-ft-base": ("finetune", "vision-ft-base.yaml"),
+    "vision-ft-large": ("finetune", "vision-ft-large.yaml"),
+    "vision-ft-tiny": ("finetune", "vision-ft-tiny.yaml"),
 }
 
 DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}
@@ -548,13 +561,10 @@ def resolve(
         cfg = merge(cfg, load_yaml(Path(config_file)))
     for item in overrides or []:
         cfg = merge(cfg, parse_set(item))
-    if command == "finetune" and cfg.modality == "images":
-        raise ConfigError("modality: images is for `d2v pretrain` (presets vision-tiny, vision-base, vision-large); "
-                          "`d2v finetune` trains speech (CTC) models, and image classification is not in it yet")
     if command != "finetune" and cfg.data.normalize is None:
         raise ConfigError("data.normalize=null means 'as the pretrained checkpoint' and only applies to "
                           "`d2v finetune`; set it to true or false")
-    cfg.validate()
+    cfg.validate(command)
     return cfg
 
 

@@ -351,7 +351,9 @@ class _Trainer:
         task.model.train()
         self.model = distributed.wrap_model(task.model, info, task.find_unused_parameters)
         self.params = [p for p in task.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim, self.device, task.model.named_parameters())
+        # A task may scale the rate per parameter (`lr_scales`: name -> factor, layer-wise lr decay).
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device, task.model.named_parameters(),
+                                         getattr(task, "lr_scales", None))
         self.scaler = (torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
                        if self.amp_dtype == torch.float16 else None)
         self.step = 0
@@ -438,7 +440,7 @@ class _Trainer:
         seed_update(cfg.train.seed, self.info.rank, self.step)
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_updates)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         sample_size = torch.zeros((), device=self.device, dtype=torch.float64)
         num_samples = 0

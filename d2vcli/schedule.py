@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Optional
 
 import torch
 
@@ -75,23 +76,29 @@ def lr_at(step: int, lr: float, schedule: ScheduleConfig, max_updates: int) -> f
 NO_DECAY_NAMES = ("cls_token", "pos_embed")
 
 
-def decay_groups(named_params, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases/norms/1-D tensors/cls_token with weight_decay 0."""
-    decay, no_decay = [], []
+def decay_groups(named_params, weight_decay: float, no_decay_1d: bool = True,
+                 lr_scales: Optional[dict[str, float]] = None) -> list[dict]:
+    """AdamW groups by (weight decay, lr scale): with `no_decay_1d`, biases, norms, 1-D tensors and
+    cls_token get weight_decay 0; `lr_scales` (parameter name -> factor, default 1) gives each group
+    an "lr_scale" the engine multiplies the schedule's rate by (layer-wise lr decay)."""
+    groups: dict[tuple[float, float], list] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        exempt = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        exempt = no_decay_1d and (p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES)
+        key = (0.0 if exempt else weight_decay, (lr_scales or {}).get(name, 1.0))
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in groups.items()]
 
 
-def build_optimizer(params, optim: OptimConfig, device: torch.device, named_params=None) -> torch.optim.AdamW:
+def build_optimizer(params, optim: OptimConfig, device: torch.device, named_params=None,
+                    lr_scales: Optional[dict[str, float]] = None) -> torch.optim.AdamW:
     """AdamW over `params` (those with requires_grad), fused kernels on CUDA. With `optim.no_decay_1d`
-    the groups come from `named_params` (the model's named_parameters()) through `decay_groups`."""
+    or `lr_scales` the groups come from `named_params` (the model's named_parameters()) through
+    `decay_groups`."""
     fused = device.type == "cuda"
-    if optim.no_decay_1d and named_params is not None:
-        groups = decay_groups(named_params, optim.weight_decay)
+    if (optim.no_decay_1d or lr_scales) and named_params is not None:
+        groups = decay_groups(named_params, optim.weight_decay, optim.no_decay_1d, lr_scales)
     else:
         groups = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,

@@ -83,8 +83,6 @@ def test_vision_presets_hold_the_recipes_values():
         C.resolve("pretrain", preset="vision-tiny", overrides=["masking.block_patches=64"])
     with pytest.raises(C.ConfigError, match="vision.num_layers"):
         C.resolve("pretrain", preset="vision-tiny", overrides=["objective.average_top_k_layers=5"])
-    with pytest.raises(C.ConfigError, match="modality: images is for `d2v pretrain`"):
-        C.resolve("finetune", overrides=["modality=images"])  # CTC fine-tuning must not take an image config
 
 
 def test_config_show_prints_the_vision_preset():
