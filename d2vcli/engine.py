@@ -32,6 +32,8 @@ any object with these members works, there is no base class):
         checkpoint (pretraining's collapse guard). All ranks must agree (use all-reduced metrics).
     checkpoint_state() -> dict          extra checkpoint keys: arch, normalize, teacher, vocab, ...
     load_checkpoint_state(state) -> None    restores them on resume
+    lr_scales (optional)     {parameter name: factor} multiplying the schedule's rate per parameter
+                             (image fine-tuning's layer-wise lr decay); absent = 1 everywhere
 
 The loader is anything with the members of `BatchSource` (a typing.Protocol too): iteration
 over the rest of the current epoch's local batches, `position`, `local_indices`/`batches` for
