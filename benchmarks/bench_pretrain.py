@@ -12,10 +12,11 @@ of the engine's own audio_s_per_s. On top of that it reports:
 - EMA: the time of one `EMATeacher.step` (median of 20, after warm-up) as a fraction of an update;
 - conv passes per micro-batch: forward calls of the conv feature encoder counted with a hook (1 means
   the teacher reuses the student's features and adds no conv-encoder pass), and teacher passes;
-- MFU on GPU: achieved FLOP/s over the GPU's dense bf16 peak, with 55.3 GFLOP per audio-second for
-  base (student fwd+bwd 45 + teacher transformer fwd 10.1: 2 FLOPs per multiply-add of every conv,
-  linear and attention product at 50 frames/s, backward = 2x forward) and 151 for large
-  (student fwd+bwd 117 + teacher transformer fwd 34, the same count).
+- MFU on GPU: achieved FLOP/s over the GPU's dense bf16 peak, with the update's FLOPs counted from
+  the architecture by `d2vcli.flops` (formula in docs/gpu.md; about 56 GFLOP per audio-second for
+  base and 154 for large at 15.6 s crops).
+- `--threads 1,2` runs every case once per thread count, one after the other, and prints the speed-up
+  of each count over the first (on a shared machine the ratio is only as good as the load is steady).
 
 CPU cases use small batches (a few seconds of audio) so they finish in a few minutes on 2 cores. On a
 shared machine pass --threads 1: idle OpenMP threads spinning against other processes can make
@@ -38,9 +39,8 @@ from pathlib import Path
 import torch
 
 from d2vcli.data import Batch
+from d2vcli.flops import flops_per_audio_second, peak_flops
 
-GFLOP_PER_AUDIO_SECOND = {"base": 55.3, "large": 151.0}
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 # (preset, samples per crop, max_tokens) per device.
 CASES = {
@@ -58,6 +58,7 @@ class RandomAudioLoader:
     def __init__(self, batch: int, samples: int, pin: bool):
         self.batch, self.samples, self.pin = batch, samples, pin
         self.index = 0
+        self.bad_files: dict[str, str] = {}  # generated audio is never unreadable
         self.position = type("P", (), {"epoch": 1, "consumed": 0})()
 
     def local_indices(self, epoch, consumed):
@@ -146,9 +147,9 @@ def run_case(name: str, device: str, steps: int) -> dict:
     }
     if device == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        gpu = next((k for k in PEAK_BF16 if k in out["device"]), None)
-        if gpu and name in GFLOP_PER_AUDIO_SECOND:
-            out["mfu"] = audio_per_s * GFLOP_PER_AUDIO_SECOND[name] * 1e9 / PEAK_BF16[gpu]
+        peak = peak_flops(out["device"])
+        if peak:
+            out["mfu"] = audio_per_s * flops_per_audio_second(samples, cfg.model, cfg.masking) / peak
     else:
         out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
@@ -159,12 +160,14 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,base")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--steps", type=int, default=0, help="updates per case (default: 5 on CPU, 12 on GPU)")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (default: torch's)")
+    ap.add_argument("--threads", default="0",
+                    help="torch intra-op threads on CPU, or a list (1,2) to compare them (default: torch's)")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in str(args.threads).split(",")]
     if args.worker:
+        if thread_counts[0]:
+            torch.set_num_threads(thread_counts[0])
         name, device = args.worker
         print("RESULT " + json.dumps(run_case(name, device, args.steps or (12 if device == "cuda" else 5))))
         return
@@ -179,15 +182,16 @@ def main() -> None:
         for name in args.configs.split(","):
             if (name, device) not in CASES:
                 continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, device, "--steps", str(args.steps),
-                   "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                console.print(f"[red]{name} on {device} failed[/]\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-                continue
-            results.append(json.loads(lines[-1][7:]))
-    rows = [(r["config"], r["device"], f"{r['params_m']:.1f}M", r["batch"], f"{r['audio_s_per_s']:.1f}",
+            for threads in (thread_counts if device == "cpu" else thread_counts[:1]):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, device, "--steps",
+                       str(args.steps), "--threads", str(threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    console.print(f"[red]{name} on {device} failed[/]\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                    continue
+                results.append(json.loads(lines[-1][7:]))
+    rows = [(r["config"], f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"], f"{r['params_m']:.1f}M", r["batch"], f"{r['audio_s_per_s']:.1f}",
              f"{r['update_s']:.3f}", f"{r['peak_mem_gb']:.2f}", f"{r['ema_ms']:.2f} ({100 * r['ema_fraction']:.3g}%)",
              f"{r['conv_per_micro']:.0f} / {r['teacher_per_micro']:.0f}",
              f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-") for r in results]
@@ -197,6 +201,11 @@ def main() -> None:
     wide.print(table("d2v pretraining throughput (engine, random audio)",
                      ["config", "device", "params", "micro-batch", "audio-s/s", "s/update", "peak GB",
                       "EMA ms (% of update)", "conv / teacher passes per micro-batch", "MFU"], rows))
+    for r in results:
+        first = next(q for q in results if q["config"] == r["config"] and q["device"] == r["device"])
+        if r is not first:
+            wide.print(f"{r['config']} on {r['device']}: {r['threads']} threads {r['audio_s_per_s'] / first['audio_s_per_s']:.2f}x "
+                       f"the speed of {first['threads']}")
     for r in results:  # the raw numbers, on stderr: stdout (docs/benchmarks.md) has them once, in the table
         print(json.dumps(r), file=sys.stderr)
 

@@ -64,6 +64,12 @@ class DataConfig:
         "Fine-tuning: null (the default) = the pretrained checkpoint's setting, which is enforced.",
     )
     num_workers: int = f(4, "DataLoader worker processes per device.")
+    length_buckets: int = f(
+        0,
+        "Round every batch's length to one of this many fixed lengths, evenly spaced between the shortest "
+        "and the longest (capped) utterance, so a compiled graph (train.compile) is reused: pretraining crops "
+        "down to the bucket, fine-tuning pads up to it (the cost is printed at start). 0 = off (exact lengths).",
+    )
     max_bad_files: int = f(
         10,
         "Unreadable audio files (truncated, corrupt, not 16 kHz) a training run skips, naming each in the log "
@@ -215,6 +221,15 @@ class TrainConfig:
     keep_every: int = f(0, "Also keep every checkpoint whose update is a multiple of this; 0 = none.")
     max_nonfinite: int = f(10, "Stop after this many consecutive non-finite losses.")
     device: str = f("auto", "auto, cpu, cuda or cuda:N.")
+    compile: Literal["auto", "on", "off"] = f(
+        "auto", "torch.compile the model: auto = on CUDA, off on CPU. A compilation that fails falls back to "
+        "eager with a one-line warning. Pair it with data.length_buckets so shapes repeat (docs/gpu.md).",
+    )
+    activation_checkpointing: bool = f(
+        False, "Recompute each transformer layer's activations in the backward pass instead of keeping them "
+        "(torch.utils.checkpoint, non-reentrant): a third more transformer compute for about 9x less activation "
+        "memory. Needed when data.max_tokens outgrows the GPU (speech-large at 1.9M fits 80 GB without; docs/gpu.md).",
+    )
     wandb_project: str = f(
         "", "Weights & Biases project to log to as well (rank 0, beside metrics.jsonl and TensorBoard); "
         "empty = off. Needs `pip install wandb`; the W&B run is named after the d2v run.",
@@ -318,6 +333,8 @@ class Config:
             problems.append(f"schedule.phase_ratio {self.schedule.phase_ratio} must sum to 1")
         if self.train.batch_seconds <= 0:
             problems.append("train.batch_seconds must be positive")
+        if self.data.length_buckets < 0:
+            problems.append(f"data.length_buckets ({self.data.length_buckets}) must be 0 (off) or a count of lengths")
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -433,6 +450,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -34,6 +34,10 @@ recipe values in `docs/recipe.md`):
   for evaluation (`drop_uneven=False`) it is kept.
 - `loader.position` = (epoch, global batches consumed in that epoch) is saved in checkpoints; after
   `load_state_dict` iteration continues with the next unseen batch, even with a different world size.
+- Length buckets (`data.length_buckets` = N > 0, for torch.compile): every length is rounded to one of
+  N fixed lengths evenly spaced from the shortest to the longest (capped) utterance, down when
+  cropping, up when padding, before packing. Batches then come in a few shapes, so a compiled graph is
+  reused; `bucketing_cost()` says how much audio cropping drops or padding adds compared with exact lengths.
 - A file that cannot be read when its batch is built (truncated, unreadable, not 16 kHz, shorter than
   its manifest line) never ends a run: the utterance is dropped from its batch (a batch left empty
   is not yielded) and the file is recorded in `loader.bad_files` with the reason. Whether a file
@@ -252,6 +256,22 @@ def epoch_batches(sizes: np.ndarray, max_tokens: int, seed: int, epoch: int, shu
     return [batches[i] for i in perm]
 
 
+def bucket_lengths(sizes: np.ndarray, count: int, collate: Collate) -> np.ndarray:
+    """`count` fixed lengths evenly spaced from the shortest to the longest of `sizes` (one: the shortest
+    when cropping, the longest when padding, so every size has a bucket)."""
+    lo, hi = int(sizes.min()), int(sizes.max())
+    if count == 1:
+        return np.array([lo if collate == "crop" else hi], dtype=np.int64)
+    return np.unique(np.linspace(lo, hi, count).round().astype(np.int64))
+
+
+def round_to_buckets(sizes: np.ndarray, buckets: np.ndarray, collate: Collate) -> np.ndarray:
+    """Each size's bucket: the longest bucket not above it (crop) or the shortest not below it (pad)."""
+    if collate == "crop":
+        return buckets[np.searchsorted(buckets, sizes, side="right") - 1]
+    return buckets[np.searchsorted(buckets, sizes, side="left")]
+
+
 # ----------------------------------------------------------------------------- collation
 
 
@@ -289,9 +309,11 @@ class Batch:
         return self._map_tensors(lambda t: t.pin_memory())
 
 
-def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generator) -> Batch:
-    """Crop every utterance to the batch's shortest (at most max_sample_size) at random offsets."""
-    target = min(min(len(it.source) for it in items), max_sample_size)
+def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generator,
+                 length: Optional[int] = None) -> Batch:
+    """Crop every utterance to the batch's shortest (at most max_sample_size, and at most `length`,
+    a length bucket, when given) at random offsets."""
+    target = min(min(len(it.source) for it in items), max_sample_size, length or max_sample_size)
     source = np.empty((len(items), target), dtype=np.float32)  # (B, S)
     for b, it in enumerate(items):
         extra = len(it.source) - target
@@ -301,10 +323,11 @@ def collate_crop(items: list[Item], max_sample_size: int, rng: np.random.Generat
                  num_samples=int(source.size))
 
 
-def collate_pad(items: list[Item]) -> Batch:
-    """Zero-pad to the longest; padding_mask (B, S) is True at padding. Adds labels when present."""
+def collate_pad(items: list[Item], length: Optional[int] = None) -> Batch:
+    """Zero-pad to the longest (or to `length`, a length bucket, when longer); padding_mask (B, S) is
+    True at padding. Adds labels when present."""
     lengths = [len(it.source) for it in items]
-    longest = max(lengths)
+    longest = max(max(lengths), length or 0)
     source = np.zeros((len(items), longest), dtype=np.float32)  # (B, S)
     padding_mask = np.ones((len(items), longest), dtype=bool)
     for b, it in enumerate(items):
@@ -381,6 +404,7 @@ class BatchLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         max_bad_files: Optional[int] = None,
+        length_buckets: int = 0,
     ):
         if collate == "crop" and not max_sample_size:
             raise ValueError("collate='crop' needs max_sample_size")
@@ -392,8 +416,17 @@ class BatchLoader:
         self.max_bad_files = max_bad_files  # None: no limit (evaluation reports what it skipped)
         self.bad_files: dict[str, str] = {}  # path -> why it could not be read, in the order met
         # The length the collater will produce: cropping caps it; padding does not.
-        self.sizes = np.minimum(dataset.sizes, max_sample_size) if collate == "crop" else dataset.sizes
-        self.too_long = int((self.sizes > max_tokens).sum())
+        self.exact_sizes = np.minimum(dataset.sizes, max_sample_size) if collate == "crop" else dataset.sizes
+        self.too_long = int((self.exact_sizes > max_tokens).sum())
+        self.buckets: Optional[np.ndarray] = None
+        self.sizes = self.exact_sizes  # what packing and collation use
+        fits = self.exact_sizes[self.exact_sizes <= max_tokens]
+        if length_buckets > 0 and len(fits):
+            # Buckets from the sizes that fit, so rounding up never pushes an utterance past max_tokens.
+            self.buckets = bucket_lengths(fits, length_buckets, collate)
+            self.sizes = np.where(self.exact_sizes <= max_tokens,
+                                  round_to_buckets(np.minimum(self.exact_sizes, fits.max()), self.buckets, collate),
+                                  self.exact_sizes)
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     # -- the epoch's batches
@@ -402,6 +435,26 @@ class BatchLoader:
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (epoch, epoch_batches(self.sizes, self.max_tokens, self.seed, epoch, self.shuffle))
         return self._cache[1]
+
+    def bucketing_cost(self, epoch: int = 1) -> str:
+        """One line for the run's start: the buckets, the batch shapes and what rounding costs in `epoch`."""
+        if self.buckets is None:
+            return "exact lengths (data.length_buckets=0)"
+        exact = epoch_batches(self.exact_sizes, self.max_tokens, self.seed, epoch, self.shuffle)
+        bucketed = self.batches(epoch)
+        shapes = len({(len(b), int(self.sizes[b].min() if self.collate == "crop" else self.sizes[b].max()))
+                      for b in bucketed})
+        lengths = ", ".join(f"{n / SAMPLE_RATE:.3g}" for n in self.buckets)
+        head = f"{len(self.buckets)} length buckets ({lengths} s), {shapes} batch shapes in epoch {epoch}"
+        if self.collate == "crop":
+            fed_exact = sum(len(b) * int(self.exact_sizes[b].min()) for b in exact)
+            fed = sum(len(b) * int(self.sizes[b].min()) for b in bucketed)
+            return f"{head}; cropping to them drops {100 * (1 - fed / fed_exact):.1f}% of the audio exact crops keep"
+        real = float(self.exact_sizes[np.concatenate(bucketed)].sum()) if bucketed else 0.0
+        padded = sum(len(b) * int(self.sizes[b].max()) for b in bucketed)
+        padded_exact = sum(len(b) * int(self.exact_sizes[b].max()) for b in exact)
+        return (f"{head}; padding {100 * (1 - real / padded):.1f}% of the samples "
+                f"(exact lengths: {100 * (1 - real / padded_exact):.1f}%)")
 
     def local_indices(self, epoch: int, consumed: int) -> list[int]:
         """Global indices this rank reads in `epoch`, starting after `consumed` global batches."""
@@ -420,19 +473,22 @@ class BatchLoader:
 
         Runs in DataLoader workers, so what it learns travels with the batch, not in `self`.
         """
-        items, skipped = [], []
+        items, skipped, kept = [], [], []
         for i in indices:
             try:
                 items.append(self.dataset[int(i)])
+                kept.append(int(i))
             except AudioError as e:
                 skipped.append((self.dataset.records[int(i)].path, str(e)))
         if not items:  # the whole batch is unreadable: nothing to collate, __iter__ passes over it
             return Batch(source=torch.zeros((0, 0)), padding_mask=None, ids=[], num_samples=0, epoch=epoch,
                          index=index, skipped=tuple(skipped))
+        bucketed = self.buckets is not None
         if self.collate == "crop":
-            batch = collate_crop(items, self.max_sample_size, batch_rng(self.seed, epoch, index, STREAM_CROP))
+            length = int(self.sizes[kept].min()) if bucketed else None
+            batch = collate_crop(items, self.max_sample_size, batch_rng(self.seed, epoch, index, STREAM_CROP), length)
         else:
-            batch = collate_pad(items)
+            batch = collate_pad(items, int(self.sizes[kept].max()) if bucketed else None)
         return dataclasses.replace(batch, epoch=epoch, index=index, skipped=tuple(skipped))
 
     def _note_skipped(self, batch: Batch) -> None:

@@ -6,7 +6,9 @@ MASTER_ADDR and MASTER_PORT:
     torchrun --nproc_per_node 8 -m d2vcli pretrain --preset speech-base     # 8 GPUs, one node
     d2v pretrain --preset speech-base                                        # 1 process, no process group
 
-GPUs use NCCL (device cuda:LOCAL_RANK); CPUs use gloo. The model itself knows nothing of this
+GPUs use NCCL (device cuda:LOCAL_RANK); CPUs use gloo. Under torchrun the process group is joined
+and the model DDP-wrapped even with one process, so `torchrun --nproc_per_node 1` exercises the
+same NCCL/DDP path as eight GPUs do (benchmarks/gpu_check.py relies on it). The model itself knows nothing of this
 (STYLE principle 10): the engine calls `wrap_model` and the collectives below, which are no-ops
 in a single process.
 """
@@ -29,6 +31,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str = ""  # "nccl" or "gloo" when a process group was joined (torchrun), else ""
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +39,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Several processes, or one launched by torchrun: the model is DDP-wrapped."""
+        return self.world_size > 1 or bool(self.backend)
 
     def describe(self) -> str:
         n = self.world_size
@@ -68,13 +72,16 @@ def setup(device_preference: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = resolve_device(device_preference, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or ("MASTER_ADDR" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ)
+    backend = ""
+    if launched:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
 
 def teardown() -> None:

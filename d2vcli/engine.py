@@ -54,6 +54,8 @@ Semantics (fairseq's `fairseq_cli/train.py` + `fairseq/trainer.py`; recipe value
   A non-finite loss or gradient skips the update (no optimizer step, no after_update) and is
   counted; `train.max_nonfinite` in a row ends the run with an explanation. fp16 overflows are
   the GradScaler's business (the scale backs off) and are not counted, unless the scale collapses.
+- Speed settings (`d2vcli.speedups`): `train.compile` (auto = CUDA only, eager fallback on a
+  compiler failure) and `train.activation_checkpointing`; neither changes what is saved.
 - Precision `train.precision`: auto = bf16 autocast on GPUs that support it, fp16 autocast with
   dynamic loss scaling elsewhere on GPU, fp32 on CPU. The model keeps its own fp32 islands.
 - Randomness: torch is re-seeded at every update from (seed, rank, update), like fairseq's
@@ -101,6 +103,7 @@ from d2vcli.distributed import DistInfo
 from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, WandbSettings, bar_text, format_value
 from d2vcli.run_dir import Run
 from d2vcli.schedule import build_optimizer, lr_at
+from d2vcli.speedups import compile_model, compile_wanted, set_activation_checkpointing
 from d2vcli.ui import console, progress
 
 FP16_INIT_SCALE = 128.0  # fairseq fp16_init_scale
@@ -351,7 +354,10 @@ class _Trainer:
         self.batch = batch
         self.accumulation = batch.accumulation(info.world_size)
         task.model.train()
-        self.model = distributed.wrap_model(task.model, info, task.find_unused_parameters)
+        set_activation_checkpointing(task.model, cfg.train.activation_checkpointing)
+        # DDP wraps the compiled callable (so no_sync and the gradient hooks stay DDP's); checkpoints save task.model.
+        self.model = distributed.wrap_model(compile_model(task.model, cfg.train.compile, self.device), info,
+                                            task.find_unused_parameters)
         self.params = [p for p in task.model.parameters() if p.requires_grad]
         # A task may scale the rate per parameter (`lr_scales`: name -> factor, layer-wise lr decay).
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device, task.model.named_parameters(),
@@ -528,8 +534,13 @@ class _Trainer:
         log = MetricsLog(self.run_info.metrics_path, self.run_info.dir / "tensorboard", info.is_main,
                          self.step if self.run_info.resume_from else None, WandbSettings.of(cfg, self.run_info))
         if info.is_main:
+            if info.backend:
+                console.print(f"distributed: {info.backend} process group, {info.world_size} process(es), DDP")
             console.print(f"batch: {self.batch.describe(info, self.accumulation)}")
-            console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device}; run dir {self.run_info.dir}")
+            compiled = "torch.compile" if compile_wanted(cfg.train.compile, self.device) else "eager"
+            ckpting = ", activation checkpointing" if cfg.train.activation_checkpointing else ""
+            console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device} ({compiled}{ckpting}); "
+                          f"run dir {self.run_info.dir}")
         batches = self._micro_batches()
         self._bad_reported = len(self.loader.bad_files)  # those of a resumed run were reported before
         interval = Interval(self.batch.samples_per_unit, self.batch.rate_key)

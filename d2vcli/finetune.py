@@ -660,8 +660,11 @@ def _finetune(cfg: Config, workspace, name: str, resume: bool, stop_at: Optional
 
     loader = BatchLoader(dataset, "pad", cfg.data.max_tokens, cfg.train.seed, rank=info.rank,
                          world_size=info.world_size, num_workers=cfg.data.num_workers,
-                         pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files)
+                         pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files,
+                         length_buckets=cfg.data.length_buckets)
     if info.is_main:
+        if loader.buckets is not None:
+            console.print(f"batches: {loader.bucketing_cost()}", markup=False)
         console.print(
             f"data: {len(dataset):,} utterances, {dataset.seconds / 3600:.2f} h from "
             f"{', '.join(cfg.data.train_splits)} ({dataset.skipped:,} shorter than {cfg.data.min_sample_size} "

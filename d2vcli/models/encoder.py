@@ -7,8 +7,8 @@ Transformer. This file holds that shared part, top to bottom:
     SelfAttention      multi-head attention, padded keys masked
     TransformerLayer   post-LN: LN(x + MHA(x)) -> LN(h + FFN(h)); also returns the FFN output
     init_bert_params   BERT init of the Linear layers
-    LayerStack         the layers in order, with LayerDrop; collects the per-layer FFN outputs
-                       that the EMA teacher's targets average
+    LayerStack         the layers in order, with LayerDrop and optional activation checkpointing;
+                       collects the per-layer FFN outputs that the EMA teacher's targets average
 
 It imports only torch. Layout and parameter names follow fairseq
 `fairseq/models/wav2vec/wav2vec2.py` (`TransformerSentenceEncoderLayer`, `layer_norm_first=False`),
@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -107,16 +108,21 @@ class LayerStack(nn.ModuleList):
     A ModuleList itself, so its layers keep the keys `{i}.self_attn...` under whatever attribute
     holds the stack (the audio model's `transformer.layers`). The layers get BERT init here, once,
     after all of them exist (fairseq re-initializes after building the encoder).
+
+    `checkpointing` (train.activation_checkpointing) recomputes each layer in the backward pass
+    instead of keeping its activations: memory per layer drops to its input, compute grows by one
+    forward. Non-reentrant checkpointing restores the RNG, so dropout draws the same masks twice.
     """
 
     def __init__(self, num_layers: int, dim: int, num_heads: int, ffn_dim: int, dropout: float,
                  attention_dropout: float, activation_dropout: float, layer_norm_eps: float, layerdrop: float,
-                 init_std: float = BERT_INIT_STD):
+                 init_std: float = BERT_INIT_STD, checkpointing: bool = False):
         super().__init__(
             TransformerLayer(dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout, layer_norm_eps)
             for _ in range(num_layers)
         )
         self.layerdrop = layerdrop
+        self.checkpointing = checkpointing
         self.apply(lambda module: init_bert_params(module, init_std))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
@@ -130,7 +136,10 @@ class LayerStack(nn.ModuleList):
             # LayerDrop (fairseq `encoder_layerdrop`): skip the layer when U[0, 1) <= p, in training only.
             if self.training and self.layerdrop > 0 and torch.rand(()).item() <= self.layerdrop:
                 continue
-            x, ffn_out = layer(x, padding_mask)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x, ffn_out = torch.utils.checkpoint.checkpoint(layer, x, padding_mask, use_reentrant=False)
+            else:
+                x, ffn_out = layer(x, padding_mask)
             if layer_results is not None:
                 layer_results.append(ffn_out)
         return x, layer_results
