@@ -182,6 +182,25 @@ def test_teacher_is_an_ema_of_the_whole_model_stepped_once_per_update(image_ws):
         torch.testing.assert_close(teacher[name], d * init[name] + (1 - d) * student[name])
 
 
+def test_activation_checkpointing_gives_the_same_gradients(image_ws):
+    from d2vcli.speedups import set_activation_checkpointing
+
+    cfg = tiny_cfg("vision.drop_path=0.3")  # drop path on: the recomputation must replay its draws
+    task = VisionPretrainTask(cfg, torch.device("cpu"))
+    batch = next(iter(build_image_loader(cfg, image_ws, CPU)))
+
+    def grads(checkpointing: bool) -> dict:
+        assert set_activation_checkpointing(task.model, checkpointing) == 1  # the student's ViT
+        task.model.zero_grad()
+        torch.manual_seed(5)
+        task.train_step(task.model, batch, 0).loss.backward()
+        return {n: p.grad.clone() for n, p in task.model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- runs
 
 
