@@ -221,7 +221,8 @@ class BatchUnit:
     seen_key: str  # the engine-state total of what training consumed: audio_seconds, images
 
     def accumulation(self, world_size: int) -> int:
-        return max(1, math.ceil(round(self.per_update * self.samples_per_unit / (world_size * self.per_micro_batch), 9)))
+        per_micro_batches = self.per_update * self.samples_per_unit / (world_size * self.per_micro_batch)
+        return max(1, math.ceil(round(per_micro_batches, 9)))
 
     def describe(self, info: DistInfo, accumulation: int) -> str:
         if self.unit == "s":

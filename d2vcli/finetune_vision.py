@@ -225,11 +225,13 @@ class VisionClassifyTask:
 
 
 def check_validation(cfg: Config) -> None:
+    """best_metric must name a valid split, or best.pt would never be written."""
     split = cfg.finetune.best_metric.split("/")[0]
     if cfg.finetune.best_metric and split not in cfg.data.valid_splits:
+        example = cfg.data.valid_splits[0] if cfg.data.valid_splits else "val"
         raise ConfigError(f"finetune.best_metric {cfg.finetune.best_metric!r} names split {split!r}, which is "
                           f"not in data.valid_splits {list(cfg.data.valid_splits)}; use e.g. "
-                          f"--set finetune.best_metric={cfg.data.valid_splits[0] if cfg.data.valid_splits else 'val'}/error")
+                          f"--set finetune.best_metric={example}/error")
 
 
 def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = False, preset: Optional[str] = None,
