@@ -2,6 +2,13 @@
 
     python benchmarks/bench_pretrain.py                          # tiny and base on CPU (+ GPU when present)
     python benchmarks/bench_pretrain.py --device cuda --configs base,large --steps 12
+    python benchmarks/bench_pretrain.py --configs tiny,tiny2,base,base2   # data2vec 1.0 and 2.0 side by side
+
+`tiny2`/`base2` are data2vec 2.0 (presets speech2-tiny / speech2-base) with the same encoder size
+and the same unique audio per update as `tiny`/`base`, so their audio-s/s compare directly (2.0
+encodes each utterance's visible frames M times). The forward-time shares split each case's
+training time into the conv front end, the student encoder (transformer / context encoder), the
+head (1.0's final_proj, 2.0's conv decoder) and the teacher; backward time is not split.
 
 Each (config, device) case runs in its own subprocess, so peak memory is that case's alone.
 A case is `engine.train` over an in-memory loader of random "audio" crops (no disk I/O, so the
@@ -49,7 +56,34 @@ CASES = {
     ("tiny", "cuda"): ("speech-tiny", 250_000, 3_800_000),
     ("base", "cuda"): ("speech-base", 250_000, 3_800_000),  # 15.6 s crops: LibriSpeech's typical batch
     ("large", "cuda"): ("speech-large", 250_000, 1_200_000),
+    ("tiny2", "cpu"): ("speech2-tiny", 64_000, 384_000),
+    ("base2", "cpu"): ("speech2-base", 64_000, 64_000),
+    ("tiny2", "cuda"): ("speech2-tiny", 250_000, 3_800_000),
+    ("base2", "cuda"): ("speech2-base", 250_000, 1_000_000),  # the recipe's 1M samples per GPU
 }
+
+
+class ForwardTimer:
+    """Wall time spent inside named modules' forward calls (synchronized on GPU)."""
+
+    def __init__(self, device: str):
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.total: dict[str, float] = {}
+        self.start: dict[str, float] = {}
+
+    def attach(self, name: str, module: torch.nn.Module) -> None:
+        self.total[name] = 0.0
+
+        def pre(*_):
+            self.sync()
+            self.start[name] = time.perf_counter()
+
+        def post(*_):
+            self.sync()
+            self.total[name] += time.perf_counter() - self.start[name]
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
 
 
 class RandomAudioLoader:
@@ -58,8 +92,8 @@ class RandomAudioLoader:
     def __init__(self, batch: int, samples: int, pin: bool):
         self.batch, self.samples, self.pin = batch, samples, pin
         self.index = 0
-        self.bad_files: dict[str, str] = {}  # generated audio is never unreadable
         self.position = type("P", (), {"epoch": 1, "consumed": 0})()
+        self.bad_files: dict[str, str] = {}  # random audio never fails to read
 
     def local_indices(self, epoch, consumed):
         return [0]
@@ -91,7 +125,7 @@ def run_case(name: str, device: str, steps: int) -> dict:
     from d2vcli.distributed import DistInfo
     from d2vcli.fileio import read_jsonl
     from d2vcli.models.audio import parameter_count
-    from d2vcli.pretrain import PretrainTask
+    from d2vcli.pretrain import make_task
     from d2vcli.run_dir import prepare_run
     from d2vcli.workspace import Workspace
 
@@ -105,7 +139,13 @@ def run_case(name: str, device: str, steps: int) -> dict:
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     info = DistInfo(0, 1, 0, dev)
     torch.manual_seed(0)
-    task = PretrainTask(cfg, dev)
+    task = make_task(cfg, dev)
+    v2 = cfg.model.version == 2
+    timer = ForwardTimer(device)
+    timer.attach("conv", task.model.backbone.feature_extractor)
+    timer.attach("encoder", task.model.backbone.encoder if v2 else task.model.backbone.transformer)
+    timer.attach("head", task.model.decoder if v2 else task.model.final_proj)
+    timer.attach("teacher", task.teacher.module)
     conv_calls, teacher_calls = [0], [0]
     task.model.backbone.feature_extractor.register_forward_hook(lambda *a: conv_calls.__setitem__(0, conv_calls[0] + 1))
     task.teacher.module.register_forward_hook(lambda *a: teacher_calls.__setitem__(0, teacher_calls[0] + 1))
@@ -116,7 +156,9 @@ def run_case(name: str, device: str, steps: int) -> dict:
         os.environ["D2V_PROGRESS"] = "0"
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
         result = engine.train(cfg, task, loader, run, info, description=f"bench {name}")
+        train_s = time.perf_counter() - started
         rows = read_jsonl(run.metrics_path)
     assert result.status == "done", result.message
     micro = loader.index
@@ -144,6 +186,8 @@ def run_case(name: str, device: str, steps: int) -> dict:
         "audio_s_per_s": audio_per_s, "update_s": update_s, "ema_ms": ema_s * 1e3,
         "ema_fraction": ema_s / update_s, "conv_per_micro": conv_calls[0] / micro,
         "teacher_per_micro": teacher_calls[0] / micro, "threads": torch.get_num_threads(),
+        "version": cfg.model.version, "clones": cfg.masking.clone_batch if v2 else 1,
+        "share": {k: v / train_s for k, v in timer.total.items()},
     }
     if device == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -157,7 +201,7 @@ def run_case(name: str, device: str, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="tiny,base")
+    ap.add_argument("--configs", default="tiny,tiny2,base,base2")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--steps", type=int, default=0, help="updates per case (default: 5 on CPU, 12 on GPU)")
     ap.add_argument("--threads", default="0",
@@ -191,16 +235,29 @@ def main() -> None:
                     console.print(f"[red]{name} on {device} failed[/]\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
                     continue
                 results.append(json.loads(lines[-1][7:]))
-    rows = [(r["config"], f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"], f"{r['params_m']:.1f}M", r["batch"], f"{r['audio_s_per_s']:.1f}",
-             f"{r['update_s']:.3f}", f"{r['peak_mem_gb']:.2f}", f"{r['ema_ms']:.2f} ({100 * r['ema_fraction']:.3g}%)",
-             f"{r['conv_per_micro']:.0f} / {r['teacher_per_micro']:.0f}",
+    by_name = {(r["config"], r["device"], r.get("threads")): r for r in results}
+
+    def vs_1_0(r: dict) -> str:  # 2.0's unique audio-s/s over 1.0's of the same size, same run and threads
+        peer = (by_name.get((r["config"].removesuffix("2"), r["device"], r.get("threads")))
+                if r["version"] == 2 else None)
+        return f"{r['audio_s_per_s'] / peer['audio_s_per_s']:.2f}x" if peer else "-"
+
+    def shares(r: dict) -> str:
+        return " / ".join(f"{100 * r['share'][k]:.0f}" for k in ("conv", "encoder", "head", "teacher"))
+
+    rows = [(r["config"], f"{r['version']}.0 (M={r['clones']})",
+             f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"], f"{r['params_m']:.1f}M",
+             r["batch"], f"{r['audio_s_per_s']:.1f}", vs_1_0(r), f"{r['update_s']:.3f}", f"{r['peak_mem_gb']:.2f}",
+             f"{r['ema_ms']:.2f} ({100 * r['ema_fraction']:.3g}%)",
+             f"{r['conv_per_micro']:.0f} / {r['teacher_per_micro']:.0f}", shares(r),
              f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-") for r in results]
     from rich.console import Console
 
-    wide = Console(width=max(console.width, 150), highlight=False)  # a readable table in logs too
+    wide = Console(width=max(console.width, 190), highlight=False)  # a readable table in logs too
     wide.print(table("d2v pretraining throughput (engine, random audio)",
-                     ["config", "device", "params", "micro-batch", "audio-s/s", "s/update", "peak GB",
-                      "EMA ms (% of update)", "conv / teacher passes per micro-batch", "MFU"], rows))
+                     ["config", "data2vec", "device", "params", "micro-batch", "unique audio-s/s", "vs 1.0",
+                      "s/update", "peak GB", "EMA ms (% of update)", "conv / teacher passes per micro-batch",
+                      "fwd % conv / encoder / head / teacher", "MFU"], rows))
     for r in results:
         first = next(q for q in results if q["config"] == r["config"] and q["device"] == r["device"])
         if r is not first:

@@ -34,8 +34,9 @@ BENCHMARKS = [
      ["--sizes", "tiny,base", "--batches", "1", "--repeat", "3"]),
     ("Image encoder inference: d2v ViT vs Hugging Face Data2VecVisionModel (same weights)",
      "bench_vision_encoder.py", [], ["--sizes", "tiny,base", "--batches", "1", "--repeat", "3"]),
-    ("Pretraining throughput: audio-seconds/second, peak memory, EMA cost", "bench_pretrain.py",
-     ["--threads", "1"], ["--threads", "1", "--configs", "tiny,base", "--steps", "4"]),
+    ("Pretraining throughput, data2vec 1.0 and 2.0: audio-seconds/second, peak memory, EMA cost", "bench_pretrain.py",
+     ["--threads", "1", "--configs", "tiny,tiny2,base,base2"],
+     ["--threads", "1", "--configs", "tiny,tiny2,base,base2", "--steps", "4"]),
     ("Decoding: flashlight-text lexicon beam search vs pyctcdecode (same emissions, LM, beam)",
      "bench_decode.py", [], ["--utts", "40", "--beams", "50"]),
 ]

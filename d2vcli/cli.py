@@ -402,14 +402,15 @@ def import_fairseq_cmd(
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt the CTC model was fine-tuned with "
                                              "(default: the LibriSpeech letter dictionary)."),
     use_ema: bool = typer.Option(False, "--use-ema", help="Pretrained only: initialize the student's transformer "
-                                 "from the EMA teacher."),
+                                 "(2.0: context encoder) from the EMA teacher."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
     force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Convert a fairseq data2vec 1.0 audio checkpoint (audio_base_ls*.pt, vox_*.pt), or a data2vec 1.0 vision
-    checkpoint of the BEiT repo (checkpoint-799.pth, mp_rank_00_model_states.pt), into a d2v checkpoint."""
+    """Convert a fairseq data2vec audio checkpoint (1.0: audio_base_ls*.pt, vox_*.pt; 2.0: base_libri*.pt,
+    large_vox*.pt), or a data2vec 1.0 vision checkpoint of the BEiT repo (checkpoint-799.pth,
+    mp_rank_00_model_states.pt), into a d2v checkpoint."""
     from d2vcli.interop import import_fairseq
 
     _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,
@@ -444,8 +445,9 @@ def export_hf_cmd(
                                "earlier export wrote there (other files are kept)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder,
-    or an image model as Data2VecVisionForImageClassification (vision-cls) or Data2VecVisionModel (vision-pretrain)."""
+    """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder
+    (data2vec 1.0 only: HF has no ALiBi), or an image model as Data2VecVisionForImageClassification (vision-cls)
+    or Data2VecVisionModel (vision-pretrain)."""
     from d2vcli import interop_vision
     from d2vcli.checkpoint import find_checkpoint
     from d2vcli.interop import export_hf

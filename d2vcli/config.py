@@ -101,13 +101,23 @@ class ModelConfig:
     layer_norm_eps: float = f(1e-5, "LayerNorm epsilon.")
     init_std: float = f(0.02, "Std of the BERT init of the transformer's Linear layers (reference 0.02); only "
                         "initialization. Small widths need more: speech-tiny uses 0.07 = 0.02 x sqrt(768 / 64).")
+    version: Literal[1, 2] = f(
+        1, "data2vec version: 1 (data2vec 1.0: mask embedding, every frame encoded, Linear head) or 2 (data2vec "
+        "2.0: only unmasked frames encoded, ALiBi with a learned scale per head, conv decoder; docs/recipe2.md).")
+    prenet_depth: int = f(0, "data2vec 2.0: layers before the main ones (their outputs are never targets; "
+                          "base 0, large 8).")
+    decoder_dim: int = f(384, "data2vec 2.0 pretraining: channels of the conv decoder (base 384, large 768).")
+    decoder_layers: int = f(4, "data2vec 2.0 pretraining: conv decoder blocks.")
+    decoder_kernel: int = f(7, "data2vec 2.0 pretraining: kernel of each decoder conv.")
+    decoder_groups: int = f(16, "data2vec 2.0 pretraining: groups of each decoder conv.")
+    decoder_dropout: float = f(0.1, "data2vec 2.0 pretraining: dropout on the encoder output entering the decoder.")
 
 
 # The ModelConfig fields fine-tuning may change (fairseq's `arg_overrides` in
 # fairseq/models/wav2vec/wav2vec2_asr.py); all others are the architecture, which a checkpoint
 # fixes and a resumed run may not change.
 REGULARIZATION_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "layerdrop",
-                         "feature_grad_mult")
+                         "feature_grad_mult", "decoder_dropout")
 ARCHITECTURE_FIELDS = tuple(fl.name for fl in dataclasses.fields(ModelConfig) if fl.name not in REGULARIZATION_FIELDS)
 
 
@@ -119,6 +129,11 @@ class MaskingConfig:
     require_same_masks: bool = f(True, "Every row of a batch gets the same number of masked frames.")
     mask_channel_prob: float = f(0.0, "Probability of each channel starting a masked channel span (fine-tuning).")
     mask_channel_length: int = f(64, "Length of each masked channel span.")
+    mask_prob_adjust: float = f(
+        0.0, "data2vec 2.0 block masks: extra share of block centres drawn before each row is corrected to exactly "
+        "floor(mask_prob x frames) masked frames (base 0.05, large 0.1).")
+    clone_batch: int = f(1, "data2vec 2.0: masked copies of each utterance (M); the conv encoder and the teacher "
+                         "run once per utterance (base 8, large 12).")
     block_patches: int = f(120, "Images: patches BEiT's block masking masks per image at most (120 of 196).")
     block_min_patches: int = f(16, "Images: smallest block, in patches.")
     block_min_aspect: float = f(0.3, "Images: block aspect ratios lie between this and its inverse.")
@@ -331,6 +346,14 @@ class Config:
             )
         if self.schedule.kind == "tri_stage" and abs(sum(self.schedule.phase_ratio) - 1) > 1e-6:
             problems.append(f"schedule.phase_ratio {self.schedule.phase_ratio} must sum to 1")
+        if m.version == 2:
+            if self.masking.clone_batch < 1:
+                problems.append("masking.clone_batch must be at least 1")
+            if m.decoder_dim % m.decoder_groups or m.embed_dim % m.decoder_groups:
+                problems.append(f"model.embed_dim ({m.embed_dim}) and model.decoder_dim ({m.decoder_dim}) must be "
+                                f"divisible by model.decoder_groups ({m.decoder_groups})")
+            if m.decoder_layers < 1:
+                problems.append("model.decoder_layers must be at least 1")
         if self.train.batch_seconds <= 0:
             problems.append("train.batch_seconds must be positive")
         if self.data.length_buckets < 0:
@@ -368,6 +391,28 @@ def pretrain_base() -> Config:
     return Config()
 
 
+def pretrain2_base() -> Config:
+    """data2vec 2.0 base, LibriSpeech 960 h (fairseq examples/data2vec/config/v2/base_audio_only_task.yaml).
+
+    The presets speech2-base, speech2-large and speech2-tiny are YAML deltas over this; every value
+    and its source is in docs/recipe2.md.
+    """
+    cfg = Config()
+    # 8 GPUs x 1M samples = 8M samples = 500 s of audio per update, before cloning.
+    cfg.data = dataclasses.replace(cfg.data, max_tokens=1_000_000)
+    cfg.model = dataclasses.replace(cfg.model, version=2, prenet_depth=0, layerdrop=0.05, decoder_dim=384,
+                                    decoder_layers=4, decoder_kernel=7, decoder_groups=16, decoder_dropout=0.1)
+    cfg.masking = dataclasses.replace(cfg.masking, mask_prob=0.5, mask_length=5, mask_prob_adjust=0.05,
+                                      clone_batch=8, min_masks=0, require_same_masks=True)
+    cfg.objective = dataclasses.replace(cfg.objective, average_top_k_layers=8, layer_target_norm="instance",
+                                        final_target_norm="none", ema_decay=0.999, ema_end_decay=0.99999,
+                                        ema_anneal_end_step=75_000)
+    cfg.optim = OptimConfig(lr=7.5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_norm=0.0)
+    cfg.schedule = ScheduleConfig(kind="cosine", warmup_updates=8000)
+    cfg.train = dataclasses.replace(cfg.train, max_updates=400_000, batch_seconds=500.0)
+    return cfg
+
+
 def finetune_base() -> Config:
     """CTC fine-tuning defaults (fairseq base_100h.yaml with normalize=true, see docs/librispeech.md).
 
@@ -399,6 +444,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision-base": ("pretrain", "vision-base.yaml"),
     "vision-large": ("pretrain", "vision-large.yaml"),
     "vision-tiny": ("pretrain", "vision-tiny.yaml"),
+    "speech2-base": ("pretrain", "speech2-base.yaml"),
+    "speech2-large": ("pretrain", "speech2-large.yaml"),
+    "speech2-tiny": ("pretrain", "speech2-tiny.yaml"),
     "finetune-10m": ("finetune", "finetune-10m.yaml"),
     "finetune-1h": ("finetune", "finetune-1h.yaml"),
     "finetune-10h": ("finetune", "finetune-10h.yaml"),
@@ -416,6 +464,8 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}
+# Presets that are deltas over another recipe than their command's defaults.
+PRESET_BASES = {"speech2-base": pretrain2_base, "speech2-large": pretrain2_base, "speech2-tiny": pretrain2_base}
 
 
 class ConfigError(UserError):
@@ -568,10 +618,15 @@ def resolve(
     base: Optional[Config] = None,
 ) -> Config:
     """Build the config for `command` (pretrain/finetune/...): defaults, preset, file, --set."""
-    cfg = base if base is not None else DEFAULTS.get(command, Config)()
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'.{_suggest(preset, list(PRESETS))}")
+    if base is not None:
+        cfg = base
+    elif preset in PRESET_BASES and PRESETS[preset][0] == command:
+        cfg = PRESET_BASES[preset]()
+    else:
+        cfg = DEFAULTS.get(command, Config)()
     if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}'.{_suggest(preset, list(PRESETS))}")
         owner = PRESETS[preset][0]
         if owner != command and command in DEFAULTS:
             raise ConfigError(f"preset '{preset}' is for `d2v {owner}`, not `d2v {command}`")

@@ -70,6 +70,7 @@ Collate = Literal["crop", "pad"]
 # Independent random streams derived from one batch key (see batch_rng).
 STREAM_CROP = 0
 STREAM_MASK = 1
+STREAM_MASK_NOISE = 2  # data2vec 2.0: the decoder's N(0, 0.01) mask tokens
 
 NORMALIZE_EPS = 1e-5  # fairseq layer_norm default
 

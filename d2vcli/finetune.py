@@ -249,8 +249,10 @@ def encoder_state(state: dict, init_from: str, path: Path) -> dict:
                 f"{path} holds no EMA teacher weights, so finetune.init_from=teacher (--from-teacher) cannot be "
                 f"used; fine-tune from the student (the default) instead."
             )
+        # The teacher is an EMA of the 1.0 transformer / the 2.0 context encoder (pos conv, ALiBi scale, layers).
+        prefix = "encoder." if ckpt.arch_of(state, path).version == 2 else "transformer."
         for k, v in teacher.items():
-            backbone[f"transformer.{k}"] = v
+            backbone[prefix + k] = v
     return backbone
 
 

@@ -51,7 +51,7 @@ from d2vcli.prepare.images import classes_path, image_manifest
 from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
 from d2vcli.ui import console, print_config_summary
 
-STREAM_MIX = 3  # batch_rng stream of mixup/cutmix (0 crop, 1 mask, 2 augmentation)
+STREAM_MIX = 4  # batch_rng stream of mixup/cutmix (0-2 data.py's, 3 image_data's augmentation)
 RANDOM_ERASING = 0.25  # the recipe's --reprob
 # Fields of the vision section that fine-tuning takes from the config, not from the checkpoint.
 FINETUNE_VISION_FIELDS = ("drop_path", "attention_dropout", "dropout", "image_mean", "image_std")

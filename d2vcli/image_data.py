@@ -38,7 +38,7 @@ from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
 from d2vcli.models.vision import IMAGENET_MEAN, IMAGENET_STD
 
-STREAM_AUGMENT = 2  # batch_rng stream of the augmentation (data.STREAM_CROP 0 and STREAM_MASK 1 are audio's)
+STREAM_AUGMENT = 3  # batch_rng stream of the augmentation (data.py's streams 0-2: crop, masks, mask noise)
 
 EVAL_CROP_PCT = 0.875  # 224 of 256
 RECORD_FIELDS = ("id", "path", "class", "label", "width", "height")

@@ -14,7 +14,7 @@ key projection has no bias (BEiT's k bias is fixed at zero).
 The kinds: "vision-pretrain" (encoder + final norm + `lm_head`; HF `Data2VecVisionModel` with
 `use_mean_pooling: false`, whose `layernorm` is our `norm`; HF has no `lm_head`) and
 "vision-cls" (`Data2VecVisionForImageClassification`: `pooler.layernorm` is our `fc_norm`,
-`classifier` our `head`). Conversions are all-or-nothing, as for audio (`interop.check_state_dict`).
+`classifier` our `head`). Conversions are all-or-nothing, as for audio (`interop_keys.check_state_dict`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from safetensors.torch import save
 
 from d2vcli import checkpoint as ck
 from d2vcli.fileio import atomic_open, atomic_write_text, claim_output_dir, refuse_overwrite
-from d2vcli.interop import InteropError, check_state_dict, read_hf_weights
+from d2vcli.interop_hf import read_hf_weights
+from d2vcli.interop_keys import InteropError, check_state_dict
 from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.models.vision import VisionConfig
 from d2vcli.workspace import Workspace

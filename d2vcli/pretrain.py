@@ -1,9 +1,10 @@
-"""data2vec 1.0 pretraining of the audio model: the task that wires it to the objective core.
+"""data2vec 1.0 and 2.0 pretraining of the audio model: the tasks that wire it to the objective core.
 
     d2v pretrain --preset speech-base                       # LibriSpeech 960 h (d2v prepare librispeech)
     d2v pretrain --preset speech-tiny --name demo           # seconds on CPU (d2v prepare synthetic)
     torchrun --nproc_per_node 8 -m d2vcli pretrain --preset speech-base
     d2v pretrain --preset speech-base --resume              # continue the run exactly
+    d2v pretrain --preset speech2-base                      # data2vec 2.0 (Pretrain2Task, docs/recipe2.md)
     d2v pretrain --preset vision-tiny                       # images: d2vcli.pretrain_vision
 
 Python: `pretrain(cfg, workspace, name=..., resume=...) -> engine.TrainResult`.
@@ -50,11 +51,11 @@ from d2vcli import config as cfgmod
 from d2vcli import distributed, engine, pretrain_vision
 from d2vcli.callable_module import make_callable
 from d2vcli.config import Config
-from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
+from d2vcli.data import STREAM_MASK, STREAM_MASK_NOISE, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
 from d2vcli.engine import StepOutput, TrainResult
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_model
-from d2vcli.objective.masking import compute_mask_indices
+from d2vcli.objective.masking import compute_block_mask, compute_mask_indices
 from d2vcli.objective.monitors import (Guard, collapse_reason, compute_std, layer_variance_ratio,
                                       position_explained_share, time_varying_share)
 from d2vcli.objective.targets import build_targets, regression_loss
@@ -186,6 +187,72 @@ class PretrainTask:
         self.teacher.load_state_dict(state[ckpt.TEACHER_KEY])
 
 
+class Pretrain2Task(PretrainTask):
+    """data2vec 2.0 pretraining (`model.version: 2`) for the same engine, objective core and monitors.
+
+    What changes against 1.0 (docs/recipe2.md; fairseq `examples/data2vec/models/data2vec2.py`):
+    - masks: `masking.clone_batch` (M) block masks per utterance, exactly floor(mask_prob x T)
+      frames each, drawn from the batch's own RNG (like 1.0's), rows sample-major;
+    - the student (`Data2Vec2ForPretraining`) encodes only each clone's kept frames and its conv
+      decoder predicts the masked ones; its mask tokens come from a generator keyed by the batch too;
+    - the teacher is an EMA of the whole `ContextEncoder` (positional conv, ALiBi scale, input
+      LayerNorm, prenet and main layers; not the conv front end, not the decoder), run once per
+      utterance on the unmasked features; its targets are repeated for the M clones.
+    Loss, its normalization (a sum over masked frames of all clones, divided by their count), the
+    EMA schedule and step, and the collapse monitors are 1.0's.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        self.model = build_model("pretrain", cfg.model).to(device)
+        # Nothing is copied instead of averaged (fairseq ema_encoder_only=false, ema_local_encoder=false).
+        self.teacher = EMATeacher(self.model.backbone.encoder)
+        if cfg.model.feature_grad_mult == 0:  # a frozen conv encoder (speech2-tiny) runs under no_grad: no grads
+            self.model.backbone.feature_extractor.requires_grad_(False)
+        self.find_unused_parameters = cfg.model.layerdrop > 0
+
+    def time_mask(self, batch: Batch, num_frames_: int, frame_pad: Optional[Tensor]) -> Tensor:
+        """(A * M, T) bool block masks, utterance 0's M clones first, from the batch's own RNG stream."""
+        m = self.cfg.masking
+        rows = batch.source.shape[0] * m.clone_batch
+        pad = frame_pad.repeat_interleave(m.clone_batch, 0) if frame_pad is not None else None
+        rng = batch_rng(self.cfg.train.seed, batch.epoch, batch.index, STREAM_MASK)
+        mask = compute_block_mask((rows, num_frames_), pad, m.mask_prob, m.mask_length, m.mask_prob_adjust, rng)
+        return torch.from_numpy(mask).to(batch.source.device, non_blocking=True)
+
+    def noise_generator(self, batch: Batch, device: torch.device) -> torch.Generator:
+        """The decoder's mask-token generator for this batch (the same in any process or resumed run)."""
+        seed = int(batch_rng(self.cfg.train.seed, batch.epoch, batch.index, STREAM_MASK_NOISE).integers(2**62))
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def train_step(self, model: nn.Module, batch: Batch, step: int) -> StepOutput:
+        obj = self.cfg.objective
+        source, padding_mask = batch.source, batch.padding_mask  # (A, S), (A, S) | None
+        backbone = self.model.backbone
+        frames = backbone.num_frames(source.shape[1])
+        frame_pad = backbone.frame_padding_mask(padding_mask, frames)  # (A, T) | None
+        time_mask = self.time_mask(batch, frames, frame_pad)  # (A * M, T)
+        out = model(source, padding_mask, time_mask=time_mask, generator=self.noise_generator(batch, source.device))
+        pred = out["pred"]  # (N_masked, D), all clones
+        # Once per utterance, on the unmasked features: (A, T, D) per main layer.
+        layer_results = self.teacher.layer_results(out["features"], out["padding_mask"])
+        with torch.no_grad():
+            full_target = build_targets(layer_results, obj.average_top_k_layers, obj.layer_target_norm,
+                                        obj.final_target_norm)  # (A, T, D) fp32
+            target = full_target.repeat_interleave(out["clones"], 0)[time_mask]  # (N_masked, D)
+        loss = regression_loss(pred, target, obj.loss_beta, obj.loss_scale)
+        metrics = {"target_std": compute_std(target), "pred_std": compute_std(pred),
+                   "masked_share": time_mask.float().mean()}
+        if (step + 1) % max(1, self.cfg.train.log_every) == 0:
+            metrics.update(self.collapse_monitors(out, layer_results, full_target))
+        return StepOutput(loss=loss, sample_size=pred.shape[0], metrics=metrics)
+
+
+def make_task(cfg: Config, device: torch.device) -> PretrainTask:
+    """The pretraining task of the config's data2vec version."""
+    return Pretrain2Task(cfg, device) if cfg.model.version == 2 else PretrainTask(cfg, device)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -260,12 +327,13 @@ def pretrain(
             resume = resume_wanted(workspace, name, resume, resume_if_exists)
             run = prepare_run(workspace, name, cfg, resume, info)
             torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
-            task = PretrainTask(cfg, info.device)
+            task = make_task(cfg, info.device)
             if info.is_main:
                 print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
                                      f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
                 console.print(f"model: {parameter_count(task.model):,} parameters "
-                              f"({cfg.model.num_layers} x {cfg.model.embed_dim}, teacher: EMA of the transformer)")
+                              f"({cfg.model.num_layers} x {cfg.model.embed_dim}, data2vec {cfg.model.version}.0, "
+                              f"teacher: EMA of the {'context encoder' if cfg.model.version == 2 else 'transformer'})")
             loader = build_loader(cfg, workspace, info)
             return engine.train(cfg, task, loader, run, info, description="pretrain", stop_at=stop_at)
     finally:

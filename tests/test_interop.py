@@ -304,3 +304,137 @@ def test_cli_import_and_export(hf_folder, tmp_path):
     (tmp_path / "w2v" / "config.json").write_text(json.dumps({**cfg, "model_type": "wav2vec2"}))
     with pytest.raises(InteropError, match="data2vec-audio"):
         import_hf(tmp_path / "w2v", out=tmp_path / "w2v.pt")
+
+
+# ----------------------------------------------------------------------------- fairseq data2vec 2.0 (data2vec_multi)
+
+import torch.nn.functional as F  # noqa: E402
+
+A2 = "modality_encoders.AUDIO."
+CONV2 = [(32, 10, 5), (32, 3, 2), (32, 3, 2)]
+D2, H2, G2, K2 = 32, 4, 4, 5  # width, heads, pos-conv groups, pos-conv kernel (conv_pos_width 10 // depth 2)
+MULTI_ARCH = {
+    "_name": "data2vec_multi", "depth": 2, "embed_dim": D2, "num_heads": H2, "mlp_ratio": 2.0, "norm_eps": 1e-5,
+    "layer_norm_first": False, "encoder_dropout": 0.1, "post_mlp_drop": 0.1, "attention_dropout": 0.1,
+    "activation_dropout": 0.0, "dropout_input": 0.0, "layerdrop": 0.05, "clone_batch": 8,
+    "modalities": {"audio": {
+        "feature_encoder_spec": "[(32, 10, 5)] + [(32, 3, 2)] * 2", "extractor_mode": "layer_norm",
+        "conv_pos_depth": 2, "conv_pos_width": 10, "conv_pos_groups": G2, "prenet_depth": 1, "prenet_dropout": 0.1,
+        "prenet_layerdrop": 0.05, "use_alibi_encoder": True, "learned_alibi_scale": True,
+        "learned_alibi_scale_per_head": True, "mask_prob": 0.5, "mask_length": 5,
+        "decoder": {"decoder_dim": 16, "decoder_groups": 4, "decoder_kernel": 3, "decoder_layers": 2,
+                    "input_dropout": 0.1}}},
+}
+
+
+def multi_state(seed: int) -> dict:
+    """A data2vec_multi state dict in the documented layout (docs/checkpoints.md), random values."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.2 * torch.randn(*shape, generator=g)  # noqa: E731
+    sd, cin = {}, 1
+    for i, (c, k, _) in enumerate(CONV2):
+        sd[f"{A2}local_encoder.conv_layers.{i}.0.weight"] = r(c, cin, k)
+        sd[f"{A2}local_encoder.conv_layers.{i}.2.1.weight"], sd[f"{A2}local_encoder.conv_layers.{i}.2.1.bias"] = \
+            1 + r(c), r(c)
+        cin = c
+    sd[A2 + "project_features.1.weight"], sd[A2 + "project_features.1.bias"] = 1 + r(32), r(32)
+    sd[A2 + "project_features.2.weight"], sd[A2 + "project_features.2.bias"] = r(D2, 32), r(D2)
+    for n in (1, 2):  # index 0 of fairseq's Sequential is a TransposeLast
+        sd[f"{A2}relative_positional_encoder.{n}.0.weight"] = r(D2, D2 // G2, K2)
+        sd[f"{A2}relative_positional_encoder.{n}.0.bias"] = r(D2)
+    sd[A2 + "alibi_scale"] = torch.tensor([1.5, 0.5, 1.0, 2.0]).view(1, 1, H2, 1, 1)
+    sd[A2 + "context_encoder.norm.weight"], sd[A2 + "context_encoder.norm.bias"] = 1 + r(D2), r(D2)
+    for block in [A2 + "context_encoder.blocks.0."] + [f"blocks.{i}." for i in range(2)]:
+        for name, shape in (("attn.qkv", (3 * D2, D2)), ("attn.proj", (D2, D2)), ("mlp.fc1", (2 * D2, D2)),
+                            ("mlp.fc2", (D2, 2 * D2))):
+            sd[f"{block}{name}.weight"], sd[f"{block}{name}.bias"] = r(*shape), r(shape[0])
+        for name in ("norm1", "norm2"):
+            sd[f"{block}{name}.weight"], sd[f"{block}{name}.bias"] = 1 + r(D2), r(D2)
+    sd[A2 + "decoder.blocks.0.0.weight"], sd[A2 + "decoder.blocks.0.0.bias"] = r(16, D2 // 4, 3), r(16)
+    sd[A2 + "decoder.blocks.1.0.weight"], sd[A2 + "decoder.blocks.1.0.bias"] = r(16, 16 // 4, 3), r(16)
+    sd[A2 + "decoder.proj.weight"], sd[A2 + "decoder.proj.bias"] = r(D2, 16), r(D2)
+    return sd
+
+
+def multi_reference(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """fairseq data2vec_multi's unmasked forward (features_only), written from its documented semantics:
+    CNN -> LN + Linear -> x + posconv(x) -> symmetric ALiBi x clamped scale -> input LN -> post-LN AltBlocks."""
+    h = x[:, None]
+    for i, (c, _, s) in enumerate(CONV2):
+        h = F.conv1d(h, sd[f"{A2}local_encoder.conv_layers.{i}.0.weight"], stride=s)
+        h = F.layer_norm(h.transpose(1, 2), (c,), sd[f"{A2}local_encoder.conv_layers.{i}.2.1.weight"],
+                         sd[f"{A2}local_encoder.conv_layers.{i}.2.1.bias"], 1e-5)
+        h = F.gelu(h).transpose(1, 2)
+    h = F.layer_norm(h.transpose(1, 2), (32,), sd[A2 + "project_features.1.weight"], sd[A2 + "project_features.1.bias"])
+    h = F.linear(h, sd[A2 + "project_features.2.weight"], sd[A2 + "project_features.2.bias"])
+    p = h.transpose(1, 2)
+    for n in (1, 2):
+        p = F.conv1d(p, sd[f"{A2}relative_positional_encoder.{n}.0.weight"],
+                     sd[f"{A2}relative_positional_encoder.{n}.0.bias"], padding=K2 // 2, groups=G2)
+        p = F.gelu(F.layer_norm(p.transpose(1, 2), (D2,), eps=1e-5)).transpose(1, 2)
+    h = h + p.transpose(1, 2)
+    B, T, _ = h.shape
+    slopes = torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8])  # ALiBi for 4 heads
+    pos = torch.arange(T)
+    alibi = slopes[:, None, None] * -(pos[:, None] - pos[None, :]).abs().float()
+    alibi = alibi * sd[A2 + "alibi_scale"].reshape(H2).clamp_min(0)[:, None, None]
+    h = F.layer_norm(h, (D2,), sd[A2 + "context_encoder.norm.weight"], sd[A2 + "context_encoder.norm.bias"], 1e-5)
+    for blk in [A2 + "context_encoder.blocks.0."] + [f"blocks.{i}." for i in range(2)]:
+        qkv = F.linear(h, sd[blk + "attn.qkv.weight"], sd[blk + "attn.qkv.bias"])
+        q, k, v = qkv.view(B, T, 3, H2, D2 // H2).permute(2, 0, 3, 1, 4)
+        att = ((q * (D2 // H2) ** -0.5) @ k.transpose(-1, -2) + alibi).softmax(-1)
+        a = (att @ v).transpose(1, 2).reshape(B, T, D2)
+        h = F.layer_norm(h + F.linear(a, sd[blk + "attn.proj.weight"], sd[blk + "attn.proj.bias"]), (D2,),
+                         sd[blk + "norm1.weight"], sd[blk + "norm1.bias"], 1e-5)
+        m = F.linear(F.gelu(F.linear(h, sd[blk + "mlp.fc1.weight"], sd[blk + "mlp.fc1.bias"])),
+                     sd[blk + "mlp.fc2.weight"], sd[blk + "mlp.fc2.bias"])
+        h = F.layer_norm(h + m, (D2,), sd[blk + "norm2.weight"], sd[blk + "norm2.bias"], 1e-5)
+    return h
+
+
+def test_import_fairseq_2_0_pretrained_matches_the_reference_with_its_teacher(tmp_path):
+    sd = multi_state(0)
+    ema = {k: v + 0.01 for k, v in multi_state(1).items()
+           if not k.startswith((A2 + "local_encoder", A2 + "project_features", A2 + "decoder"))}
+    torch.save({"cfg": {"model": MULTI_ARCH, "task": {"_name": "audio_pretraining", "normalize": True}},
+                "model": {**sd, "_ema": ema}}, tmp_path / "base_tiny.pt")
+    result = import_fairseq(tmp_path / "base_tiny.pt", out=tmp_path / "pt" / "last.pt")
+    state, ours = load_d2v(result.path)
+    arch = cfgmod.from_dict(state[ck.ARCH_KEY], cfgmod.ModelConfig)
+    assert state[ck.KIND_KEY] == "pretrain" and arch.version == 2 and arch.prenet_depth == 1
+    assert (arch.decoder_dim, arch.decoder_layers, arch.decoder_kernel, arch.ffn_dim) == (16, 2, 3, 64)
+    assert cfgmod.from_dict(state[ck.CONFIG_KEY]).masking.clone_batch == 8  # the 2.0 recipe's config
+    x = torch.randn(2, 4000, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.backbone(x)["x"], multi_reference(sd, x), **TOL)
+    teacher = state[ck.TEACHER_KEY]
+    assert torch.equal(teacher["layers.1.self_attn.k_proj.weight"], ema["blocks.1.attn.qkv.weight"][D2:2 * D2])
+    assert torch.equal(teacher["prenet.0.fc1.weight"], ema[A2 + "context_encoder.blocks.0.mlp.fc1.weight"])
+    assert torch.equal(teacher["pos_conv.blocks.0.conv.bias"], ema[A2 + "relative_positional_encoder.1.0.bias"])
+    assert torch.equal(teacher["alibi_scale"], ema[A2 + "alibi_scale"].reshape(H2))
+    ours.backbone.encoder.load_state_dict(teacher, strict=True)  # the teacher is a ContextEncoder
+    assert torch.equal(state[ck.MODEL_KEY]["decoder.blocks.1.conv.weight"], sd[A2 + "decoder.blocks.1.0.weight"])
+    with pytest.raises(InteropError, match="ALiBi"):  # HF's Data2VecAudio would compute something else
+        export_hf(result.path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_fairseq_2_0_fine_tuned_matches_the_reference(tmp_path):
+    sd = {k: v for k, v in multi_state(2).items() if not k.startswith(A2 + "decoder")}
+    sd = {"w2v_encoder.w2v_model." + k: v for k, v in sd.items()}
+    sd["w2v_encoder.proj.weight"], sd["w2v_encoder.proj.bias"] = torch.randn(32, D2), torch.randn(32)
+    cfg = {"model": {"_name": "wav2vec_ctc", "final_dropout": 0.0, "layerdrop": 0.1, "dropout": 0.0,
+                     "w2v_args": {"model": MULTI_ARCH, "task": {"_name": "audio_pretraining", "normalize": True}}},
+           "task": {"_name": "audio_finetuning", "normalize": True}}
+    torch.save({"cfg": cfg, "model": sd}, tmp_path / "base_tiny_960h.pt")
+    result = import_fairseq(tmp_path / "base_tiny_960h.pt", out=tmp_path / "ft" / "last.pt")
+    state, ours = load_d2v(result.path)
+    assert state[ck.KIND_KEY] == "ctc" and state[ck.ARCH_KEY]["version"] == 2
+    assert state[ck.ARCH_KEY]["layerdrop"] == 0.1 and state[ck.ARCH_KEY]["dropout"] == 0.0  # fine-tuning overrides
+    x = torch.randn(2, 4000, generator=torch.Generator().manual_seed(4))
+    bare = {k.removeprefix("w2v_encoder.w2v_model."): v for k, v in sd.items()}
+    with torch.inference_mode():
+        ref = F.linear(multi_reference(bare, x), sd["w2v_encoder.proj.weight"], sd["w2v_encoder.proj.bias"])
+        torch.testing.assert_close(ours(x)["logits"], ref, **TOL)
+    model, vocab, _, _ = load_ctc_model(result.path)  # what decode / evaluate / transcribe load
+    assert len(vocab) == 32 and type(model.backbone).__name__ == "Data2Vec2Audio"

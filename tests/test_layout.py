@@ -88,13 +88,15 @@ def test_the_objective_core_imports_no_modality():
 
 
 def test_checkpoints_import_nothing_of_engine_decode_or_interop():
-    forbidden = ("d2vcli.engine", "d2vcli.decode", "d2vcli.interop", "d2vcli.interop_vision", "d2vcli.pretrain",
-                 "d2vcli.finetune", "d2vcli.evaluate", "d2vcli.transcribe", "d2vcli.demo", "d2vcli.cli")
+    forbidden = ("d2vcli.engine", "d2vcli.decode", "d2vcli.interop", "d2vcli.interop_keys", "d2vcli.interop_hf",
+                 "d2vcli.interop_fairseq2", "d2vcli.interop_vision", "d2vcli.pretrain", "d2vcli.finetune",
+                 "d2vcli.evaluate", "d2vcli.transcribe", "d2vcli.demo", "d2vcli.cli")
     assert _edges("d2vcli.checkpoint", forbidden) == []
     assert _edges("d2vcli.models.loading", forbidden) == []
 
 
-@pytest.mark.parametrize("part", ["d2vcli.decode", "d2vcli.interop", "d2vcli.interop_vision", "d2vcli.transcribe",
+@pytest.mark.parametrize("part", ["d2vcli.decode", "d2vcli.interop", "d2vcli.interop_keys", "d2vcli.interop_hf",
+                                  "d2vcli.interop_fairseq2", "d2vcli.interop_vision", "d2vcli.transcribe",
                                   "d2vcli.scoring"])
 def test_decode_and_interop_do_not_import_the_engine(part):
     assert _edges(part, ("d2vcli.engine", "d2vcli.pretrain", "d2vcli.finetune")) == []

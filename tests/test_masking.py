@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2vcli.objective.masking import compute_channel_mask, compute_mask_indices
+from d2vcli.objective.masking import compute_block_mask, compute_channel_mask, compute_mask_indices
 
 
 def test_pretraining_coverage_is_about_49_percent():
@@ -84,3 +84,45 @@ def test_never_masks_a_whole_utterance():
         else:
             assert 0 < mask.sum() < 5
     assert raised > 0
+
+
+# ----------------------------------------------------------------------------- data2vec 2.0 block masks
+
+
+def _runs(row: np.ndarray) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool array."""
+    edges = np.diff(np.concatenate([[0], row.astype(int), [0]]))
+    return list(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1))
+
+
+def test_block_mask_masks_exactly_floor_p_times_t_in_every_clone():
+    # The recipe's counts for a 10 s crop (499 frames): 249 at base's 0.5, 274 at large's 0.55.
+    for p, adjust, expect in ((0.5, 0.05, 249), (0.55, 0.1, 274)):
+        mask = compute_block_mask((64, 499), None, p, 5, adjust, np.random.default_rng(0))
+        assert mask.dtype == bool and (mask.sum(1) == expect).all()
+
+
+def test_block_mask_spans_are_centred_blocks_of_mask_length():
+    # Sparse centres: almost every block stands alone, so runs are mask_length long (or joined blocks).
+    mask = compute_block_mask((200, 1000), None, 0.05, 5, 0.0, np.random.default_rng(2))
+    runs = [n for row in mask for n in _runs(row)]
+    assert max(set(runs), key=runs.count) == 5
+    assert sum(n for n in runs if n >= 5) / sum(runs) > 0.85
+    # mask_prob_adjust draws more centres before the exact-count correction, so fewer frames are
+    # masked one at a time to make up the count.
+    def single_share(adjust):
+        m = compute_block_mask((200, 500), None, 0.5, 5, adjust, np.random.default_rng(3))
+        runs = [n for row in m for n in _runs(row)]
+        return runs.count(1) / sum(runs)
+    assert single_share(0.1) < single_share(0.0)
+
+
+def test_block_mask_respects_padding_and_is_deterministic():
+    pad = np.zeros((4, 100), dtype=bool)
+    pad[1, 80:] = True
+    pad[3, 60:] = True
+    mask = compute_block_mask((4, 100), pad, 0.5, 5, 0.05, np.random.default_rng(4))
+    assert not (mask & pad).any()
+    assert (mask.sum(1) == 30).all()  # the batch minimum: floor(0.5 x 60) in every row
+    again = compute_block_mask((4, 100), pad, 0.5, 5, 0.05, np.random.default_rng(4))
+    assert np.array_equal(mask, again)

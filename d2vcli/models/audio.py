@@ -148,10 +148,11 @@ class PosConvBlock(nn.Module):
     activations never need transposing copies.
     """
 
-    def __init__(self, dim: int, kernel: int, groups: int):
+    def __init__(self, dim: int, kernel: int, groups: int, out_dim: Optional[int] = None):
         super().__init__()
         self.groups = groups
-        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        # out_dim != dim: data2vec 2.0's decoder, whose first block narrows D to the decoder width.
+        self.conv = nn.Conv1d(dim, out_dim or dim, kernel, padding=kernel // 2, groups=groups)
         # padding k//2 on both sides makes one extra frame when k is even ("SamePad" drops it).
         self.trim = 1 if kernel % 2 == 0 else 0
 

@@ -44,7 +44,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:  # (B, T, D)
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
+                attn_bias: Optional[Tensor] = None) -> Tensor:  # (B, T, D)
+        """attn_bias (B, H, T, T) fp32, added to the logits (data2vec 2.0's ALiBi); None for data2vec 1.0."""
         B, T, D = x.shape
         H = self.num_heads
 
@@ -52,13 +54,36 @@ class SelfAttention(nn.Module):
             return t.view(B, T, H, D // H).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_bias is not None:
+            return self.out_proj(self._biased(q, k, v, padding_mask, attn_bias, dropout_p).reshape(B, T, D))
         bias = None
         if padding_mask is not None:
             # Built here, not once per batch, because under autocast q's dtype is only known now.
             bias = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(padding_mask[:, None, None, :], torch.finfo(q.dtype).min)  # (B, 1, 1, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+    @staticmethod
+    def _biased(q: Tensor, k: Tensor, v: Tensor, padding_mask: Optional[Tensor], attn_bias: Tensor,
+                dropout_p: float) -> Tensor:
+        """Attention with an additive fp32 bias -> (B, T, H, D/H).
+
+        fairseq's AltAttention promotes the logits to fp32 before adding ALiBi and takes the
+        softmax in fp32 (a bf16 bias of slope x distance would round away the far keys' order),
+        so in fp32 the fused kernel computes it and otherwise the logits are formed in fp32 here.
+        """
+        bias = attn_bias
+        if padding_mask is not None:
+            bias = bias.masked_fill(padding_mask[:, None, None, :], torch.finfo(bias.dtype).min)
+        if q.dtype == torch.float32:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), dropout_p=dropout_p)
+        else:
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, T)
+            probs = torch.softmax(logits.float() + bias, dim=-1).type_as(q)
+            y = F.dropout(probs, dropout_p) @ v
+        return y.transpose(1, 2)
 
 
 class TransformerLayer(nn.Module):
@@ -79,8 +104,9 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.activation_dropout = nn.Dropout(activation_dropout)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:  # (B, T, D)
-        h = self.self_attn_norm(x + self.dropout(self.self_attn(x, padding_mask)))
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
+                attn_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:  # (B, T, D)
+        h = self.self_attn_norm(x + self.dropout(self.self_attn(x, padding_mask, attn_bias)))
         # fairseq computes this GELU in fp32 (`gelu(x.float()).type_as(x)`); a no-op in fp32.
         a = self.fc1(h)
         a = F.gelu(a.float()).type_as(a)  # (B, T, F)
@@ -126,10 +152,12 @@ class LayerStack(nn.ModuleList):
         self.apply(lambda module: init_bert_params(module, init_std))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
-                return_layer_results: bool = False) -> tuple[Tensor, Optional[list[Tensor]]]:
+                return_layer_results: bool = False,
+                attn_bias: Optional[Tensor] = None) -> tuple[Tensor, Optional[list[Tensor]]]:
         """x (B, T, D), padding_mask (B, T) True = padding -> (x (B, T, D), [ffn_out (B, T, D)] or None).
 
         Layer results list only the layers that ran (LayerDrop may skip some in training).
+        attn_bias (B, H, T, T): added to every layer's attention logits (data2vec 2.0's shared ALiBi).
         """
         layer_results = [] if return_layer_results else None
         for layer in self:
@@ -137,9 +165,9 @@ class LayerStack(nn.ModuleList):
             if self.training and self.layerdrop > 0 and torch.rand(()).item() <= self.layerdrop:
                 continue
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x, ffn_out = torch.utils.checkpoint.checkpoint(layer, x, padding_mask, use_reentrant=False)
+                x, ffn_out = torch.utils.checkpoint.checkpoint(layer, x, padding_mask, attn_bias, use_reentrant=False)
             else:
-                x, ffn_out = layer(x, padding_mask)
+                x, ffn_out = layer(x, padding_mask, attn_bias)
             if layer_results is not None:
                 layer_results.append(ffn_out)
         return x, layer_results

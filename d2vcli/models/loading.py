@@ -23,20 +23,27 @@ from torch import nn
 from d2vcli import checkpoint as ckpt
 from d2vcli.config import ModelConfig, from_dict
 from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
+from d2vcli.models.audio2 import Data2Vec2ForPretraining, build_backbone2, build_decoder2
 from d2vcli.models.vision import Data2VecVisionForImageClassification, Data2VecVisionForPretraining, VisionConfig
 from d2vcli.vocab import BLANK, Vocab
 
 
 def build_model(kind: str, arch: ModelConfig | dict, vocab_size: int = 0, final_dropout: float = 0.0) -> nn.Module:
     """A freshly initialized network of `kind` ("pretrain" or "ctc") for `arch` (a ModelConfig or its dict);
-    the vision kinds go to `build_vision_model` (`vocab_size` is then the number of classes)."""
+    the vision kinds go to `build_vision_model` (`vocab_size` is then the number of classes).
+
+    `arch.version` picks the data2vec generation (an arch saved before 2.0 existed reads as 1):
+    the CTC head is the same for both, the pretraining head is 1.0's final_proj or 2.0's decoder.
+    """
     if kind in ckpt.VISION_KINDS:
         return build_vision_model(kind, arch, vocab_size)
     if isinstance(arch, dict):
         arch = from_dict(arch, ModelConfig)
-    backbone = build_backbone(arch)
+    backbone = build_backbone2(arch) if arch.version == 2 else build_backbone(arch)
     if kind == "ctc":
         return Data2VecForCTC(backbone, vocab_size, final_dropout, blank=BLANK)
+    if kind == "pretrain" and arch.version == 2:
+        return Data2Vec2ForPretraining(backbone, build_decoder2(arch))
     if kind == "pretrain":
         return Data2VecForPretraining(backbone)
     raise ValueError(f"unknown model kind {kind!r}; expected one of {ckpt.KINDS}")

@@ -18,6 +18,9 @@ Randomness comes only from the numpy Generator passed in, so a seeded generator 
 the same masks on every run. (fairseq seeds one generator per row from
 hash(seed, epoch, index); one generator per batch has the same statistics.)
 
+data2vec 2.0 draws block masks instead (`compute_block_mask`, fairseq `compute_block_mask_1d`):
+centres with replacement, spans centred on them, then an exact masked count per row.
+
 Used by the pretrain and finetune steps:
 
     rng = np.random.default_rng(seed)
@@ -114,3 +117,48 @@ def compute_channel_mask(
     """
     return compute_mask_indices((batch_size, num_channels), None, mask_prob, mask_length, min_masks=0,
                                 require_same_masks=True, rng=rng)
+
+
+def compute_block_mask(
+    shape: tuple[int, int],
+    padding_mask,
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
+    """data2vec 2.0's block mask: a (N, T) bool array, True = masked, the same masked count in every row.
+
+    fairseq `fairseq/data/data_utils.py::compute_block_mask_1d` (require_same_masks, non_overlapping
+    False, mask_dropout 0), per row of unpadded length L:
+
+        centres  = int(L * (mask_prob + mask_prob_adjust) / mask_length) draws from [0, L), with replacement
+        mask     = each centre c expanded to [c - mask_length // 2, c - mask_length // 2 + mask_length), clipped
+        target   = floor(L * mask_prob): surplus masked frames are unmasked, a deficit masked, uniformly at random
+
+    With padding the rows' targets differ; all rows get the batch minimum (the student removes the
+    same number of frames from every row), and padded frames are never masked. Without padding
+    every row has exactly floor(T * mask_prob) masked frames, as in the recipe.
+    """
+    if rng is None:
+        raise ValueError("compute_block_mask needs an explicit numpy Generator (np.random.default_rng(seed))")
+    rows, all_sz = shape
+    pad = _as_numpy_bool(padding_mask)
+    lengths = [all_sz - int(pad[i].sum()) if pad is not None else all_sz for i in range(rows)]
+    target = min(int(L * mask_prob) for L in lengths) if rows else 0  # < L for mask_prob < 1 (config checks it)
+    mask = np.zeros((rows, all_sz), dtype=bool)
+    for i, L in enumerate(lengths):
+        row = np.zeros(L, dtype=bool)
+        if L:
+            centres = rng.integers(0, L, int(L * (mask_prob + mask_prob_adjust) / mask_length))
+            spans = centres[:, None] - mask_length // 2 + np.arange(mask_length)[None, :]
+            row[np.clip(spans, 0, L - 1).reshape(-1)] = True
+        masked = int(row.sum())
+        if masked > target:
+            row[rng.choice(np.flatnonzero(row), masked - target, replace=False)] = False
+        elif masked < target:
+            row[rng.choice(np.flatnonzero(~row), target - masked, replace=False)] = True
+        # fairseq's padding_mask convention (True = padding) and ours put the real frames first.
+        real = np.flatnonzero(~pad[i]) if pad is not None else np.arange(all_sz)
+        mask[i, real[:L]] = row
+    return mask
