@@ -39,7 +39,9 @@ TINY = ["data.max_tokens=64000", "data.max_sample_size=32000", "train.batch_seco
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    # One thread each: these tests start two training processes at once, and two 2-thread torch
+    # processes on 2 cores spin against each other (a 60-update run took 20-90 s instead of 10).
+    return {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
 def _truncate(src: str, dst: Path) -> Path:
