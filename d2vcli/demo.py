@@ -6,7 +6,7 @@ Stages, each the same library call the matching command makes:
 
   1. prepare   `d2v prepare synthetic`           generated corpus -> manifests + dict.ltr.txt
   2. pretrain  `d2v pretrain --preset speech-tiny`   data2vec on all the training audio, unlabeled
-  3. finetune  `d2v finetune --preset finetune-tiny` letter CTC on a 10 % labeled subset (train-labeled)
+  3. finetune  `d2v finetune --preset finetune-tiny` letter CTC on a 2.7 % labeled subset (train-labeled)
   4. lm        `d2v prepare lm --text lm-text.txt`   4-gram KenLM binary + lexicon
   5. decode    `d2v decode --tune`                   tune LM weights on dev-other (cached emissions)
   6. evaluate  `d2v evaluate`                        WER/CER per split, greedy and 4-gram
@@ -47,12 +47,14 @@ EVAL_SPLITS = ("dev-clean", "dev-other", "test-clean", "test-other")
 TUNE_SPLIT = "dev-other"
 
 
-# The labeled subset: every 10th training utterance (all speakers, 10 % of the audio, about 4 minutes
-# of the demo corpus), like the paper's 10-minute / 1-hour settings against 960 h unlabeled.
+# The labeled subset: every 40th training utterance (20 utterances from all 20 speakers, about 1 minute,
+# 2.7 % of the audio), like the paper's 10-minute setting against 960 h unlabeled. With every 10th
+# (80 utterances) random init learnt this corpus as well as pretraining did (docs/troubleshooting.md).
 LABELED_SPLIT = "train-labeled"
-LABELED_EVERY = 10
-# The random-init arm's learning-rate sweep (finetune-tiny's 1e-3 and beyond), picked on SELECT_SPLIT.
-RANDOM_INIT_LRS = (1e-3, 3e-3)
+LABELED_EVERY = 40
+# The random-init arm's learning-rate sweep (finetune-tiny's 1e-3 and half of it; 3e-3 stayed all blank
+# in 2 of 3 seeds at 80 utterances), picked on SELECT_SPLIT.
+RANDOM_INIT_LRS = (5e-4, 1e-3)
 SELECT_SPLIT = "dev-clean"
 
 
@@ -89,6 +91,14 @@ def _updates(updates: Optional[int]) -> list[str]:
     return [] if updates is None else [f"train.max_updates={updates}"]
 
 
+def _stop(what: str, result, run_dir: Path) -> None:
+    """A stage's run stopped early (interrupted, or a guard fired): say so in one line, not a traceback, and
+    exit with the run's status; finished stages are kept, so re-running `d2v demo` resumes."""
+    console.print(f"demo: {what} ended with status {result.status}; see {run_dir}. "
+                  "Re-run `d2v demo` with the same --workdir to resume.", markup=False, soft_wrap=True)
+    raise SystemExit(result.exit_code)
+
+
 def write_labeled_subset(ws, every: int) -> str:
     """data/train-labeled.jsonl: every `every`-th utterance of train (by id, so every speaker is in it).
     Returns a one-line description (utterances and minutes against the whole split)."""
@@ -120,7 +130,7 @@ def _finetune(ws, init, name: str, settings: DemoSettings, lr: Optional[float] =
     cfg = cfgmod.merge(cfg, init if isinstance(init, dict) else {"finetune": {"init": init}})
     result = finetune(cfg, ws, name=name, resume_if_exists=True, preset="finetune-tiny")
     if result.exit_code:
-        raise RuntimeError(f"fine-tuning {name} ended with status {result.status}; see {ws.run_dir(name)}")
+        _stop(f"fine-tuning {name}", result, ws.run_dir(name))
     rows = [r for r in read_jsonl(ws.run_dir(name) / "metrics.jsonl") if f"{SELECT_SPLIT}/cer" in r]
     return rows[-1][f"{SELECT_SPLIT}/cer"] if rows else float("nan")
 
@@ -149,7 +159,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
                           overrides=list(settings.pretrain_set) + _updates(settings.pretrain_updates))
     result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume_if_exists=True, preset="speech-tiny")
     if result.exit_code:
-        raise RuntimeError(f"pretraining ended with status {result.status}; see {ws.run_dir(PRETRAIN_RUN)}")
+        _stop("pretraining", result, ws.run_dir(PRETRAIN_RUN))
     lap("pretrain")
 
     _stage(3, total, "CTC fine-tuning from the pretrained model on a labeled subset (finetune-tiny)")

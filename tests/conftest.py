@@ -89,8 +89,8 @@ def pretrained_tiny(synthetic_workspace):
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-# finetune-tiny is made for the 800-utterance demo corpus (1200 updates, about 3 minutes); the
-# session's tiny corpus (32 utterances) gets 400 updates at half the learning rate, validated at 300 and 400.
+# finetune-tiny is made for the demo's labeled subset (600 updates); the session's tiny corpus
+# (32 utterances) gets 400 updates at lr 1e-3, validated at 300 and 400.
 FINETUNE_TINY_SET = [
     "train.max_updates=400", "optim.lr=0.001", "finetune.freeze_updates=10", "finetune.validate_every=100",
     "finetune.validate_after=300", "finetune.best_metric=dev-other/cer",

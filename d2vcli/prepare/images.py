@@ -37,7 +37,6 @@ import os
 import re
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
@@ -46,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from d2vcli.fileio import atomic_write_jsonl, atomic_write_text, remove_stale_temps
 from d2vcli.locks import LockError, hold
-from d2vcli.prepare.pipeline import default_workers, split_list, walk_audio
+from d2vcli.prepare.pipeline import map_in_batches, split_list, walk_audio
 from d2vcli.prepare.result import PrepareError, Skip
 from d2vcli.ui import console, progress, table
 from d2vcli.workspace import Workspace
@@ -219,22 +218,7 @@ def _read_headers(paths: list[str]) -> list[ImageHeader]:
 
 def scan_images(paths: Sequence[str], workers: int = 0, on_progress=None, batch: int = 256) -> list[ImageHeader]:
     """The headers of `paths`, in order; a process pool from POOL_MIN_FILES files on (0 workers = all cores)."""
-    paths = list(paths)
-    workers = workers or default_workers()
-    batches = [paths[i: i + batch] for i in range(0, len(paths), batch)]
-    out: list[ImageHeader] = []
-    if workers == 1 or len(batches) < 2 or len(paths) < POOL_MIN_FILES:
-        for b in batches:
-            out += _read_headers(b)
-            if on_progress:
-                on_progress(len(b))
-        return out
-    with ProcessPoolExecutor(max_workers=min(workers, len(batches))) as ex:
-        for b, headers in zip(batches, ex.map(_read_headers, batches)):
-            out += headers
-            if on_progress:
-                on_progress(len(b))
-    return out
+    return map_in_batches(_read_headers, paths, workers, "process", on_progress, batch, min_pool=POOL_MIN_FILES)
 
 
 # --------------------------------------------------------------------------- classes

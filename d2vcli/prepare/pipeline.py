@@ -41,7 +41,7 @@ import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -293,6 +293,34 @@ def default_workers() -> int:
 POOL_MIN_FILES = 4096
 
 
+def map_in_batches(read_batch: Callable[[list[str]], list], paths: Sequence[str | Path], workers: int = 0,
+                   pool: PoolKind = "process", on_progress: Optional[Callable[[int], None]] = None,
+                   batch: int = 256, min_pool: int = 0) -> list:
+    """`read_batch` over `paths` in batches of `batch`, results in order, by `workers` processes or threads
+    (0 = all cores). Fewer than `min_pool` (default POOL_MIN_FILES) files are read in this process:
+    starting a pool costs more."""
+    paths = [str(p) for p in paths]
+    workers = workers or default_workers()
+    batches = [paths[i: i + batch] for i in range(0, len(paths), batch)]
+    out: list = []
+    if workers == 1 or len(batches) < 2 or len(paths) < (min_pool or POOL_MIN_FILES):
+        results: Iterator = map(read_batch, batches)
+        executor = None
+    else:
+        executor = (ProcessPoolExecutor if pool == "process" else ThreadPoolExecutor)(
+            max_workers=min(workers, len(batches)))
+        results = executor.map(read_batch, batches)
+    try:
+        for b, got in zip(batches, results):
+            out += got
+            if on_progress:
+                on_progress(len(b))
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    return out
+
+
 def scan_headers(
     paths: Sequence[str | Path],
     workers: int = 0,
@@ -302,27 +330,10 @@ def scan_headers(
 ) -> list[Header]:
     """Audio headers of `paths`, in order, read by `workers` processes or threads (0 = all cores).
 
-    Fewer than POOL_MIN_FILES files are read in this process: starting a pool costs more.
     Processes, not threads, by default: with threads the Python side of each header read
     holds the GIL, so they measured no faster than one process.
     """
-    paths = [str(p) for p in paths]
-    workers = workers or default_workers()
-    batches = [paths[i: i + batch] for i in range(0, len(paths), batch)]
-    out: list[Header] = []
-    if workers == 1 or len(batches) < 2 or len(paths) < POOL_MIN_FILES:
-        for b in batches:
-            out += _read_headers(b)
-            if on_progress:
-                on_progress(len(b))
-        return out
-    executor = ProcessPoolExecutor if pool == "process" else ThreadPoolExecutor
-    with executor(max_workers=min(workers, len(batches))) as ex:
-        for b, headers in zip(batches, ex.map(_read_headers, batches)):
-            out += headers
-            if on_progress:
-                on_progress(len(b))
-    return out
+    return map_in_batches(_read_headers, paths, workers, pool, on_progress, batch)
 
 
 def scan_split(split: str, items: list[Item], workers: int, bar: Progress) -> list[Header]:
