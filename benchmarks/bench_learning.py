@@ -73,7 +73,8 @@ def train_seconds(ws: Workspace, run: str) -> float:
 def run_pretrain(ws: Workspace, seed: int, updates: int, preset: str = "speech-tiny") -> str:
     name = f"pt{'2' if preset == 'speech2-tiny' else ''}-s{seed}-u{updates}"
     cfg = cfgmod.resolve("pretrain", preset=preset,
-                         overrides=[f"train.seed={seed}", f"train.max_updates={updates}", "train.log_every=25"])
+                         overrides=[f"train.seed={seed}", f"train.max_updates={updates}",
+                                    f"train.log_every={min(25, updates)}"])  # a short run still logs its time
     result = pretrain(cfg, ws, name=name, resume_if_exists=True, preset=preset)
     if result.exit_code:
         sys.exit(f"{name}: {result.message}")
@@ -137,8 +138,8 @@ def main() -> None:
         if Q:
             pretrained[arm2] = run_pretrain(ws, seed, Q, preset="speech2-tiny")
             for u in (P, 2 * P):
-                clock.setdefault(str(u), []).append(
-                    train_seconds(ws, pretrained[arm2]) / train_seconds(ws, pretrained[f"pretrained, {u} updates"]))
+                one = train_seconds(ws, pretrained[f"pretrained, {u} updates"])
+                clock.setdefault(str(u), []).append(train_seconds(ws, pretrained[arm2]) / one if one else float("nan"))
         runs += pretrained.values()
         for every, split in splits.items():
             for arm, run in pretrained.items():
