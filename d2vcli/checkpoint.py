@@ -194,7 +194,8 @@ def load_checkpoint(path: Path, expect_kind: Optional[str] = None, trust: bool =
     if expect_kind and kind != expect_kind:
         what = {"pretrain": "a pretrained data2vec model (from `d2v pretrain` or `d2v import`)",
                 "ctc": "a fine-tuned CTC model (from `d2v finetune` or `d2v import`)",
-                "vision-pretrain": "a pretrained data2vec image model (from `d2v import hf`)",
+                "vision-pretrain": "a pretrained data2vec image model (from `d2v pretrain --preset vision-*` "
+                                   "or `d2v import hf`)",
                 "vision-cls": "an image classifier (from `d2v import hf`)"}
         raise CheckpointError(
             f"{path} is {what.get(kind, repr(kind))}, but {what[expect_kind]} is needed here."

@@ -333,6 +333,8 @@ def finetune_cmd(
                                               "(sets finetune.arch_preset; --set model.* overrides it)."),
     from_teacher: bool = typer.Option(False, "--from-teacher", help="Initialize the encoder from the EMA teacher "
                                       "instead of the student (finetune.init_from=teacher)."),
+    linear_probe: bool = typer.Option(False, "--linear-probe", help="Images: freeze the encoder and train a linear "
+                                      "classifier on it (finetune.linear_probe=true)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
     resume: bool = ResumeOpt,
     resume_if_exists: bool = ResumeIfExistsOpt,
@@ -340,7 +342,8 @@ def finetune_cmd(
                                "(runs code from the file): only for files you trust."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """CTC fine-tuning on letters. Architecture and input normalization come from the pretrained checkpoint."""
+    """CTC fine-tuning on letters, or image classification (presets vision-ft-*). Architecture and input
+    normalization come from the pretrained checkpoint."""
     from d2vcli.finetune import finetune
 
     cfg = resolve_config("finetune", preset, config_file, overrides)
@@ -349,6 +352,8 @@ def finetune_cmd(
         start["arch_preset"] = arch_preset
     if from_teacher:
         start["init_from"] = "teacher"
+    if linear_probe:
+        start["linear_probe"] = True
     cfg = cfgmod.merge(cfg, {"finetune": start})
     # Prints the config summary once completed from the checkpoint (its architecture and normalize).
     result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,

@@ -75,6 +75,11 @@ class DataConfig:
         "Unreadable audio files (truncated, corrupt, not 16 kHz) a training run skips, naming each in the log "
         "and the summary, before it stops with the list; 0 = stop at the first one.",
     )
+    images_per_batch: int = f(
+        128, "Images: images per device per micro-batch (the recipe's 128 per GPU for ViT-B); "
+        "train.images_per_update and the world size give the accumulation.")
+    min_crop_scale: float = f(
+        0.08, "Images: smallest area share RandomResizedCrop keeps (the recipe's scale 0.08 to 1).")
 
 
 @dataclass
@@ -129,6 +134,35 @@ class MaskingConfig:
         "floor(mask_prob x frames) masked frames (base 0.05, large 0.1).")
     clone_batch: int = f(1, "data2vec 2.0: masked copies of each utterance (M); the conv encoder and the teacher "
                          "run once per utterance (base 8, large 12).")
+    block_patches: int = f(120, "Images: patches BEiT's block masking masks per image at most (120 of 196).")
+    block_min_patches: int = f(16, "Images: smallest block, in patches.")
+    block_min_aspect: float = f(0.3, "Images: block aspect ratios lie between this and its inverse.")
+
+
+@dataclass
+class VisionModelConfig:
+    """The ViT of `modality: images` (d2vcli.models.vision.VisionConfig, whose fields these are; the
+    defaults are its ViT-B/16 as data2vec 1.0 vision pretrains it)."""
+
+    image_size: int = f(224, "Input height and width in pixels (square; 224 in the paper).")
+    patch_size: int = f(16, "Side of one square patch in pixels (224/16: a 14x14 grid of 196 patches).")
+    in_channels: int = f(3, "Colour channels of the input (RGB).")
+    embed_dim: int = f(768, "Width D of the ViT (ViT-B 768, ViT-L 1024).")
+    num_layers: int = f(12, "Transformer blocks (ViT-B 12, ViT-L 24).")
+    num_heads: int = f(12, "Attention heads (ViT-B 12, ViT-L 16).")
+    ffn_dim: int = f(3072, "Hidden width of each block's MLP (4 x D).")
+    layer_norm_eps: float = f(1e-6, "LayerNorm epsilon (BEiT 1e-6).")
+    layer_scale_init: float = f(1e-4, "Initial layer scale gamma (base 1e-4, large 1e-5; 0 disables it).")
+    rel_pos_bias: Literal["shared", "per-layer"] = f(
+        "shared", "Relative position bias: one table for all blocks (the recipe) or one per block.")
+    drop_path: float = f(0.25, "Stochastic depth of the last block, rising linearly from 0 (base 0.25, large 0.2).")
+    attention_dropout: float = f(0.05, "Dropout on the attention probabilities (base 0.05, large 0.15).")
+    dropout: float = f(0.0, "Dropout after the attention projection and the MLP (0 in the recipe).")
+    init_std: float = f(0.02, "Std of the truncated-normal init of Linear, Conv, CLS and mask token.")
+    image_mean: tuple[float, float, float] = f(
+        (0.485, 0.456, 0.406), "Per-channel mean subtracted from [0, 1] pixels (ImageNet statistics).")
+    image_std: tuple[float, float, float] = f(
+        (0.229, 0.224, 0.225), "Per-channel std the pixels are divided by (ImageNet statistics).")
 
 
 @dataclass
@@ -163,6 +197,9 @@ class OptimConfig:
     betas: tuple[float, float] = f((0.9, 0.98), "Adam betas.")
     eps: float = f(1e-6, "Adam epsilon.")
     weight_decay: float = f(0.01, "Decoupled (AdamW) weight decay, applied to all parameters as in fairseq's recipe (docs/recipe.md).")
+    no_decay_1d: bool = f(
+        False, "Exempt biases, norms, other 1-D parameters and cls_token from weight decay (the BEiT recipe "
+        "of data2vec vision); false = decay everything (fairseq's audio recipe).")
     clip_norm: float = f(0.0, "Gradient clipping max norm; 0 disables it.")
 
 
@@ -184,6 +221,10 @@ class TrainConfig:
         3800.0,
         "Audio seconds per optimizer update (the recipe: 16 GPUs x 3.8M samples = 3800 s, docs/recipe.md). "
         "Gradient accumulation is derived from this, max_tokens and the world size.",
+    )
+    images_per_update: int = f(
+        2048, "Images: images per optimizer update (the ViT-B recipe: 16 GPUs x 128 = 2048). Gradient "
+        "accumulation is derived from this, data.images_per_batch and the world size.",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
         "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
@@ -227,6 +268,15 @@ class FinetuneConfig:
     validate_after: int = f(0, "No validation before this update.")
     best_metric: str = f("dev-other/wer", "Metric (split/wer or split/cer) that selects best.pt; lower is better.")
     early_stop_patience: int = f(0, "Stop after this many validations without improvement; 0 disables.")
+    layer_decay: float = f(
+        0.65, "Images: layer-wise lr decay; block i trains at lr x decay^(L - i), the patch embedding at "
+        "decay^(L + 1), the head at lr (the BEiT recipe's 0.65).")
+    mixup: float = f(0.8, "Images: mixup Beta(alpha, alpha) parameter; 0 = off.")
+    cutmix: float = f(1.0, "Images: cutmix Beta(alpha, alpha) parameter; 0 = off. With both on, each batch "
+                      "takes one of the two at random (the recipe's switch probability 0.5).")
+    label_smoothing: float = f(0.1, "Images: label smoothing of the (mixed) targets.")
+    linear_probe: bool = f(False, "Images: freeze the encoder and train only fc_norm and the linear head "
+                           "(no mixup, cutmix, drop path or RandAugment).")
 
 
 @dataclass
@@ -253,8 +303,12 @@ class DecodeConfig:
 class Config:
     """Everything a d2v run needs; saved as config.yaml in every run directory."""
 
+    modality: Literal["speech", "images"] = f(
+        "speech", "What the run trains on: speech (the `model` section, manifests in data/) or images "
+        "(the `vision` section, manifests in data/images/ from `d2v prepare images`).")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -263,8 +317,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
-    def validate(self) -> None:
-        """Reject impossible combinations with a message that says what to change."""
+    def validate(self, command: Optional[str] = None) -> None:
+        """Reject impossible combinations with a message that says what to change. The image
+        objective's settings (top-K, block masks) are not checked for `d2v finetune`, which ignores them."""
         problems = []
         m = self.model
         if m.embed_dim % m.num_heads:
@@ -273,11 +328,15 @@ class Config:
             problems.append(
                 f"model.embed_dim ({m.embed_dim}) must be divisible by model.pos_conv_groups ({m.pos_conv_groups})"
             )
-        if not 1 <= self.objective.average_top_k_layers <= m.num_layers:
+        images = self.modality == "images"
+        layers, section = (self.vision.num_layers, "vision") if images else (m.num_layers, "model")
+        if not 1 <= self.objective.average_top_k_layers <= layers and not (images and command == "finetune"):
             problems.append(
                 f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) must be between 1 and "
-                f"model.num_layers ({m.num_layers})"
+                f"{section}.num_layers ({layers})"
             )
+        if images:
+            problems.extend(self._vision_problems(masking=command != "finetune"))
         if not 0 <= self.masking.mask_prob < 1:
             problems.append("masking.mask_prob must be in [0, 1)")
         if self.data.max_tokens < self.data.min_sample_size:
@@ -301,6 +360,27 @@ class Config:
             problems.append(f"data.length_buckets ({self.data.length_buckets}) must be 0 (off) or a count of lengths")
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+    def _vision_problems(self, masking: bool) -> list[str]:
+        v, problems = self.vision, []
+        if v.image_size % v.patch_size:
+            problems.append(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size "
+                            f"({v.patch_size})")
+        if v.embed_dim % v.num_heads:
+            problems.append(f"vision.embed_dim ({v.embed_dim}) must be divisible by vision.num_heads ({v.num_heads})")
+        patches = (v.image_size // max(1, v.patch_size)) ** 2
+        if masking and not 0 < self.masking.block_patches < patches:
+            problems.append(f"masking.block_patches ({self.masking.block_patches}) must be between 1 and "
+                            f"{patches - 1} (the image has {patches} patches)")
+        if not 0 < self.masking.block_min_patches <= self.masking.block_patches:
+            problems.append("masking.block_min_patches must be between 1 and masking.block_patches")
+        if not 0 < self.masking.block_min_aspect <= 1:
+            problems.append("masking.block_min_aspect must be in (0, 1]")
+        if self.data.images_per_batch < 1 or self.train.images_per_update < 1:
+            problems.append("data.images_per_batch and train.images_per_update must be at least 1")
+        if not 0 < self.data.min_crop_scale <= 1:
+            problems.append("data.min_crop_scale must be in (0, 1]")
+        return problems
 
 
 # --------------------------------------------------------------------------- named recipes
@@ -361,6 +441,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "speech-base": ("pretrain", "speech-base.yaml"),
     "speech-large": ("pretrain", "speech-large.yaml"),
     "speech-tiny": ("pretrain", "speech-tiny.yaml"),
+    "vision-base": ("pretrain", "vision-base.yaml"),
+    "vision-large": ("pretrain", "vision-large.yaml"),
+    "vision-tiny": ("pretrain", "vision-tiny.yaml"),
     "speech2-base": ("pretrain", "speech2-base.yaml"),
     "speech2-large": ("pretrain", "speech2-large.yaml"),
     "speech2-tiny": ("pretrain", "speech2-tiny.yaml"),
@@ -375,6 +458,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "finetune-vox-100h": ("finetune", "finetune-vox-100h.yaml"),
     "finetune-vox-960h": ("finetune", "finetune-vox-960h.yaml"),
     "finetune-tiny": ("finetune", "finetune-tiny.yaml"),
+    "vision-ft-base": ("finetune", "vision-ft-base.yaml"),
+    "vision-ft-large": ("finetune", "vision-ft-large.yaml"),
+    "vision-ft-tiny": ("finetune", "vision-ft-tiny.yaml"),
 }
 
 DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}
@@ -552,7 +638,7 @@ def resolve(
     if command != "finetune" and cfg.data.normalize is None:
         raise ConfigError("data.normalize=null means 'as the pretrained checkpoint' and only applies to "
                           "`d2v finetune`; set it to true or false")
-    cfg.validate()
+    cfg.validate(command)
     return cfg
 
 

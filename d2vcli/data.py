@@ -83,11 +83,11 @@ class TooManyBadFiles(DataError):
     """More unreadable audio files than `data.max_bad_files`: a clear stop instead of skipping on."""
 
 
-def bad_files_summary(bad: dict[str, str], limit: int = 10) -> str:
+def bad_files_summary(bad: dict[str, str], limit: int = 10, what: str = "audio") -> str:
     """'N unreadable audio file(s) skipped: path (reason); ...' for logs and run summaries."""
     shown = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:limit])
     more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
-    return f"{len(bad)} unreadable audio file(s) skipped: {shown}{more}"
+    return f"{len(bad)} unreadable {what} file(s) skipped: {shown}{more}"
 
 
 def bad_files_fix() -> str:
@@ -285,7 +285,7 @@ class Batch:
     set only for labelled data ("pad" collation with a vocabulary).
     """
 
-    source: Tensor  # (B, S) float32 waveform
+    source: Tensor  # (B, S) float32 waveform, or (B, 3, H, W) normalized images (image_data.ImageBatchLoader)
     padding_mask: Optional[Tensor]  # (B, S) bool, True = padding; None when nothing is padded (crop)
     ids: list[str]
     num_samples: int  # real (unpadded) samples in the batch
@@ -518,7 +518,7 @@ class BatchLoader:
             source: Iterator[Batch] = iter(
                 torch.utils.data.DataLoader(
                     view, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                    pin_memory=self.pin_memory, collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
+                    pin_memory=self.pin_memory, collate_fn=identity, worker_init_fn=ignore_stop_signals,
                     # An explicit generator keeps DataLoader from drawing its base seed from the
                     # global torch RNG, which would make dropout depend on epoch boundaries.
                     generator=torch.Generator().manual_seed(self.seed),
@@ -548,11 +548,11 @@ class BatchLoader:
         self.bad_files = dict(state.get("bad_files") or {})
 
 
-def _identity(x):
+def identity(x):
     return x
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int) -> None:
     """Workers leave Ctrl-C/SIGTERM to the training process, which saves a checkpoint and then
     shuts them down; a worker dying first would turn a clean stop into a DataLoader error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

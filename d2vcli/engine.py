@@ -32,6 +32,8 @@ any object with these members works, there is no base class):
         checkpoint (pretraining's collapse guard). All ranks must agree (use all-reduced metrics).
     checkpoint_state() -> dict          extra checkpoint keys: arch, normalize, teacher, vocab, ...
     load_checkpoint_state(state) -> None    restores them on resume
+    lr_scales (optional)     {parameter name: factor} multiplying the schedule's rate per parameter
+                             (image fine-tuning's layer-wise lr decay); absent = 1 everywhere
 
 The loader is anything with the members of `BatchSource` (a typing.Protocol too): iteration
 over the rest of the current epoch's local batches, `position`, `local_indices`/`batches` for
@@ -40,8 +42,10 @@ the epoch's size, and `state_dict`/`load_state_dict` for resume (`data.BatchLoad
 Semantics (fairseq's `fairseq_cli/train.py` + `fairseq/trainer.py`; recipe values in
 `docs/recipe.md`):
 
-- Batch size is audio seconds per update (`train.batch_seconds`). Accumulation =
-  ceil(batch_seconds x 16000 / (world_size x max_tokens)), printed at start, so one GPU
+- Batch size is what one update holds, in the loader's unit (`BatchUnit`): audio seconds by default
+  (`train.batch_seconds`), images for image pretraining (`train.images_per_update`, passed by the
+  task as `train(..., batch=image_batch_unit(...))`). Accumulation =
+  ceil(per update / (world_size x per micro-batch)), printed at start, so one GPU
   reproduces the 16-GPU recipe's batch: "3800 s/update = 1 GPU x 3.8M samples x 16 accumulation".
 - Loss normalization: losses are summed over micro-batches and ranks and the gradient is divided
   by the all-reduced total sample_size. Two processes sharing a global batch therefore compute the
@@ -104,6 +108,8 @@ from d2vcli.ui import console, progress
 
 FP16_INIT_SCALE = 128.0  # fairseq fp16_init_scale
 FP16_MIN_SCALE = 1e-4  # fairseq min_loss_scale: below this the loss is exploding, not overflowing
+IMAGE_FILES_FIX = ("Fix or remove them, then re-run `d2v prepare images` (it lists unreadable files in "
+                   "skipped-<split>.tsv)")
 
 
 # ----------------------------------------------------------------------------- the step interface
@@ -202,6 +208,43 @@ def accumulation_steps(batch_seconds: float, max_tokens: int, world_size: int) -
     return max(1, math.ceil(round(batch_seconds * SAMPLE_RATE / (world_size * max_tokens), 9)))
 
 
+@dataclass(frozen=True)
+class BatchUnit:
+    """How the loader's batches are counted: per update in the config's unit, per micro-batch in
+    `Batch.num_samples` units (audio samples, images)."""
+
+    per_update: float  # what the config asks one update to hold (seconds, images)
+    per_micro_batch: float  # what one process's micro-batch holds at most (samples, images)
+    unit: str  # the config's unit: "s" (audio seconds) or "images"
+    samples_per_unit: float  # num_samples per unit: SAMPLE_RATE for seconds, 1 for images
+    rate_key: str  # the throughput column of metrics.jsonl: audio_s_per_s, images_per_s
+    seen_key: str  # the engine-state total of what training consumed: audio_seconds, images
+
+    def accumulation(self, world_size: int) -> int:
+        per_micro_batches = self.per_update * self.samples_per_unit / (world_size * self.per_micro_batch)
+        return max(1, math.ceil(round(per_micro_batches, 9)))
+
+    def describe(self, info: DistInfo, accumulation: int) -> str:
+        if self.unit == "s":
+            return describe_batch(self.per_update, int(self.per_micro_batch), info, accumulation)
+        text = (f"{self.per_update:g} {self.unit}/update = {info.describe()} x {self.per_micro_batch:g} {self.unit} x "
+                f"{accumulation} accumulation")
+        actual = info.world_size * self.per_micro_batch * accumulation
+        return text + (f" ({actual:g} {self.unit})" if actual != self.per_update else "")
+
+
+def audio_batch_unit(cfg: Config) -> BatchUnit:
+    """Audio seconds per update (train.batch_seconds) in micro-batches of data.max_tokens samples."""
+    return BatchUnit(cfg.train.batch_seconds, cfg.data.max_tokens, "s", SAMPLE_RATE,
+                     "audio_s_per_s", "audio_seconds")
+
+
+def image_batch_unit(cfg: Config) -> BatchUnit:
+    """Images per update (train.images_per_update) in micro-batches of data.images_per_batch."""
+    return BatchUnit(cfg.train.images_per_update, cfg.data.images_per_batch, "images", 1.0, "images_per_s",
+                     "images")
+
+
 def describe_batch(batch_seconds: float, max_tokens: int, info: DistInfo, accumulation: int) -> str:
     """'3800 s/update = 1 GPU x 3.8M samples x 16 accumulation' (plus the exact total if it differs)."""
     text = (f"{batch_seconds:g} s/update = {info.describe()} x {max_tokens / 1e6:g}M samples x "
@@ -290,31 +333,36 @@ def train(
     best_metric: Optional[str] = None,
     early_stop_patience: int = 0,
     stop_at: Optional[int] = None,
+    batch: Optional[BatchUnit] = None,
 ) -> TrainResult:
     """Train `task` on `loader` until cfg.train.max_updates (or `stop_at` updates, then save
-    and return "paused"; used to split a run in parts). See the module docstring for semantics."""
+    and return "paused"; used to split a run in parts). `batch` says how the loader's batches are
+    counted (default: audio seconds). See the module docstring for semantics."""
     return _Trainer(cfg, task, loader, run, info, description, validate_every, validate_after, best_metric,
-                    early_stop_patience, stop_at).run()
+                    early_stop_patience, stop_at, batch or audio_batch_unit(cfg)).run()
 
 
 class _Trainer:
     def __init__(self, cfg: Config, task: TrainTask, loader: BatchSource, run: Run, info: DistInfo,
                  description: str, validate_every: int, validate_after: int, best_metric: Optional[str],
-                 early_stop_patience: int, stop_at: Optional[int]):
+                 early_stop_patience: int, stop_at: Optional[int], batch: BatchUnit):
         self.cfg, self.task, self.loader, self.run_info, self.info = cfg, task, loader, run, info
         self.description = description
         self.validate_every, self.validate_after = validate_every, validate_after
         self.best_metric, self.patience, self.stop_at = best_metric, early_stop_patience, stop_at
         self.device = info.device
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
-        self.accumulation = accumulation_steps(cfg.train.batch_seconds, cfg.data.max_tokens, info.world_size)
+        self.batch = batch
+        self.accumulation = batch.accumulation(info.world_size)
         task.model.train()
         set_activation_checkpointing(task.model, cfg.train.activation_checkpointing)
         # DDP wraps the compiled callable (so no_sync and the gradient hooks stay DDP's); checkpoints save task.model.
         self.model = distributed.wrap_model(compile_model(task.model, cfg.train.compile, self.device), info,
                                             task.find_unused_parameters)
         self.params = [p for p in task.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
+        # A task may scale the rate per parameter (`lr_scales`: name -> factor, layer-wise lr decay).
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device, task.model.named_parameters(),
+                                         getattr(task, "lr_scales", None))
         self.scaler = (torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
                        if self.amp_dtype == torch.float16 else None)
         self.step = 0
@@ -323,7 +371,7 @@ class _Trainer:
         self.nonfinite_total = 0
         self.best: Optional[float] = None
         self.bad_validations = 0
-        self.audio_seconds = 0.0
+        self.seen = 0.0  # seconds of audio or images consumed, saved as batch.seen_key
         self.train_seconds = 0.0
 
     # -- checkpoints
@@ -340,7 +388,7 @@ class _Trainer:
             ckpt.ENGINE_KEY: {
                 "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
                 "best": self.best, "best_metric": self.best_metric, "bad_validations": self.bad_validations,
-                "audio_seconds": self.audio_seconds, "train_seconds": self.train_seconds,
+                self.batch.seen_key: self.seen, "train_seconds": self.train_seconds,
                 "world_size": self.info.world_size,
             },
         })
@@ -373,7 +421,7 @@ class _Trainer:
         self.nonfinite_total = int(eng.get("nonfinite_total", 0))
         self.best = eng.get("best")
         self.bad_validations = int(eng.get("bad_validations", 0))
-        self.audio_seconds = float(eng.get("audio_seconds", 0.0))
+        self.seen = float(eng.get(self.batch.seen_key, 0.0))
         self.train_seconds = float(eng.get("train_seconds", 0.0))
         if self.info.is_main:
             pos = self.loader.position
@@ -401,7 +449,7 @@ class _Trainer:
         seed_update(cfg.train.seed, self.info.rank, self.step)
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_updates)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         sample_size = torch.zeros((), device=self.device, dtype=torch.float64)
         num_samples = 0
@@ -489,14 +537,14 @@ class _Trainer:
         if info.is_main:
             if info.backend:
                 console.print(f"distributed: {info.backend} process group, {info.world_size} process(es), DDP")
-            console.print(f"batch: {describe_batch(cfg.train.batch_seconds, cfg.data.max_tokens, info, self.accumulation)}")
+            console.print(f"batch: {self.batch.describe(info, self.accumulation)}")
             compiled = "torch.compile" if compile_wanted(cfg.train.compile, self.device) else "eager"
             ckpting = ", activation checkpointing" if cfg.train.activation_checkpointing else ""
             console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device} ({compiled}{ckpting}); "
                           f"run dir {self.run_info.dir}")
         batches = self._micro_batches()
         self._bad_reported = len(self.loader.bad_files)  # those of a resumed run were reported before
-        interval = Interval()
+        interval = Interval(self.batch.samples_per_unit, self.batch.rate_key)
         result: Optional[TrainResult] = None
         bar = progress(TextColumn("{task.fields[info]}")) if info.is_main else None
         try:
@@ -518,7 +566,7 @@ class _Trainer:
                     u = self._update(batches)
                     dt = time.perf_counter() - t0
                     self.train_seconds += dt
-                    self.audio_seconds += u.num_samples / SAMPLE_RATE
+                    self.seen += u.num_samples / self.batch.samples_per_unit
                     interval.add(u, dt)
                     if bar is not None:
                         bar.update(bar_task, completed=self.step, info=bar_text(u, interval))
@@ -528,13 +576,15 @@ class _Trainer:
                         log.write(row)
                         if info.is_main and (bar is None or bar.disable):
                             console.print(" ".join(f"{k}={format_value(v)}" for k, v in row.items()), markup=False)
-                        interval = Interval()
+                        interval = Interval(self.batch.samples_per_unit, self.batch.rate_key)
                     self._report_bad_files(log)
                     result = self._after(u, log)
         finally:
             log.close()
         if self.loader.bad_files:
-            result.message += f"\n{bad_files_summary(self.loader.bad_files)}. {bad_files_fix()}."
+            what = "audio" if self.batch.unit == "s" else "image"
+            fix = bad_files_fix() if what == "audio" else IMAGE_FILES_FIX
+            result.message += f"\n{bad_files_summary(self.loader.bad_files, what=what)}. {fix}."
         if info.is_main:
             colour = "green" if result.exit_code == 0 else "red"
             console.print(f"[{colour}]{result.message}[/]")
@@ -547,7 +597,8 @@ class _Trainer:
         for path, reason in new:
             log.write({"step": self.step, "skipped_file": path, "reason": reason}, prefix="data")
             if self.info.is_main:
-                console.print(f"warning: skipped unreadable audio {path}: {reason}", markup=False,
+                what = "audio" if self.batch.unit == "s" else "image"
+                console.print(f"warning: skipped unreadable {what} {path}: {reason}", markup=False,
                               highlight=False, soft_wrap=True)
 
     def _resource_metrics(self) -> dict:

@@ -188,7 +188,9 @@ def format_value(v: Any) -> str:
 class Interval:
     """Sums over the updates since the last log line."""
 
-    def __init__(self):
+    def __init__(self, samples_per_unit: float = SAMPLE_RATE, rate_key: str = "audio_s_per_s"):
+        # Throughput: num_samples / samples_per_unit per second, logged as `rate_key` (audio seconds or images).
+        self.samples_per_unit, self.rate_key = samples_per_unit, rate_key
         self.updates = 0
         self.loss = 0.0
         self.sample_size = 0.0
@@ -216,7 +218,8 @@ class Interval:
             self.metric_counts[k] = self.metric_counts.get(k, 0) + 1
 
     def audio_per_second(self) -> float:
-        return self.samples / SAMPLE_RATE / max(self.seconds, 1e-9)
+        """Throughput in the interval's unit (audio seconds per second, or images per second)."""
+        return self.samples / self.samples_per_unit / max(self.seconds, 1e-9)
 
     def row(self, step: int, epoch: int, skipped: int, wall: float, extra: Optional[dict] = None) -> dict:
         """The metrics.jsonl line: means over the interval's finite updates; `extra` is appended
@@ -230,7 +233,7 @@ class Interval:
             "gnorm": self.gnorm / n,
             "sample_size": self.sample_size / n,
             **{k: v / self.metric_counts[k] for k, v in self.metrics.items()},
-            "audio_s_per_s": self.audio_per_second(),
+            self.rate_key: self.audio_per_second(),
             "skipped": skipped,
             "wall": round(wall, 3),
             **(extra or {}),
@@ -243,5 +246,6 @@ def bar_text(u: UpdateResult, interval: Interval) -> str:
         return "skipped (non-finite)"
     parts = [f"loss {u.loss / max(u.sample_size, 1e-12):.4g}", f"lr {u.lr:.2e}"]
     parts += [f"{k} {format_value(v)}" for k, v in u.metrics.items()]
-    parts.append(f"{interval.audio_per_second():.0f} audio-s/s")
+    unit = "audio-s/s" if interval.rate_key == "audio_s_per_s" else interval.rate_key.replace("_per_s", "/s")
+    parts.append(f"{interval.audio_per_second():.0f} {unit}")
     return "  ".join(parts)

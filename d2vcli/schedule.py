@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Optional
 
 import torch
 
@@ -74,12 +75,37 @@ def lr_at(step: int, lr: float, schedule: ScheduleConfig, max_updates: int) -> f
 # base model takes 0.10 s against foreach's 0.71 s on one thread (docs/gpu.md, "CPU efficiency").
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
+# Parameters the BEiT recipe exempts from weight decay besides 1-D ones (`optim_factory.get_parameter_groups`:
+# 1-D tensors, names ending in ".bias", and its skip list `pos_embed`, `cls_token`).
+NO_DECAY_NAMES = ("cls_token", "pos_embed")
 
-def build_optimizer(params, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `params` (those with requires_grad), with the fused kernel where the device has one."""
-    params = [p for p in params if p.requires_grad]
+
+def decay_groups(named_params, weight_decay: float, no_decay_1d: bool = True,
+                 lr_scales: Optional[dict[str, float]] = None) -> list[dict]:
+    """AdamW groups by (weight decay, lr scale): with `no_decay_1d`, biases, norms, 1-D tensors and
+    cls_token get weight_decay 0; `lr_scales` (parameter name -> factor, default 1) gives each group
+    an "lr_scale" the engine multiplies the schedule's rate by (layer-wise lr decay)."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        exempt = no_decay_1d and (p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES)
+        key = (0.0 if exempt else weight_decay, (lr_scales or {}).get(name, 1.0))
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in groups.items()]
+
+
+def build_optimizer(params, optim: OptimConfig, device: torch.device, named_params=None,
+                    lr_scales: Optional[dict[str, float]] = None) -> torch.optim.AdamW:
+    """AdamW over `params` (those with requires_grad), with the fused kernel where the device has one.
+    With `optim.no_decay_1d` or `lr_scales` the groups come from `named_params` (the model's
+    named_parameters()) through `decay_groups`."""
     fused = device.type in FUSED_ADAMW_DEVICES
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    if (optim.no_decay_1d or lr_scales) and named_params is not None:
+        groups = decay_groups(named_params, optim.weight_decay, optim.no_decay_1d, lr_scales)
+    else:
+        groups = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=fused, foreach=None if fused else True)
 
 

@@ -29,7 +29,7 @@ def test_defaults_are_the_base_recipe():
 def test_every_preset_loads_and_validates(name):
     command = C.PRESETS[name][0]
     cfg = C.resolve(command, preset=name)
-    cfg.validate()
+    cfg.validate(command)  # image fine-tuning ignores the pretraining objective, so it is not checked
     text = C.preset_path(name).read_text()
     assert text.startswith(f"# d2v {command} --preset {name}"), "each preset begins with the command that runs it"
 

@@ -27,6 +27,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 # ImageNet statistics: the BEiT repo normalizes pretraining inputs with these
@@ -242,7 +243,11 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Patches, a learned mask token, a CLS token and the blocks; no final norm (the heads own theirs)."""
+    """Patches, a learned mask token, a CLS token and the blocks; no final norm (the heads own theirs).
+
+    `checkpointing` (train.activation_checkpointing) recomputes each block in the backward pass
+    instead of keeping its activations; non-reentrant checkpointing replays the drop-path draws.
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -257,6 +262,7 @@ class VisionTransformer(nn.Module):
         L = cfg.num_layers
         rates = [cfg.drop_path * i / (L - 1) for i in range(L)] if L > 1 else [cfg.drop_path]
         self.blocks = nn.ModuleList(Block(cfg, p) for p in rates)
+        self.checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -288,7 +294,10 @@ class VisionTransformer(nn.Module):
         position_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, 1+N, 1+N)
         layer_results = [] if return_layer_results else None
         for block in self.blocks:
-            x = block(x, position_bias)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, position_bias, use_reentrant=False)
+            else:
+                x = block(x, position_bias)
             if layer_results is not None:
                 layer_results.append(x)  # v1 vision targets are end-of-block outputs
         return x, layer_results
@@ -308,9 +317,12 @@ class Data2VecVisionForPretraining(nn.Module):
         nn.init.trunc_normal_(self.lm_head.weight, std=cfg.init_std)
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """-> predictions (B, N, D) for every patch; the loss keeps the masked ones."""
-        x, _ = self.encoder(images, mask)
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None, return_layer_results: bool = False):
+        """-> predictions (B, N, D) for every patch; the loss keeps the masked ones. With
+        `return_layer_results` (the EMA teacher's call): the encoder's (x, [block outputs]), no heads."""
+        x, layer_results = self.encoder(images, mask, return_layer_results=return_layer_results)
+        if return_layer_results:
+            return x, layer_results
         return self.lm_head(self.norm(x)[:, 1:])  # CLS dropped
 
 
