@@ -1,4 +1,4 @@
-"""Does pretraining pay? Fine-tuned greedy CER from speech-tiny pretraining against random init, over seeds.
+"""Does pretraining pay? Fine-tuned greedy CER from speech-tiny (and speech2-tiny) pretraining against random init.
 
     python benchmarks/bench_learning.py                         # 3 seeds, the demo's budgets (long: see below)
     python benchmarks/bench_learning.py --seeds 1 --quick        # one seed, short budgets (a smoke run)
@@ -6,12 +6,14 @@
 On the synthetic demo corpus (`d2v prepare synthetic`, 800 training utterances), for each seed:
 
 1. pretraining: `speech-tiny` on all the training audio (unlabeled), for P and for 2P updates
-   (two runs, each with its own full schedule: "more pretraining must not hurt");
+   (two runs, each with its own full schedule: "more pretraining must not hurt"), and data2vec 2.0
+   (`speech2-tiny`) for Q updates (`--pretrain2-updates`, 0 to skip), also with its own schedule;
 2. fine-tuning (`finetune-tiny`, the same budget for every arm) at two labeled sizes, every 40th
    and every 20th training utterance (2.7 % and 5 % of the audio), from each pretrained model and
    from random init (`--init scratch`) at each learning rate of a small sweep; the random arm's
    rate is picked on dev-clean, as in `d2v demo --compare-init`;
-3. greedy CER on dev-other at the end of fine-tuning (the last validation).
+3. greedy CER on dev-other at the end of fine-tuning (the last validation), and for the 2.0 arm its
+   pretraining wall-clock over 1.0's (each run's own training time, same seed and threads).
 
 It prints the table and writes it into docs/benchmarks.md between the markers below (the rest of
 the page is left alone). Every number is one fine-tuning run per (seed, arm, size); the spread is
@@ -68,11 +70,12 @@ def train_seconds(ws: Workspace, run: str) -> float:
     return rows[-1]["wall"] if rows else 0.0
 
 
-def run_pretrain(ws: Workspace, seed: int, updates: int) -> str:
-    name = f"pt-s{seed}-u{updates}"
-    cfg = cfgmod.resolve("pretrain", preset="speech-tiny",
-                         overrides=[f"train.seed={seed}", f"train.max_updates={updates}", "train.log_every=25"])
-    result = pretrain(cfg, ws, name=name, resume_if_exists=True, preset="speech-tiny")
+def run_pretrain(ws: Workspace, seed: int, updates: int, preset: str = "speech-tiny") -> str:
+    name = f"pt{'2' if preset == 'speech2-tiny' else ''}-s{seed}-u{updates}"
+    cfg = cfgmod.resolve("pretrain", preset=preset,
+                         overrides=[f"train.seed={seed}", f"train.max_updates={updates}",
+                                    f"train.log_every={min(25, updates)}"])  # a short run still logs its time
+    result = pretrain(cfg, ws, name=name, resume_if_exists=True, preset=preset)
     if result.exit_code:
         sys.exit(f"{name}: {result.message}")
     return name
@@ -103,6 +106,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench-learning"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--pretrain-updates", type=int, default=500, help="P; 2P is also run")
+    ap.add_argument("--pretrain2-updates", type=int, default=200,
+                    help="Q: the data2vec 2.0 arm's speech2-tiny updates (0: no 2.0 arm)")
     ap.add_argument("--finetune-updates", type=int, default=600)
     ap.add_argument("--every", type=int, nargs="+", default=[40, 20], help="labeled subsets: every N-th utterance")
     ap.add_argument("--lrs", type=float, nargs="+", default=list(RANDOM_INIT_LRS), help="random-init lr sweep")
@@ -113,20 +118,28 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.pretrain_updates, args.finetune_updates = 100, 200
+        args.pretrain2_updates = min(args.pretrain2_updates, 40)
     torch.set_num_threads(args.threads)
     ws = Workspace.resolve(args.workdir)
     prepare_synthetic(ws, size="demo")
     splits = {every: labeled_split(ws, every) for every in args.every}
     minutes = {every: sum(r.seconds for r in read_manifest(ws.manifest(s))) / 60 for every, s in splits.items()}
     total = sum(r.seconds for r in read_manifest(ws.manifest("train"))) / 60
-    P = args.pretrain_updates
+    P, Q = args.pretrain_updates, args.pretrain2_updates
+    arm2 = f"data2vec 2.0, {Q} updates"
     arch = _scratch_arch(cfgmod.resolve("pretrain", preset="speech-tiny"))
 
     cer: dict[tuple[int, str], list[float]] = {}
     picked: dict[int, list[float]] = {}
     runs: list[str] = []
+    clock: dict[str, list[float]] = {}  # 2.0's pretraining seconds over 1.0's (P, 2P), per seed
     for seed in args.seeds:
         pretrained = {f"pretrained, {u} updates": run_pretrain(ws, seed, u) for u in (P, 2 * P)}
+        if Q:
+            pretrained[arm2] = run_pretrain(ws, seed, Q, preset="speech2-tiny")
+            for u in (P, 2 * P):
+                one = train_seconds(ws, pretrained[f"pretrained, {u} updates"])
+                clock.setdefault(str(u), []).append(train_seconds(ws, pretrained[arm2]) / one if one else float("nan"))
         runs += pretrained.values()
         for every, split in splits.items():
             for arm, run in pretrained.items():
@@ -142,10 +155,12 @@ def main() -> None:
     hours = sum(train_seconds(ws, run) for run in runs) / 3600
 
     arms = [f"pretrained, {P} updates", f"pretrained, {2 * P} updates", "random init (lr picked on dev-clean)"]
+    arms += [arm2] if Q else []
     lines = [BEGIN, "## Learning: does pretraining pay? (`benchmarks/bench_learning.py`)", "",
              f"Greedy CER (%) on {REPORT_SPLIT} after `finetune-tiny` ({args.finetune_updates} updates), mean ± std "
              f"over seeds {', '.join(map(str, args.seeds))} (per-seed values in brackets; one fine-tuning run per "
-             f"seed and arm). Pretraining: `speech-tiny` on all {total:.0f} min of training audio. Random init: "
+             f"seed and arm). Pretraining: `speech-tiny` on all {total:.0f} min of training audio"
+             f"{f' (data2vec 2.0: `speech2-tiny`, {Q} updates)' if Q else ''}. Random init: "
              f"`--init scratch`, lr from {{{', '.join(f'{lr:g}' for lr in args.lrs)}}} picked on {SELECT_SPLIT}. "
              f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
              f"{args.threads} thread{'s' if args.threads != 1 else ''}; {hours:.1f} h of training in all"
@@ -157,6 +172,10 @@ def main() -> None:
         lines.append(f"| every {every}th: {minutes[every]:.1f} min ({100 * minutes[every] / total:.0f} %) | "
                      + " | ".join(spread(cer[(every, a)]) for a in arms)
                      + f" | {', '.join(f'{g:+.1f}' for g in gaps)} (lrs {', '.join(f'{lr:g}' for lr in picked[every])}) |")
+    if Q:
+        lines += ["", f"Pretraining wall-clock of data2vec 2.0 ({Q} updates) over 1.0's, per seed (each run's own "
+                  "training time): " + "; ".join(f"against {u} updates {', '.join(f'{r:.2f}' for r in rs)}"
+                                                   for u, rs in clock.items()) + "."]
     lines += ["", END]
     table = "\n".join(lines)
     print(table)

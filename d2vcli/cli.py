@@ -644,12 +644,14 @@ def doctor_cmd(
 def demo_cmd(
     compare_init: bool = typer.Option(False, "--compare-init", help="Also fine-tune from a random encoder with the "
                                       "same budget and report both (what pretraining buys)."),
+    version: int = typer.Option(1, "--version", min=1, max=2, help="data2vec version to pretrain: 1 "
+                                "(speech-tiny) or 2 (speech2-tiny, data2vec 2.0; runs named demo2-*)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """The whole pipeline on a generated corpus, on CPU: prepare, pretrain, finetune, LM, decode, evaluate."""
     from d2vcli.demo import DemoSettings, print_demo, run_demo
 
-    print_demo(run_demo(Workspace.resolve(workdir), DemoSettings(compare_init=compare_init)))
+    print_demo(run_demo(Workspace.resolve(workdir), DemoSettings(compare_init=compare_init, version=version)))
 
 
 # ----------------------------------------------------------------------------- report

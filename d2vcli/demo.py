@@ -1,11 +1,12 @@
 """`d2v demo`: the whole pipeline on the generated corpus, on CPU, with no downloads.
 
-    d2v demo [--workdir W] [--compare-init]
+    d2v demo [--workdir W] [--compare-init] [--version 2]
 
 Stages, each the same library call the matching command makes:
 
   1. prepare   `d2v prepare synthetic`           generated corpus -> manifests + dict.ltr.txt
   2. pretrain  `d2v pretrain --preset speech-tiny`   data2vec on all the training audio, unlabeled
+                                                  (--version 2: speech2-tiny, data2vec 2.0)
   3. finetune  `d2v finetune --preset finetune-tiny` letter CTC on a 2.7 % labeled subset (train-labeled)
   4. lm        `d2v prepare lm --text lm-text.txt`   4-gram KenLM binary + lexicon
   5. decode    `d2v decode --tune`                   tune LM weights on dev-other (cached emissions)
@@ -17,7 +18,9 @@ up to date, finished runs are resumed at their end, the LM and the emissions are
 (`d2v finetune --init scratch`) on the same labeled subset with the same budget, at each
 learning rate of a small sweep; the rate with the best dev-clean CER is the baseline, and the
 demo reports pretrained against it on every split (dev-other is never used to pick), with the
-sweep beside it, whatever it shows.
+sweep beside it, whatever it shows. `--version 2` runs the same stages with data2vec 2.0
+pretraining (`speech2-tiny`, docs/recipe2.md) under its own run names (`demo2-*`), so both
+versions can share a workdir; the results say which version ran.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from d2vcli.ui import console, table
 PRETRAIN_RUN = "demo-pretrain"
 FINETUNE_RUN = "demo-finetune"
 SCRATCH_RUN = "demo-finetune-scratch"
+# The pretraining preset of each data2vec version; 2.0's runs are named demo2-* (run_names).
+PRETRAIN_PRESETS = {1: "speech-tiny", 2: "speech2-tiny"}
 EVAL_SPLITS = ("dev-clean", "dev-other", "test-clean", "test-other")
 TUNE_SPLIT = "dev-other"
 
@@ -61,7 +66,8 @@ SELECT_SPLIT = "dev-clean"
 @dataclass
 class DemoSettings:
     size: str = "demo"  # synthetic corpus size: "demo" or "tiny"
-    pretrain_set: tuple[str, ...] = ()  # --set overrides of the speech-tiny preset
+    version: int = 1  # data2vec version to pretrain: 1 (speech-tiny) or 2 (speech2-tiny)
+    pretrain_set: tuple[str, ...] = ()  # --set overrides of the pretraining preset
     pretrain_updates: Optional[int] = None  # overrides the preset's train.max_updates
     finetune_updates: Optional[int] = None  # None: the finetune-tiny preset's value
     finetune_set: tuple[str, ...] = ()  # --set overrides of the finetune-tiny preset (both arms)
@@ -81,6 +87,7 @@ class DemoResult:
     labeled: str = ""  # what the labeled subset is, in words
     seconds: dict[str, float] = field(default_factory=dict)
     artefacts: dict[str, Path] = field(default_factory=dict)
+    version: int = 1  # the data2vec version that was pretrained
 
 
 def _stage(n: int, total: int, what: str) -> None:
@@ -110,11 +117,18 @@ def write_labeled_subset(ws, every: int) -> str:
             f"{100 * minutes / total:.0f} %)")
 
 
-def _scratch_arch(pcfg: cfgmod.Config) -> dict:
-    """--init scratch settings for the demo's pretraining architecture: the speech-tiny preset, and any
+def run_names(version: int) -> tuple[str, str, str]:
+    """(pretraining, fine-tuning, random-init) run names of a data2vec version's demo."""
+    if version == 1:
+        return PRETRAIN_RUN, FINETUNE_RUN, SCRATCH_RUN
+    return tuple(name.replace("demo-", f"demo{version}-", 1) for name in (PRETRAIN_RUN, FINETUNE_RUN, SCRATCH_RUN))
+
+
+def _scratch_arch(pcfg: cfgmod.Config, preset: str = "speech-tiny") -> dict:
+    """--init scratch settings for the demo's pretraining architecture: the pretraining preset, and any
     architecture field the demo's pretraining overrides, so both arms fine-tune the same network."""
     arch = {name: getattr(pcfg.model, name) for name in cfgmod.ARCHITECTURE_FIELDS}
-    return {"finetune": {"init": "scratch", "arch_preset": "speech-tiny"}, "model": arch,
+    return {"finetune": {"init": "scratch", "arch_preset": preset}, "model": arch,
             "data": {"normalize": pcfg.data.normalize}}
 
 
@@ -139,6 +153,11 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     """Run the six stages in `ws`; returns the evaluation and where every artefact is."""
 
     settings = settings or DemoSettings()
+    if settings.version not in PRETRAIN_PRESETS:
+        raise UserError(f"d2v demo --version {settings.version}: there is data2vec 1 and 2; "
+                        "pass --version 1 (the default) or --version 2.")
+    preset = PRETRAIN_PRESETS[settings.version]
+    pretrain_run, finetune_run, scratch_run = run_names(settings.version)
     total = 6
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -154,18 +173,18 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     console.print(summary.table())
     lap("prepare")
 
-    _stage(2, total, "data2vec pretraining (speech-tiny)")
-    pcfg = cfgmod.resolve("pretrain", preset="speech-tiny",
+    _stage(2, total, f"data2vec {settings.version}.0 pretraining ({preset})")
+    pcfg = cfgmod.resolve("pretrain", preset=preset,
                           overrides=list(settings.pretrain_set) + _updates(settings.pretrain_updates))
-    result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume_if_exists=True, preset="speech-tiny")
+    result = pretrain(pcfg, ws, name=pretrain_run, resume_if_exists=True, preset=preset)
     if result.exit_code:
-        _stop("pretraining", result, ws.run_dir(PRETRAIN_RUN))
+        _stop("pretraining", result, ws.run_dir(pretrain_run))
     lap("pretrain")
 
     _stage(3, total, "CTC fine-tuning from the pretrained model on a labeled subset (finetune-tiny)")
     labeled = write_labeled_subset(ws, settings.labeled_every)
     console.print(labeled, markup=False)
-    _finetune(ws, PRETRAIN_RUN, FINETUNE_RUN, settings)
+    _finetune(ws, pretrain_run, finetune_run, settings)
     lap("finetune")
 
     _stage(4, total, "4-gram KenLM + lexicon from the corpus's LM text")
@@ -175,41 +194,41 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
 
     _stage(5, total, f"decode: tune the LM weights on {TUNE_SPLIT} (cached emissions)")
     dcfg = cfgmod.Config().decode
-    decode(ws, dcfg, checkpoint=FINETUNE_RUN, splits=[TUNE_SPLIT], tune=True, trials=settings.tune_trials)
+    decode(ws, dcfg, checkpoint=finetune_run, splits=[TUNE_SPLIT], tune=True, trials=settings.tune_trials)
     lap("decode")
 
     _stage(6, total, "evaluate: WER / CER, greedy and 4-gram")
-    evaluation = evaluate(ws, dcfg, checkpoint=FINETUNE_RUN, splits=list(EVAL_SPLITS))
+    evaluation = evaluate(ws, dcfg, checkpoint=finetune_run, splits=list(EVAL_SPLITS))
     lap("evaluate")
 
     scratch, sweep, best_lr = None, {}, None
     if settings.compare_init:
         console.rule("[bold]demo --compare-init: the same fine-tuning from random weights (--init scratch)")
         for lr in settings.random_init_lrs:  # the baseline's own learning rate, picked on SELECT_SPLIT
-            sweep[lr] = _finetune(ws, _scratch_arch(pcfg), f"{SCRATCH_RUN}-lr{lr:g}", settings, lr=lr)
+            sweep[lr] = _finetune(ws, _scratch_arch(pcfg, preset), f"{scratch_run}-lr{lr:g}", settings, lr=lr)
         best_lr = min(sweep, key=lambda lr: (sweep[lr] != sweep[lr], sweep[lr]))  # NaN (never validated) last
-        scratch = evaluate(ws, dcfg, checkpoint=f"{SCRATCH_RUN}-lr{best_lr:g}", splits=list(EVAL_SPLITS))
+        scratch = evaluate(ws, dcfg, checkpoint=f"{scratch_run}-lr{best_lr:g}", splits=list(EVAL_SPLITS))
         lap("compare-init")
 
     artefacts = {
         "corpus": default_synthetic_dir(ws),
         "manifests": ws.data_dir,
-        "pretrained model": ws.run_dir(PRETRAIN_RUN) / "last.pt",
-        "fine-tuned model": ws.run_dir(FINETUNE_RUN) / "best.pt",
-        "training logs": ws.run_dir(FINETUNE_RUN) / "metrics.jsonl",
+        "pretrained model": ws.run_dir(pretrain_run) / "last.pt",
+        "fine-tuned model": ws.run_dir(finetune_run) / "best.pt",
+        "training logs": ws.run_dir(finetune_run) / "metrics.jsonl",
         "language model": ws.lm_dir,
         "hypotheses, errors, WER": evaluation.out_dir,
     }
     try:
-        artefacts["report (open in a browser)"] = write_report(ws, FINETUNE_RUN)
+        artefacts["report (open in a browser)"] = write_report(ws, finetune_run)
     except UserError as e:  # matplotlib is an optional extra: the demo's results stand without the page
         console.print(f"no report page: {e}", markup=False)
-    return DemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, seconds, artefacts)
+    return DemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, seconds, artefacts, settings.version)
 
 
 def print_demo(result: DemoResult) -> None:
     ev = result.evaluation
-    console.rule("[bold]demo results")
+    console.rule(f"[bold]demo results: data2vec {result.version}.0 ({PRETRAIN_PRESETS[result.version]} pretraining)")
     console.print(ev.table())
     if result.scratch is not None:
         sc = result.scratch

@@ -111,3 +111,43 @@ def test_a_stage_that_stops_early_ends_the_demo_with_one_line_and_its_status(tmp
     printed = capsys.readouterr().out
     assert f"demo: pretraining ended with status stopped; see {ws.run_dir(PRETRAIN_RUN)}" in printed
     assert (ws.data_dir / "train.jsonl").exists(), "stage 1's output is kept"
+
+
+def test_shortened_demo_version_2_pretrains_data2vec_2_and_says_so(tmp_path, kenlm_tools, capsys):
+    """`d2v demo --version 2`: every stage runs on a speech2-tiny encoder, under its own run names."""
+    from d2vcli import checkpoint as ckpt
+    from d2vcli.demo import run_names
+
+    ws = Workspace(tmp_path / "ws")
+    result = run_demo(ws, DemoSettings(size="tiny", version=2, pretrain_updates=3, finetune_updates=4, tune_trials=2))
+    print_demo(result)
+
+    pretrain_run, finetune_run, _ = run_names(2)
+    assert (pretrain_run, finetune_run) != (PRETRAIN_RUN, FINETUNE_RUN)
+    assert not ws.run_dir(PRETRAIN_RUN).exists(), "a 1.0 demo in the same workdir would be resumed as 2.0"
+    pre = ckpt.load_checkpoint(ws.run_dir(pretrain_run) / "last.pt", expect_kind="pretrain")
+    assert pre[ckpt.ARCH_KEY]["version"] == 2 and pre[ckpt.CONFIG_KEY]["masking"]["clone_batch"] == 4
+    ctc = ckpt.load_checkpoint(ws.run_dir(finetune_run) / "last.pt", expect_kind="ctc")
+    assert ctc[ckpt.ARCH_KEY]["version"] == 2, "fine-tuned from the 2.0 encoder (ALiBi)"
+    assert result.version == 2 and set(result.evaluation.splits) == set(EVAL_SPLITS)
+    assert result.artefacts["pretrained model"] == ws.run_dir(pretrain_run) / "last.pt"
+    printed = capsys.readouterr().out
+    assert "data2vec 2.0 pretraining (speech2-tiny)" in printed
+    assert "demo results: data2vec 2.0 (speech2-tiny pretraining)" in printed
+
+
+def test_demo_version_flag_reaches_the_demo_and_1_stays_the_default(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import d2vcli.demo
+    from d2vcli.cli import app
+
+    seen = []
+    monkeypatch.setattr(d2vcli.demo, "run_demo", lambda ws, settings: seen.append(settings.version))
+    monkeypatch.setattr(d2vcli.demo, "print_demo", lambda result: None)
+    runner = CliRunner()
+    assert runner.invoke(app, ["demo", "-w", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["demo", "--version", "2", "-w", str(tmp_path)]).exit_code == 0
+    assert seen == [1, 2]
+    bad = runner.invoke(app, ["demo", "--version", "3", "-w", str(tmp_path)])
+    assert bad.exit_code == 2 and "--version" in bad.output
