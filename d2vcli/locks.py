@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -75,3 +76,20 @@ def hold(path: Path, what: str, advice: str = "wait for it to finish") -> Iterat
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_waiting(path: Path, what: str, wait_s: float) -> Iterator[None]:
+    """`hold`, but wait up to `wait_s` seconds for a holder that keeps the lock for a moment only
+    (a shared file's read-and-maybe-write); LockError after that."""
+    deadline = time.monotonic() + wait_s
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(hold(path, what))
+                break
+            except LockError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Iterator, Literal, Optional, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from d2vcli.fileio import atomic_write_jsonl, atomic_write_text, remove_stale_temps
-from d2vcli.locks import LockError, hold
+from d2vcli.locks import hold, hold_waiting
 from d2vcli.prepare.pipeline import map_in_batches, split_list, walk_audio
 from d2vcli.prepare.result import PrepareError, Skip
 from d2vcli.ui import console, progress, table
@@ -235,16 +234,7 @@ def read_classes(ws: Workspace) -> Optional[list[str]]:
 def hold_classes(ws: Workspace, wait_s: float = CLASSES_WAIT_S) -> Iterator[None]:
     """The lock on classes.txt. Other prepares hold it for a moment only (a read and maybe one write), so
     wait for them, as speech prepare waits for the letter dictionary."""
-    deadline = time.monotonic() + wait_s
-    with contextlib.ExitStack() as stack:
-        while True:
-            try:
-                stack.enter_context(hold(images_dir(ws) / ".classes.lock", "update of the image classes file"))
-                break
-            except LockError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with hold_waiting(images_dir(ws) / ".classes.lock", "update of the image classes file", wait_s):
         yield
 
 

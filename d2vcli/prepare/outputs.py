@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 
 from d2vcli.audio import SAMPLE_RATE
 from d2vcli.fileio import atomic_write_text, remove_stale_temps
-from d2vcli.locks import LockError, hold
+from d2vcli.locks import hold, hold_waiting
 from d2vcli.manifest import Record, read_manifest, write_manifest
 from d2vcli.prepare.result import SKIP_REASONS, PrepareError, PrepareSummary, Skip, SplitSummary
 from d2vcli.ui import console
@@ -66,16 +65,7 @@ def hold_split(ws: Workspace, split: str):
 @contextlib.contextmanager
 def hold_dictionary(ws: Workspace, wait_s: float = DICTIONARY_WAIT_S) -> Iterator[None]:
     """The lock on data/dict.ltr.txt. Other holders keep it for a moment only, so wait for them."""
-    deadline = time.monotonic() + wait_s
-    with contextlib.ExitStack() as stack:
-        while True:
-            try:
-                stack.enter_context(hold(ws.data_dir / ".dict.ltr.txt.lock", "update of the letter dictionary"))
-                break
-            except LockError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with hold_waiting(ws.data_dir / ".dict.ltr.txt.lock", "update of the letter dictionary", wait_s):
         yield
 
 
