@@ -106,6 +106,7 @@ class Model:
         or `lexicon_free`. `decode` holds the beam options (default: DecodeConfig(), overridden by
         the run's tuned.json unless `use_tuned` is False). `sample_rate` is required for arrays.
         """
+        self._audio_only("transcribe")
         if self.kind != "ctc":
             raise APIError(
                 f"{self.checkpoint} is a pretrained (kind '{self.kind}') checkpoint: it has no letter head, so it "
@@ -133,6 +134,7 @@ class Model:
         (or -1) the last layer; negative values count from the end. A pretrain checkpoint gives
         the student's states. Long inputs run in `chunk_seconds` windows like `transcribe`.
         """
+        self._audio_only("embed")
         layer = self._layer_index(layer)
         backbone = self.network.backbone
         dim = self.embed_dim
@@ -154,6 +156,11 @@ class Model:
         conv_layers = backbone.conv_layers
         return self._each(audio, sample_rate, lambda wav, sr, path: windowed_frames(
             hidden, model_input(wav, sr, self.normalize), conv_layers, chunk_seconds, self.device, dim))
+
+    def _audio_only(self, what: str) -> None:
+        if self.kind in ("vision-pretrain", "vision-cls"):
+            raise APIError(f"{self.checkpoint} is an image model (kind '{self.kind}'): .{what}() takes audio; "
+                           f"use .predict() on an image classifier")
 
     def _layer_index(self, layer: Optional[int]) -> int:
         n = self.num_layers

@@ -231,3 +231,15 @@ def test_api_load_predict_equals_the_cli(ws):
     pil = model.predict(im, top_k=2)
     assert [c for c, _ in pil.top] == [c for c, _ in cli[1].top]
     assert [p for _, p in pil.top] == pytest.approx([p for _, p in cli[1].top], abs=1e-6)
+
+
+def test_api_audio_methods_on_an_image_model_are_a_clear_error(ws):
+    from d2vcli.api import APIError
+
+    model = d2vcli.load("vcls", workdir=ws.root, device="cpu")
+    with pytest.raises(APIError, match="image model"):
+        model.transcribe("a.wav")
+    with pytest.raises(APIError, match="image model"):
+        model.embed("a.wav")
+    with pytest.raises(APIError, match="not an image classifier"):
+        d2vcli.load("vpre", workdir=ws.root, device="cpu").predict("a.png")
