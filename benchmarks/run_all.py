@@ -37,6 +37,8 @@ BENCHMARKS = [
     ("Pretraining throughput, data2vec 1.0 and 2.0: audio-seconds/second, peak memory, EMA cost", "bench_pretrain.py",
      ["--threads", "1", "--configs", "tiny,tiny2,base,base2"],
      ["--threads", "1", "--configs", "tiny,tiny2,base,base2", "--steps", "4"]),
+    ("Images: data loading (decode + augment, images/s per worker) and vision-tiny/base pretraining on CPU",
+     "bench_image_data.py", ["--threads", "1"], ["--threads", "1", "--images", "512", "--steps", "4"]),
     ("Decoding: flashlight-text lexicon beam search vs pyctcdecode (same emissions, LM, beam)",
      "bench_decode.py", [], ["--utts", "40", "--beams", "50"]),
 ]

@@ -6,13 +6,15 @@
     [t.text for t in model.transcribe(["a.wav", "b.flac"])]
     model.transcribe(wave, sample_rate=44_100)           # a numpy array, (S,) or (S, C) as soundfile reads
     model.embed("a.wav", layer=8)                        # (T, D) float32, one row per 20 ms frame
+    d2vcli.load("vision-ft-tiny").predict("cat.jpg", top_k=3).top   # an image classifier: [(class, prob), ...]
 
 Everything goes through the code `d2v transcribe` runs: `checkpoint.find_checkpoint` and
 `models.loading.load_model` (vocabulary and waveform normalization from the checkpoint),
 `audio.read_audio` + `to_mono_16k` (soxr) + `data.normalize_waveform`, the frame-grid windows of
 `transcribe.windowed_frames`, and `transcribe.build_search` (greedy, or the lexicon + KenLM beam
 search with tuned weights when decode/<run>/tuned.json has them). So `model.transcribe(paths)`
-gives exactly the text `d2v transcribe PATHS --model RUN --no-lm` prints.
+gives exactly the text `d2v transcribe PATHS --model RUN --no-lm` prints. An image classifier
+("vision-cls") predicts through `predict.predict_images`, the code of `d2v predict`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from d2vcli.config import DecodeConfig
 from d2vcli.decode.emissions import resolve_device
 from d2vcli.errors import UserError
 from d2vcli.models.loading import load_model
+from d2vcli.predict import Prediction, classifier_from, predict_images
 from d2vcli.transcribe import Transcript, build_search, model_input, transcribe_waveform, windowed_frames
 from d2vcli.vocab import Vocab
 from d2vcli.workspace import Workspace
@@ -58,7 +61,10 @@ def load(path_or_run: Optional[str | Path] = None, workdir: Optional[str | Path]
     ws = Workspace.resolve(workdir)
     path = find_checkpoint(ws, path_or_run) if path_or_run else find_ctc_checkpoint(ws)
     loaded = load_model(path, trust=trust_checkpoint)
-    return Model(loaded.model.to(resolve_device(device)), loaded.kind, loaded.vocab, loaded.normalize, path, ws)
+    model = Model(loaded.model.to(resolve_device(device)), loaded.kind, loaded.vocab, loaded.normalize, path, ws)
+    if loaded.kind == "vision-cls":
+        model._classifier = classifier_from(loaded, path)
+    return model
 
 
 @dataclass(eq=False)
@@ -72,6 +78,7 @@ class Model:
     checkpoint: Path
     workspace: Workspace
     _searches: dict = field(default_factory=dict, repr=False)
+    _classifier: Optional[object] = field(default=None, repr=False)  # predict.ImageClassifier, vision-cls only
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +106,7 @@ class Model:
         or `lexicon_free`. `decode` holds the beam options (default: DecodeConfig(), overridden by
         the run's tuned.json unless `use_tuned` is False). `sample_rate` is required for arrays.
         """
+        self._audio_only("transcribe")
         if self.kind != "ctc":
             raise APIError(
                 f"{self.checkpoint} is a pretrained (kind '{self.kind}') checkpoint: it has no letter head, so it "
@@ -126,6 +134,7 @@ class Model:
         (or -1) the last layer; negative values count from the end. A pretrain checkpoint gives
         the student's states. Long inputs run in `chunk_seconds` windows like `transcribe`.
         """
+        self._audio_only("embed")
         layer = self._layer_index(layer)
         backbone = self.network.backbone
         dim = self.embed_dim
@@ -148,6 +157,11 @@ class Model:
         return self._each(audio, sample_rate, lambda wav, sr, path: windowed_frames(
             hidden, model_input(wav, sr, self.normalize), conv_layers, chunk_seconds, self.device, dim))
 
+    def _audio_only(self, what: str) -> None:
+        if self.kind in ("vision-pretrain", "vision-cls"):
+            raise APIError(f"{self.checkpoint} is an image model (kind '{self.kind}'): .{what}() takes audio; "
+                           f"use .predict() on an image classifier")
+
     def _layer_index(self, layer: Optional[int]) -> int:
         n = self.num_layers
         if layer is None:
@@ -156,6 +170,20 @@ class Model:
             raise APIError(f"layer must be an integer in 0..{n} (or -{n + 1}..-1 from the end), got {layer!r}: "
                            f"this model has {n} transformer layers")
         return int(layer) % (n + 1)
+
+    # ------------------------------------------------------------------------- predict (images)
+
+    def predict(self, image, top_k: int = 5) -> Prediction | list[Prediction]:
+        """The top-k classes of an image (a path or a PIL image) or a list of them: a `Prediction`
+        (.path, .top = [(class, probability), ...], most probable first) per input, a list for a list."""
+        if self._classifier is None:
+            raise APIError(f"{self.checkpoint} is a '{self.kind}' checkpoint, not an image classifier: predict "
+                           f"needs a fine-tuned image model (`d2v finetune --preset vision-ft-*`)")
+        if top_k < 1:
+            raise APIError(f"top_k must be at least 1, got {top_k}")
+        single = not isinstance(image, (list, tuple))
+        out = predict_images(self._classifier, [image] if single else list(image), top_k)
+        return out[0] if single else out
 
     # ------------------------------------------------------------------------- inputs
 

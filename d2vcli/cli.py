@@ -569,11 +569,20 @@ def evaluate_cmd(
     trust: bool = TrustOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """WER and CER per split, greedy and LM side by side; writes recogs-/errs-/wer-summary files and wer.json."""
-    from d2vcli.evaluate import evaluate, print_result
+    """WER and CER per split, greedy and LM side by side; writes recogs-/errs-/wer-summary files and wer.json.
 
+    On an image classifier (vision-cls): top-1 and top-5 per image split (default the val*/test* ones),
+    a confusion summary, and predictions-/confusion- files, accuracy-summary.txt and accuracy.json.
+    """
+    from d2vcli.evaluate import evaluate, print_result
+    from d2vcli.evaluate_vision import evaluate_images, is_image_classifier, print_image_result
+
+    ws = Workspace.resolve(workdir)
+    if is_image_classifier(ws, checkpoint, _splits(splits)):
+        print_image_result(evaluate_images(ws, checkpoint, _splits(splits), trust=trust, device=device))
+        return
     cfg = resolve_config("decode", None, config_file, overrides)
-    result = evaluate(Workspace.resolve(workdir), cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
+    result = evaluate(ws, cfg.decode, checkpoint=checkpoint, splits=_splits(splits),
                       lm=_lm_arg(lm, no_lm), lexicon=lexicon, lexicon_free=lexicon_free,
                       use_tuned=_use_tuned(no_tuned, overrides), workers=workers, trust=trust, device=device)
     print_result(result)
@@ -622,6 +631,35 @@ def transcribe_cmd(
             _report(f"{failure.path}: {failure.reason}")
         err_console.print(f"{len(result.failures)} of {len(result) + len(result.failures)} files could not be "
                           "transcribed (listed above); the others were.", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command("predict")
+def predict_cmd(
+    images: List[Path] = typer.Argument(..., help="Image files (any format PIL reads), or directories: the "
+                                        "image files inside them, recursively."),
+    model: Optional[str] = typer.Option(None, "--model", help="Run name, run directory or checkpoint of an image "
+                                        "classifier (default: the newest vision-cls run)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per image, most probable first."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list of {path, top: [{class, prob}]}."),
+    device: str = DeviceOpt,
+    trust: bool = TrustOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """The top classes of each image, with probabilities, under an image classification checkpoint.
+
+    A file that cannot be read is reported (path and reason) and the others are still predicted;
+    the exit code is then 1 (2 when no image could be predicted).
+    """
+    from d2vcli.predict import format_predictions, predict
+
+    result = predict(images, Workspace.resolve(workdir), model=model, top_k=top_k, trust=trust, device=device)
+    typer.echo(format_predictions(result, as_json), nl=False)  # verbatim: tabs kept for `cut`, JSON unwrapped
+    if result.failures:
+        for failure in result.failures:
+            _report(f"{failure.path}: {failure.reason}")
+        err_console.print(f"{len(result.failures)} of {len(result) + len(result.failures)} files could not be "
+                          "predicted (listed above); the others were.", markup=False)
         raise typer.Exit(1)
 
 

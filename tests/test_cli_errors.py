@@ -77,6 +77,8 @@ BROKEN: dict[tuple[str, ...], list[tuple[list[str], str]]] = {
     ("evaluate",): [(["{GARBAGE}", "--no-lm", "-w", "{S}"], "garbage.pt")],
     ("transcribe",): [(["{MISSING}", "-w", "{W}"], "missing"), (["{JUNK}/garbage.flac", "--model", "{GARBAGE}", "-w",
                                                                "{W}"], "garbage"), (["{W}", "-w", "{W}"], "no audio")],
+    ("predict",): [(["{MISSING}", "-w", "{W}"], "missing"), (["{JUNK}/garbage.txt", "--model", "{GARBAGE}", "-w",
+                                                            "{W}"], "garbage.pt"), (["{W}", "-w", "{W}"], "no image")],
     ("doctor",): [(["--bogus"], "--bogus")],
     ("demo",): [(["-w", "{GARBAGE}"], "garbage.pt")],
     ("report",): [(["nope-run", "-w", "{W}"], "nope-run")],
