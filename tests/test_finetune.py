@@ -78,6 +78,7 @@ def test_finetuning_learns_to_transcribe(finetuned_tiny, pretrained_tiny, synthe
 
     # The same network before fine-tuning: the pretrained encoder with a fresh head.
     cfg = C.from_dict(state[ckpt.CONFIG_KEY])
+    torch.manual_seed(cfg.train.seed)  # the head's init, independent of the tests that ran before
     untrained = build_ctc_model(cfg, len(vocab))
     pre = ckpt.load_checkpoint(pretrained_tiny)
     untrained.backbone.load_state_dict({k[9:]: v for k, v in pre[ckpt.MODEL_KEY].items() if k.startswith("backbone.")})
