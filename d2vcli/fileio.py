@@ -20,7 +20,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, IO
+from typing import Callable, Iterable, Iterator, IO
 
 from d2vcli.errors import UserError
 
@@ -186,3 +186,41 @@ def refuse_overwrite(paths: Iterable[Path], force: bool, what: str) -> None:
             f"{what} would replace {', '.join(existing)}. Pick another --out (or --name), or pass --force to "
             f"replace it."
         )
+
+
+STAMP_NAME = "corpus.json"  # {"params": what it was made with, "info": what it holds}
+
+
+def _read_stamp(folder: Path):
+    try:
+        return json.loads((folder / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_stamped_dir(out_dir: Path | str, params: dict, what: str, build: Callable[[Path], dict]) -> dict:
+    """A generated folder (a synthetic corpus), made whole or not at all; returns its stamped info.
+
+    An existing `out_dir` stamped with the same `params` is reused as it is. Otherwise `build(tmp)`
+    fills a temporary sibling and returns the info to stamp, and the sibling is renamed into place,
+    so an interrupted run leaves no partial folder. A folder with another stamp is replaced; one
+    without a stamp is user data and never touched (FileExistsError naming `what`).
+    """
+    out = Path(out_dir).expanduser().resolve()
+    stamp = _read_stamp(out)
+    if stamp is not None and stamp.get("params") == params:
+        return stamp["info"]
+    if out.exists() and any(out.iterdir()) and stamp is None:
+        raise FileExistsError(f"{out} exists and is not a d2v {what}; pass another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        info = build(tmp)
+        atomic_write_text(tmp / STAMP_NAME, json.dumps({"params": params, "info": info}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info

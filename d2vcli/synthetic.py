@@ -54,10 +54,6 @@ one core for the default "demo" size (about 800 train utterances, 35 minutes).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,7 +62,7 @@ import numpy as np
 import soundfile as sf
 
 from d2vcli.audio import SAMPLE_RATE
-from d2vcli.fileio import atomic_write_text
+from d2vcli.fileio import build_stamped_dir
 
 SPLITS = ("train", "dev-clean", "dev-other", "test-clean", "test-other")
 FORMAT_VERSION = 1
@@ -336,13 +332,6 @@ def _stamp_params(size: str, seed: int) -> dict:
     return {"size": size, "seed": seed, "version": FORMAT_VERSION, "sizes": asdict(SIZES[size])}
 
 
-def _read_stamp(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "corpus.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _speaker_ids(rng: np.random.Generator, n: int) -> list[int]:
     # LibriSpeech ids are variable-width integers (19, 103, 1272, ...).
     return [int(x) for x in rng.choice(np.arange(10, 9000), size=n, replace=False)]
@@ -404,25 +393,9 @@ def generate_corpus(
     if size not in SIZES:
         raise ValueError(f"unknown synthetic corpus size {size!r}; choose one of {', '.join(SIZES)}")
     out = Path(out_dir).expanduser().resolve()
-    params = _stamp_params(size, seed)
-    stamp = _read_stamp(out)
-    if stamp is not None and stamp.get("params") == params:
-        return CorpusInfo(**stamp["info"])
-    if out.exists() and any(out.iterdir()) and stamp is None:
-        raise FileExistsError(f"{out} exists and is not a d2v synthetic corpus; pass another --out or remove it")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        info = _generate_into(tmp, out, SIZES[size], size, seed, progress)
-        atomic_write_text(tmp / "corpus.json", json.dumps({"params": params, "info": asdict(info)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+    info = build_stamped_dir(out, _stamp_params(size, seed), "synthetic corpus",
+                             lambda tmp: asdict(_generate_into(tmp, out, SIZES[size], size, seed, progress)))
+    return CorpusInfo(**info)
 
 
 def _generate_into(tmp: Path, out: Path, size: CorpusSize, size_name: str, seed: int, progress) -> CorpusInfo:

@@ -23,11 +23,7 @@ the same on every machine; it is written into a temporary sibling directory and 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,7 +31,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from d2vcli.fileio import atomic_write_text
+from d2vcli.fileio import build_stamped_dir
 
 FORMAT_VERSION = 1
 IMAGE_SIZE = 32
@@ -141,28 +137,14 @@ def _stamp_params(size: str, seed: int) -> dict:
     return {"version": FORMAT_VERSION, "size": size, "seed": seed, "sizes": asdict(SIZES[size])}
 
 
-def _read_stamp(out: Path):
-    try:
-        return json.loads((out / "corpus.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def generate_image_corpus(out_dir: Path | str, size: Size = "demo", seed: int = 0, progress=None) -> ImageCorpusInfo:
     """Generate the corpus under `out_dir` (an identical existing one is reused; a folder that is not
     one of ours is never touched). `progress` is an optional rich Progress."""
     if size not in SIZES:
         raise ValueError(f"unknown synthetic image corpus size {size!r}; choose one of {', '.join(SIZES)}")
     out = Path(out_dir).expanduser().resolve()
-    params = _stamp_params(size, seed)
-    stamp = _read_stamp(out)
-    if stamp is not None and stamp.get("params") == params:
-        return ImageCorpusInfo(**stamp["info"])
-    if out.exists() and any(out.iterdir()) and stamp is None:
-        raise FileExistsError(f"{out} exists and is not a d2v synthetic image corpus; pass another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> dict:
         plan = _plan(SIZES[size])
         task = progress.add_task("generating synthetic images", total=sum(map(len, plan.values()))) \
             if progress is not None else None
@@ -174,13 +156,7 @@ def generate_image_corpus(out_dir: Path | str, size: Size = "demo", seed: int = 
                 Image.fromarray(pixels, "RGB").save(tmp / "images" / split / CLASSES[label] / f"{i:05d}.png")
                 if task is not None:
                     progress.advance(task)
-        info = ImageCorpusInfo(root=str(out / "images"), size=size, seed=seed, version=FORMAT_VERSION,
-                               images={s: len(v) for s, v in plan.items()}, classes=list(CLASSES))
-        atomic_write_text(tmp / "corpus.json", json.dumps({"params": params, "info": asdict(info)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+        return asdict(ImageCorpusInfo(root=str(out / "images"), size=size, seed=seed, version=FORMAT_VERSION,
+                                      images={s: len(v) for s, v in plan.items()}, classes=list(CLASSES)))
+
+    return ImageCorpusInfo(**build_stamped_dir(out, _stamp_params(size, seed), "synthetic image corpus", build))
