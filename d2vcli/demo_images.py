@@ -127,7 +127,7 @@ def run_image_demo(ws, settings: Optional[ImageDemoSettings] = None) -> ImageDem
 
     scratch = None
     if settings.compare_init:
-        console.rule("[bold]demo --compare-init: the same fine-tuning from random weights (--init scratch)")
+        console.rule("[bold]demo --compare-init: the same fine-tuning from random init")
         _finetune(ws, scratch_init(pcfg), SCRATCH_RUN, settings)
         scratch = evaluate_images(ws, SCRATCH_RUN, list(EVAL_SPLITS))
         lap("compare-init")
@@ -148,7 +148,7 @@ def run_image_demo(ws, settings: Optional[ImageDemoSettings] = None) -> ImageDem
 
 def print_image_demo(result: ImageDemoResult) -> None:
     ev = result.evaluation
-    console.rule(f"[bold]image demo results: data2vec 1.0 ({PRETRAIN_PRESET} pretraining, {FINETUNE_PRESET})")
+    console.rule(f"[bold]image demo results ({PRETRAIN_PRESET} pretraining, {FINETUNE_PRESET})")
     console.print(ev.table())
     if result.scratch is not None:
         sc = result.scratch
