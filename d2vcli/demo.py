@@ -90,19 +90,21 @@ class DemoResult:
     version: int = 1  # the data2vec version that was pretrained
 
 
-def _stage(n: int, total: int, what: str) -> None:
+def stage(n: int, total: int, what: str) -> None:
+    """The rule line that opens a demo stage (the image demo's too)."""
     console.rule(f"[bold]demo {n}/{total}: {what}")
 
 
-def _updates(updates: Optional[int]) -> list[str]:
+def updates_set(updates: Optional[int]) -> list[str]:
+    """The --set override of train.max_updates, none for the preset's own budget."""
     return [] if updates is None else [f"train.max_updates={updates}"]
 
 
-def _stop(what: str, result, run_dir: Path) -> None:
+def stop(what: str, result, run_dir: Path, command: str = "d2v demo") -> None:
     """A stage's run stopped early (interrupted, or a guard fired): say so in one line, not a traceback, and
-    exit with the run's status; finished stages are kept, so re-running `d2v demo` resumes."""
+    exit with the run's status; finished stages are kept, so re-running `command` resumes."""
     console.print(f"demo: {what} ended with status {result.status}; see {run_dir}. "
-                  "Re-run `d2v demo` with the same --workdir to resume.", markup=False, soft_wrap=True)
+                  f"Re-run `{command}` with the same --workdir to resume.", markup=False, soft_wrap=True)
     raise SystemExit(result.exit_code)
 
 
@@ -137,14 +139,14 @@ def _finetune(ws, init, name: str, settings: DemoSettings, lr: Optional[float] =
     (the scratch arm). Returns the last SELECT_SPLIT greedy CER of its validations."""
     # best.pt is picked on SELECT_SPLIT too, so dev-other stays untouched by every choice the demo makes.
     overrides = [f"data.train_splits=[{LABELED_SPLIT}]", f"finetune.best_metric={SELECT_SPLIT}/cer",
-                 *settings.finetune_set, *_updates(settings.finetune_updates)]
+                 *settings.finetune_set, *updates_set(settings.finetune_updates)]
     if lr is not None:
         overrides.append(f"optim.lr={lr}")
     cfg = cfgmod.resolve("finetune", preset="finetune-tiny", overrides=overrides)
     cfg = cfgmod.merge(cfg, init if isinstance(init, dict) else {"finetune": {"init": init}})
     result = finetune(cfg, ws, name=name, resume_if_exists=True, preset="finetune-tiny")
     if result.exit_code:
-        _stop(f"fine-tuning {name}", result, ws.run_dir(name))
+        stop(f"fine-tuning {name}", result, ws.run_dir(name))
     rows = [r for r in read_jsonl(ws.run_dir(name) / "metrics.jsonl") if f"{SELECT_SPLIT}/cer" in r]
     return rows[-1][f"{SELECT_SPLIT}/cer"] if rows else float("nan")
 
@@ -168,36 +170,36 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
         seconds[stage] = now - clock
         clock = now
 
-    _stage(1, total, "prepare the synthetic corpus")
+    stage(1, total, "prepare the synthetic corpus")
     summary = prepare_synthetic(ws, size=settings.size)
     console.print(summary.table())
     lap("prepare")
 
-    _stage(2, total, f"data2vec {settings.version}.0 pretraining ({preset})")
+    stage(2, total, f"data2vec {settings.version}.0 pretraining ({preset})")
     pcfg = cfgmod.resolve("pretrain", preset=preset,
-                          overrides=list(settings.pretrain_set) + _updates(settings.pretrain_updates))
+                          overrides=list(settings.pretrain_set) + updates_set(settings.pretrain_updates))
     result = pretrain(pcfg, ws, name=pretrain_run, resume_if_exists=True, preset=preset)
     if result.exit_code:
-        _stop("pretraining", result, ws.run_dir(pretrain_run))
+        stop("pretraining", result, ws.run_dir(pretrain_run))
     lap("pretrain")
 
-    _stage(3, total, "CTC fine-tuning from the pretrained model on a labeled subset (finetune-tiny)")
+    stage(3, total, "CTC fine-tuning from the pretrained model on a labeled subset (finetune-tiny)")
     labeled = write_labeled_subset(ws, settings.labeled_every)
     console.print(labeled, markup=False)
     _finetune(ws, pretrain_run, finetune_run, settings)
     lap("finetune")
 
-    _stage(4, total, "4-gram KenLM + lexicon from the corpus's LM text")
+    stage(4, total, "4-gram KenLM + lexicon from the corpus's LM text")
     report = prepare_lm(ws, text=default_synthetic_dir(ws) / "lm-text.txt", order=4)
     print_report(report)
     lap("lm")
 
-    _stage(5, total, f"decode: tune the LM weights on {TUNE_SPLIT} (cached emissions)")
+    stage(5, total, f"decode: tune the LM weights on {TUNE_SPLIT} (cached emissions)")
     dcfg = cfgmod.Config().decode
     decode(ws, dcfg, checkpoint=finetune_run, splits=[TUNE_SPLIT], tune=True, trials=settings.tune_trials)
     lap("decode")
 
-    _stage(6, total, "evaluate: WER / CER, greedy and 4-gram")
+    stage(6, total, "evaluate: WER / CER, greedy and 4-gram")
     evaluation = evaluate(ws, dcfg, checkpoint=finetune_run, splits=list(EVAL_SPLITS))
     lap("evaluate")
 
