@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from d2vcli.prepare.images import ImagePrepareSummary, prepare_images
-from d2vcli.prepare.result import PrepareError
+from d2vcli.prepare.synthetic import generate_for_prepare
 from d2vcli.synthetic_images import SIZES, SPLITS, generate_image_corpus
-from d2vcli.ui import progress
 from d2vcli.workspace import Workspace
 
 
@@ -30,14 +29,8 @@ def prepare_synthetic_images(
     workers: int = 0,
 ) -> ImagePrepareSummary:
     """Generate the synthetic image corpus and prepare its four splits."""
-    if size not in SIZES:
-        raise PrepareError(f"unknown synthetic image corpus size {size!r}; pass --size with one of {', '.join(SIZES)}")
     out = Path(out) if out is not None else default_synthetic_images_dir(ws)
-    try:
-        with progress() as bar:
-            info = generate_image_corpus(out, size=size, seed=seed, progress=bar)
-    except FileExistsError as e:
-        raise PrepareError(str(e)) from e
+    info = generate_for_prepare(generate_image_corpus, out, size, seed, SIZES, "synthetic image corpus")
     summary = prepare_images(ws, info.root, splits=list(SPLITS), strict=strict, workers=workers)
     summary.command = "synthetic-images"
     summary.notes.append(f"corpus: {info.root} (size {size}, seed {seed}); pretrain on 'pool', "
