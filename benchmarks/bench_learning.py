@@ -2,6 +2,7 @@
 
     python benchmarks/bench_learning.py                         # 3 seeds, the demo's budgets (long: see below)
     python benchmarks/bench_learning.py --seeds 1 --quick        # one seed, short budgets (a smoke run)
+    python benchmarks/bench_learning.py --images                 # the image arm (`--images --help`; below)
 
 On the synthetic demo corpus (`d2v prepare synthetic`, 800 training utterances), for each seed:
 
@@ -27,6 +28,7 @@ benchmark script, not a timed test.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -38,6 +40,9 @@ import torch
 from d2vcli import config as cfgmod
 from run_all import _cpu as cpu_name  # benchmarks/ is on sys.path when a script here runs
 from d2vcli.demo import RANDOM_INIT_LRS, SELECT_SPLIT, _scratch_arch
+from d2vcli.demo_images import FINETUNE_PRESET, LABELED_SPLIT, PRETRAIN_PRESET, PRETRAIN_UPDATES, scratch_init
+from d2vcli.evaluate_vision import evaluate_images
+from d2vcli.prepare.synthetic_images import prepare_synthetic_images
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import finetune
 from d2vcli.manifest import read_manifest, write_manifest
@@ -115,6 +120,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DOC)
     ap.add_argument("--note", default="", help="a remark for the caption, e.g. that other jobs shared the cores")
+    if "--images" in sys.argv[1:]:  # the image arm has its own options
+        sys.argv.remove("--images")
+        return images_main(sys.argv[1:])
     args = ap.parse_args()
     if args.quick:
         args.pretrain_updates, args.finetune_updates = 100, 200
@@ -185,6 +193,111 @@ def main() -> None:
     else:
         page = page.rstrip("\n") + "\n\n" + table + "\n"
     args.out.write_text(page)
+
+
+# --------------------------------------------------------------------------- the image arm (--images)
+
+IMAGE_DOC = Path(__file__).resolve().parent.parent / "docs" / "images.md"
+IMAGE_BEGIN, IMAGE_END = "<!-- bench_learning images: begin -->", "<!-- bench_learning images: end -->"
+IMAGE_ARMS = ("linear probe, pretrained", "linear probe, random init", "fine-tune, pretrained", "fine-tune, random init")
+PROBE_LR = 0.01  # the head alone on fixed features takes a larger step than the whole network (vision-ft-tiny's 2e-3)
+
+
+def image_arm(ws: Workspace, name: str, init, seed: int, probe: bool, args) -> dict:
+    """One vision-ft-tiny run on the labeled split (best.pt picked on val), then `d2v evaluate` of best.pt:
+    {"val": top-1, "test": top-1}. `init` is a pretraining run name or the scratch settings."""
+    overrides = [f"train.seed={seed}", f"data.train_splits=[{LABELED_SPLIT}]", f"data.num_workers={args.workers}"]
+    overrides += [f"train.max_updates={args.finetune_updates}"] if args.finetune_updates else []
+    overrides += ["finetune.linear_probe=true", f"optim.lr={args.probe_lr}"] if probe else []
+    overrides += args.finetune_set
+    cfg = cfgmod.resolve("finetune", preset=FINETUNE_PRESET, overrides=overrides)
+    cfg = cfgmod.merge(cfg, init if isinstance(init, dict) else {"finetune": {"init": init}})
+    result = finetune(cfg, ws, name=name, resume_if_exists=True, preset=FINETUNE_PRESET)
+    if result.exit_code:
+        sys.exit(f"{name}: {result.message}")
+    ev = evaluate_images(ws, name, ["val", "test"])
+    return {"val": ev.top1("val"), "test": ev.top1("test"), "seconds": train_seconds(ws, name)}
+
+
+def spread_stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def images_main(argv: list[str]) -> None:
+    """Linear-probe and fine-tune test top-1 from vision-tiny pretraining against random init, per seed."""
+    ap = argparse.ArgumentParser(prog="bench_learning.py --images",
+                                 description="Does pretraining pay on the synthetic images? Linear-probe and "
+                                             "fine-tune top-1, pretrained against random init, over seeds.")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-learning-images"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--pretrain-updates", type=int, default=PRETRAIN_UPDATES,
+                    help=f"{PRETRAIN_PRESET} updates on the pool (the demo's)")
+    ap.add_argument("--finetune-updates", type=int, default=0, help=f"0: {FINETUNE_PRESET}'s own budget")
+    ap.add_argument("--probe-lr", type=float, default=PROBE_LR, help="the linear probe's learning rate")
+    ap.add_argument("--size", default="demo", help="synthetic image corpus size: demo or tiny (a smoke run)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process; same batches)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None, help="where the numbers go (default WORKDIR/learning-images.json)")
+    ap.add_argument("--out", type=Path, default=IMAGE_DOC, help="the page whose marked table is replaced")
+    ap.add_argument("--note", default="", help="a remark for the caption, e.g. that other jobs shared the cores")
+    ap.add_argument("--pretrain-set", nargs="*", default=[], help="--set overrides of the pretraining runs")
+    ap.add_argument("--finetune-set", nargs="*", default=[], help="--set overrides of every probe and fine-tuning run")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ws = Workspace.resolve(args.workdir)
+    prepare_synthetic_images(ws, size=args.size)
+    pcfg = cfgmod.resolve("pretrain", preset=PRETRAIN_PRESET)
+    scratch = scratch_init(pcfg)
+    top1: dict[str, dict[str, list[float]]] = {arm: {"val": [], "test": []} for arm in IMAGE_ARMS}
+    runs, P = [], args.pretrain_updates
+    for seed in args.seeds:
+        name = f"img-pt-s{seed}-u{P}"
+        cfg = cfgmod.resolve("pretrain", preset=PRETRAIN_PRESET,
+                             overrides=[f"train.seed={seed}", f"train.max_updates={P}", f"data.num_workers={args.workers}",
+                                        f"train.log_every={min(25, P)}", *args.pretrain_set])
+        result = pretrain(cfg, ws, name=name, resume_if_exists=True, preset=PRETRAIN_PRESET)
+        if result.exit_code:
+            sys.exit(f"{name}: {result.message}")
+        runs.append(name)
+        for arm, probe, init in ((IMAGE_ARMS[0], True, name), (IMAGE_ARMS[1], True, scratch),
+                                 (IMAGE_ARMS[2], False, name), (IMAGE_ARMS[3], False, scratch)):
+            run = f"img-{'lp' if probe else 'ft'}-s{seed}-{'scratch' if isinstance(init, dict) else name}"
+            scores = image_arm(ws, run, init, seed, probe, args)
+            runs.append(run)
+            for split in ("val", "test"):
+                top1[arm][split].append(scores[split])
+    hours = sum(train_seconds(ws, run) for run in runs) / 3600
+    ft_updates = args.finetune_updates or cfgmod.resolve("finetune", preset=FINETUNE_PRESET).train.max_updates
+    labeled = sum(1 for _ in open(ws.data_dir / "images" / f"{LABELED_SPLIT}.jsonl", encoding="utf-8"))
+    pool = sum(1 for _ in open(ws.data_dir / "images" / "pool.jsonl", encoding="utf-8"))
+    stats = {arm: {split: spread_stats(v) for split, v in per.items()} for arm, per in top1.items()}
+    caption = (f"Test top-1 (%) of `best.pt` (picked on val) after `{FINETUNE_PRESET}` ({ft_updates} updates) on the "
+               f"{labeled} labeled `{LABELED_SPLIT}` images, mean ± std over seeds {', '.join(map(str, args.seeds))} "
+               f"(per seed in brackets; one run per seed and arm). Pretrained: `{PRETRAIN_PRESET}`, {P} updates on "
+               f"the {pool:,} unlabeled `pool` images, a run per seed. Random init: `--init scratch`, the same "
+               f"architecture. Linear probe: `--linear-probe`, lr {args.probe_lr:g}. Chance is 10 %. Machine: "
+               f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} thread{'s' if args.threads != 1 else ''}; "
+               f"{hours:.2f} h of training in all{'; ' + args.note if args.note else ''}; {time.strftime('%Y-%m-%d')}.")
+    gap = lambda a, b: [p - r for p, r in zip(top1[a]["test"], top1[b]["test"])]  # noqa: E731
+    lines = [IMAGE_BEGIN, caption, "",
+             "| | pretrained | random init | gap (pretrained − random), per seed |", "|---|---|---|---|"]
+    for what, (a, b) in (("linear probe", IMAGE_ARMS[:2]), ("fine-tune", IMAGE_ARMS[2:])):
+        lines.append(f"| {what} | {spread(top1[a]['test'])} | {spread(top1[b]['test'])} | "
+                     f"{', '.join(f'{g:+.1f}' for g in gap(a, b))} |")
+    lines += ["", IMAGE_END]
+    table = "\n".join(lines)
+    print(table)
+    out_json = args.json or ws.root / "learning-images.json"
+    out_json.write_text(json.dumps({"seeds": args.seeds, "pretrain_preset": PRETRAIN_PRESET, "pretrain_updates": P,
+                                    "finetune_preset": FINETUNE_PRESET, "finetune_updates": ft_updates,
+                                    "probe_lr": args.probe_lr, "labeled": labeled, "pool": pool,
+                                    "top1": stats, "training_hours": hours, "machine": cpu_name(),
+                                    "cores": os.cpu_count(), "threads": args.threads, "note": args.note}, indent=2))
+    print(f"wrote {out_json}")
+    if args.out.exists() and IMAGE_BEGIN in (page := args.out.read_text()) and IMAGE_END in page:
+        args.out.write_text(page[:page.index(IMAGE_BEGIN)] + table + page[page.index(IMAGE_END) + len(IMAGE_END):])
+        print(f"updated the marked table in {args.out}")
 
 
 if __name__ == "__main__":

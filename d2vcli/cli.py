@@ -252,7 +252,7 @@ def prepare_synthetic_cmd(
 def prepare_synthetic_images_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: "
                                        "<workdir>/corpus/synthetic-images)."),
-    size: str = typer.Option("demo", "--size", help="demo (4,000 pool + 100 labeled images) or tiny (for tests)."),
+    size: str = typer.Option("demo", "--size", help="demo (8,000 pool + 100 labeled images) or tiny (for tests)."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
                               "corpus."),
     strict: bool = StrictOpt,

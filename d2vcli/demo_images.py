@@ -4,7 +4,7 @@
 
 Stages, each the same library call the matching command makes:
 
-  1. prepare   `d2v prepare synthetic-images`        4,000 unlabeled `pool` images, 100 labeled `train`,
+  1. prepare   `d2v prepare synthetic-images`        8,000 unlabeled `pool` images, 100 labeled `train`,
                                                      300 `val`, 300 `test` (10 classes, 32x32)
   2. pretrain  `d2v pretrain --preset vision-tiny`   data2vec 1.0 on the pool, unlabeled (PRETRAIN_UPDATES)
   3. finetune  `d2v finetune --preset vision-ft-tiny --init demo-images-pretrain`   on the 100 labeled images

@@ -2,13 +2,16 @@
 
     generate_image_corpus("corpus/synthetic-images", size="demo", seed=0)
 
-Ten classes, each a **shape** (circle, square, triangle, cross, ring) with a **texture** (solid
-or striped), drawn at 32x32 under a random pose (rotation, position), scale, background (a
-random colour with a gradient) and pixel noise. Each class has a **colour**, a hue centre, but
-every image's hue is drawn up to a quarter turn away from it, and the background is random: mean
-colour alone is a weak cue (tests/test_synthetic_images.py measures it), so a classifier has to
-see the silhouette and the stripes. That is what makes pretraining on the unlabeled pool useful
-to a classifier trained on the small labeled split.
+Ten classes, each a **shape** (circle, square, triangle, cross, ring) filled with a **texture**
+(solid, striped, checked, dotted, wavy), drawn at 32x32 under a random pose (rotation, position),
+scale, background (a random colour with a gradient) and pixel noise. Every shape comes with two
+textures and every texture with two shapes (`PAIRS`), so neither cue alone names the class. Each
+class has a **colour**, a hue centre, but every image's hue is drawn up to a quarter turn away from
+it, and the background is random: mean colour alone is a weak cue (tests/test_synthetic_images.py
+measures it), so a classifier has to see the silhouette and the pattern. The textures have a period
+of about one vision-tiny patch and turn with the shape: a masked patch inside a shape can be
+predicted from the patches around it, which is what pretraining on the unlabeled pool learns and a
+classifier trained on the small labeled split alone has too few examples for.
 
 Layout (ImageFolder, so `d2v prepare images` reads it like any tree):
 
@@ -33,12 +36,16 @@ from PIL import Image
 
 from d2vcli.fileio import build_stamped_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
-TEXTURES = ("solid", "striped")
-CLASSES = tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)
+TEXTURES = ("solid", "striped", "checked", "dotted", "wavy")
+# Each shape comes with two textures and each texture with two shapes, so neither cue alone names the
+# class: shape s carries texture s and texture s + 2 (mod 5).
+PAIRS = tuple((s, TEXTURES[(i + k) % len(TEXTURES)]) for i, s in enumerate(SHAPES) for k in (0, 2))
+CLASSES = tuple(f"{s}-{t}" for s, t in PAIRS)
 HUE_JITTER = 0.25  # of a full turn, either way: a class's colour overlaps its neighbours'
+DARK = 0.3  # a texture's dark parts keep this share of the colour
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class ImageCorpusSize:
     test_per_class: int
 
 
-SIZES = {"demo": ImageCorpusSize(4000, 10, 30, 30), "tiny": ImageCorpusSize(100, 3, 3, 3)}
+SIZES = {"demo": ImageCorpusSize(8000, 10, 30, 30), "tiny": ImageCorpusSize(100, 3, 3, 3)}
 Size = Literal["demo", "tiny"]
 SPLITS = ("pool", "train", "val", "test")
 
@@ -87,6 +94,24 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _texture_dark(texture: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Where a texture darkens the shape, in the shape's own coordinates (so it turns and scales with it).
+    The period is about a patch of vision-tiny (4 pixels) or a little more, so one patch sees the pattern."""
+    period = rng.uniform(0.35, 0.55)
+    pu, pv = u / period + rng.uniform(0, 1), v / period + rng.uniform(0, 1)  # in periods, random phase
+    if texture == "solid":
+        return np.zeros_like(u, dtype=bool)
+    if texture == "striped":
+        return np.sin(2 * math.pi * pu) < 0
+    if texture == "checked":
+        return (np.floor(pu) + np.floor(pv)) % 2 == 0
+    if texture == "dotted":  # a dot in every cell
+        return (pu % 1 - 0.5) ** 2 + (pv % 1 - 0.5) ** 2 < 0.3 ** 2
+    if texture == "wavy":  # stripes bent by a sine across them
+        return np.sin(2 * math.pi * (pu + 0.35 * np.sin(2 * math.pi * pv / 2))) < 0
+    raise ValueError(f"unknown texture {texture!r}")
+
+
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
     return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
@@ -94,7 +119,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 
 def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """One image of class `label`: (size, size, 3) uint8."""
-    shape, texture = SHAPES[label // len(TEXTURES)], TEXTURES[label % len(TEXTURES)]
+    shape, texture = PAIRS[label]
     # Background: a random colour with a linear gradient in a random direction.
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) / (size - 1) * 2 - 1  # [-1, 1]
     bg = rng.uniform(0.1, 0.9, 3)
@@ -102,7 +127,7 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
     grad = (xs * math.cos(g_angle) + ys * math.sin(g_angle))[..., None] * rng.uniform(0.05, 0.25)
     img = np.clip(bg + grad * rng.choice([-1, 1], 3), 0, 1)
     # Pose and scale: the shape's own coordinates (u, v) for every pixel.
-    scale = rng.uniform(0.45, 0.85)
+    scale = rng.uniform(0.5, 0.9)
     cx, cy = rng.uniform(-1 + scale, 1 - scale, 2) * 0.9
     theta = rng.uniform(0, 2 * math.pi)
     dx, dy = xs - cx, ys - cy
@@ -113,10 +138,7 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
     hue = (label / len(CLASSES) + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
     fg = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
     colour = np.broadcast_to(fg, img.shape).copy()
-    if texture == "striped":  # stripes across the shape, turning with it
-        period = rng.uniform(0.35, 0.55)
-        dark = np.sin(2 * math.pi * u / period + rng.uniform(0, 2 * math.pi)) < 0
-        colour[dark] *= 0.35
+    colour[_texture_dark(texture, u, v, rng)] *= DARK
     img[inside] = colour[inside]
     img += rng.normal(0, rng.uniform(0.02, 0.08), img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -76,7 +76,7 @@ def test_mixup_and_cutmix_mix_images_and_labels_alike():
 
 
 def test_finetune_starts_from_the_pretrained_encoder_and_validation_selects_best(pretrained):
-    cfg = ft_cfg("finetune.init=vt")
+    cfg = ft_cfg("finetune.init=vt", "vision.image_mean=[0.5,0.5,0.5]")  # the recipe's, not the checkpoint's
     start = load_start(cfg, pretrained)
     pre = ckpt.load_checkpoint(pretrained.run_dir("vt") / "last.pt")
     task = VisionClassifyTask(cfg, start, read_classes(pretrained), {}, CPU)
