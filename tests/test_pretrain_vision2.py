@@ -167,13 +167,14 @@ def test_step_targets_loss_and_cls_loss_equal_a_direct_computation(image_ws):
         x = t.patch_embed(images) + torch.from_numpy(mae_sincos(64, 8)).float()  # (8, 64, 64)
         x = torch.cat([t.cls_token.expand(8, -1, -1), x], 1)
         x = t.norm(x)
-        for layer in list(t.prenet) + list(t.layers):  # post-LN blocks; the FFN output is the target
+        main = []
+        for i, layer in enumerate(list(t.prenet) + list(t.layers)):  # post-LN blocks; the FFN output is the target
             h = layer.self_attn_norm(x + layer.self_attn(x))
             ffn = layer.fc2(F.gelu(layer.fc1(h)))
             x = layer.final_norm(h + ffn)
-            if layer in list(t.layers):
-                layer.target = ffn[:, 1:]  # CLS stripped
-        tops = [layer.target for layer in t.layers][-3:]
+            if i >= len(t.prenet):
+                main.append(ffn[:, 1:])  # main blocks only, CLS stripped
+        tops = main[-3:]
         normed = [(y - y.mean(1, keepdim=True)) / torch.sqrt(y.var(1, unbiased=False, keepdim=True) + 1e-5)
                   for y in tops]  # instance norm over the patches
         avg = sum(normed) / 3
