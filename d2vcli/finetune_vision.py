@@ -22,6 +22,10 @@ is the BEiT repo's `run_class_finetuning.py`, `modeling_finetune.py` and `optim_
   lowest `<split>/error` (100 - top-1).
 - `finetune.linear_probe`: the encoder is frozen and only `fc_norm` and `head` train, without
   mixup, cutmix, drop path or RandAugment.
+- A data2vec 2.0 checkpoint (`arch.version: 2`, `d2v pretrain --preset vision2-*`) builds
+  `Data2Vec2VisionForImageClassification` (the same pooling and head names), keeps its ImageNet
+  mean/std, and takes fairseq `mae_image_classification.py`'s layer decay: blocks numbered over
+  the prenet then the main blocks, everything else at the full rate (docs/images.md, "data2vec 2.0").
 """
 
 from __future__ import annotations
