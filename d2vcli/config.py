@@ -137,6 +137,9 @@ class MaskingConfig:
     block_patches: int = f(120, "Images: patches BEiT's block masking masks per image at most (120 of 196).")
     block_min_patches: int = f(16, "Images: smallest block, in patches.")
     block_min_aspect: float = f(0.3, "Images: block aspect ratios lie between this and its inverse.")
+    inverse_mask: bool = f(
+        False, "data2vec 2.0 images: the 2-D blocks mark the patches that stay visible, 1 - mask_prob of them "
+        "(the image recipe: true, mask_prob 0.8, mask_length 3 = 3x3 blocks).")
 
 
 @dataclass
@@ -163,6 +166,12 @@ class VisionModelConfig:
         (0.485, 0.456, 0.406), "Per-channel mean subtracted from [0, 1] pixels (ImageNet statistics).")
     image_std: tuple[float, float, float] = f(
         (0.229, 0.224, 0.225), "Per-channel std the pixels are divided by (ImageNet statistics).")
+    prenet_depth: int = f(0, "data2vec 2.0 (model.version 2): blocks before the num_layers main ones, never "
+                          "targets (ViT-B 2, ViT-L 0).")
+    decoder_dim: int = f(768, "data2vec 2.0 pretraining: channels of the 2-D conv decoder (ViT-B 768, ViT-L 1024).")
+    decoder_layers: int = f(6, "data2vec 2.0 pretraining: conv decoder blocks (ViT-B 6, ViT-L 3).")
+    decoder_kernel: int = f(3, "data2vec 2.0 pretraining: kernel of each decoder conv, odd (ViT-B 3, ViT-L 5).")
+    decoder_groups: int = f(16, "data2vec 2.0 pretraining: groups of each decoder conv.")
 
 
 @dataclass
@@ -189,6 +198,9 @@ class ObjectiveConfig:
         10.0, "Collapse guard: stop if a target layer's variance over time falls below this multiple of the "
         "instance-norm eps 1e-5 (at 10, 1/11 of each normalized target is residue; 0 disables). Log steps.")
     collapse_check_after: int = f(5_000, "Updates before the collapse guards are armed.")
+    cls_loss: float = f(
+        0.0, "data2vec 2.0 images: weight of the CLS loss (the CLS output regresses the mean patch target; "
+        "0.01 in the recipe, scaled like fairseq's by the micro-batch's masked-patch count; docs/images.md).")
 
 
 @dataclass
@@ -336,7 +348,9 @@ class Config:
                 f"{section}.num_layers ({layers})"
             )
         if images:
-            problems.extend(self._vision_problems(masking=command != "finetune"))
+            problems.extend(self._vision_problems(masking=command != "finetune" and m.version == 1))
+        if images and m.version == 2 and command != "finetune":
+            problems.extend(self._vision2_problems())
         if not 0 <= self.masking.mask_prob < 1:
             problems.append("masking.mask_prob must be in [0, 1)")
         if self.data.max_tokens < self.data.min_sample_size:
@@ -372,14 +386,37 @@ class Config:
         if masking and not 0 < self.masking.block_patches < patches:
             problems.append(f"masking.block_patches ({self.masking.block_patches}) must be between 1 and "
                             f"{patches - 1} (the image has {patches} patches)")
-        if not 0 < self.masking.block_min_patches <= self.masking.block_patches:
+        if masking and not 0 < self.masking.block_min_patches <= self.masking.block_patches:
             problems.append("masking.block_min_patches must be between 1 and masking.block_patches")
-        if not 0 < self.masking.block_min_aspect <= 1:
+        if masking and not 0 < self.masking.block_min_aspect <= 1:
             problems.append("masking.block_min_aspect must be in (0, 1]")
         if self.data.images_per_batch < 1 or self.train.images_per_update < 1:
             problems.append("data.images_per_batch and train.images_per_update must be at least 1")
         if not 0 < self.data.min_crop_scale <= 1:
             problems.append("data.min_crop_scale must be in (0, 1]")
+        return problems
+
+
+    def _vision2_problems(self) -> list[str]:
+        """data2vec 2.0 images: the 2-D block masks, the decoder, the prenet."""
+        v, mk, problems = self.vision, self.masking, []
+        patches = (v.image_size // max(1, v.patch_size)) ** 2
+        shown = 1 - mk.mask_prob if mk.inverse_mask else mk.mask_prob
+        if mk.mask_length < 1 or mk.clone_batch < 1:
+            problems.append("masking.mask_length and masking.clone_batch must be at least 1")
+        kept = patches - int(patches * shown) if not mk.inverse_mask else int(patches * shown)
+        if not 0 < kept < patches:
+            problems.append(f"masking.mask_prob {mk.mask_prob} leaves {kept} of {patches} patches visible; "
+                            f"the student needs at least one visible and one masked patch")
+        if v.embed_dim % 4:
+            problems.append(f"vision.embed_dim ({v.embed_dim}) must be a multiple of 4 (2-D sin-cos positions)")
+        if v.embed_dim % v.decoder_groups or v.decoder_dim % v.decoder_groups:
+            problems.append(f"vision.embed_dim ({v.embed_dim}) and vision.decoder_dim ({v.decoder_dim}) must be "
+                            f"divisible by vision.decoder_groups ({v.decoder_groups})")
+        if v.decoder_layers < 1 or v.decoder_kernel % 2 == 0:
+            problems.append("vision.decoder_layers must be at least 1 and vision.decoder_kernel odd")
+        if v.prenet_depth < 0:
+            problems.append("vision.prenet_depth must be 0 or more")
         return problems
 
 
@@ -444,6 +481,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision-base": ("pretrain", "vision-base.yaml"),
     "vision-large": ("pretrain", "vision-large.yaml"),
     "vision-tiny": ("pretrain", "vision-tiny.yaml"),
+    "vision2-base": ("pretrain", "vision2-base.yaml"),
+    "vision2-large": ("pretrain", "vision2-large.yaml"),
+    "vision2-tiny": ("pretrain", "vision2-tiny.yaml"),
     "speech2-base": ("pretrain", "speech2-base.yaml"),
     "speech2-large": ("pretrain", "speech2-large.yaml"),
     "speech2-tiny": ("pretrain", "speech2-tiny.yaml"),

@@ -25,6 +25,7 @@ from d2vcli.config import ModelConfig, from_dict
 from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
 from d2vcli.models.audio2 import Data2Vec2ForPretraining, build_backbone2, build_decoder2
 from d2vcli.models.vision import Data2VecVisionForImageClassification, Data2VecVisionForPretraining, VisionConfig
+from d2vcli.models.vision2 import Data2Vec2VisionForImageClassification, Data2Vec2VisionForPretraining
 from d2vcli.vocab import BLANK, Vocab
 
 
@@ -68,14 +69,17 @@ def vision_arch(arch: VisionConfig | dict, path: Path | str = "checkpoint") -> V
 
 
 def build_vision_model(kind: str, arch: VisionConfig | dict, num_classes: int = 0) -> nn.Module:
-    """A fresh ViT: "vision-pretrain" (student + regression head) or "vision-cls" (classifier, `num_classes`)."""
+    """A fresh ViT: "vision-pretrain" (student + regression head, or 2.0's decoder) or "vision-cls"
+    (classifier, `num_classes`); `arch.version` picks the data2vec generation (models/vision2.py for 2)."""
     arch = vision_arch(arch)
+    v2 = arch.version == 2
     if kind == "vision-pretrain":
-        return Data2VecVisionForPretraining(arch)
+        return Data2Vec2VisionForPretraining(arch) if v2 else Data2VecVisionForPretraining(arch)
     if kind == "vision-cls":
         if num_classes < 1:
             raise ValueError("a vision-cls model needs num_classes >= 1")
-        return Data2VecVisionForImageClassification(arch, num_classes)
+        return (Data2Vec2VisionForImageClassification if v2 else Data2VecVisionForImageClassification)(arch,
+                                                                                                      num_classes)
     raise ValueError(f"unknown image model kind {kind!r}; expected one of {ckpt.VISION_KINDS}")
 
 
