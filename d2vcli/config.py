@@ -513,6 +513,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision-base": ("pretrain", "vision-base.yaml"),
     "vision-large": ("pretrain", "vision-large.yaml"),
     "vision-tiny": ("pretrain", "vision-tiny.yaml"),
+    "text-base": ("pretrain", "text-base.yaml"),
+    "text-tiny": ("pretrain", "text-tiny.yaml"),
     "speech2-base": ("pretrain", "speech2-base.yaml"),
     "speech2-large": ("pretrain", "speech2-large.yaml"),
     "speech2-tiny": ("pretrain", "speech2-tiny.yaml"),
