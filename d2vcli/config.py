@@ -80,6 +80,14 @@ class DataConfig:
         "train.images_per_update and the world size give the accumulation.")
     min_crop_scale: float = f(
         0.08, "Images: smallest area share RandomResizedCrop keeps (the recipe's scale 0.08 to 1).")
+    tokens_per_sample: int = f(
+        512, "Text: tokens per block, <s> included (data2vec text's tokens_per_sample 512: fairseq's "
+        "TokenBlockDataset of 511 plus a prepended <s>; docs/text-data.md). `d2v prepare text` cuts blocks to it.")
+    text_tokens_per_batch: int = f(
+        8192, "Text: padded tokens (batch size x longest block) per device per micro-batch (the recipe's "
+        "max_tokens 8192 per GPU); train.tokens_per_update and the world size give the accumulation.")
+    text_dir: Optional[str] = f(
+        None, "Text: folder of the token shards (spm.model, train.bin, ...); null = <workdir>/data/text.")
 
 
 @dataclass
@@ -226,6 +234,11 @@ class TrainConfig:
         2048, "Images: images per optimizer update (the ViT-B recipe: 16 GPUs x 128 = 2048). Gradient "
         "accumulation is derived from this, data.images_per_batch and the world size.",
     )
+    tokens_per_update: int = f(
+        131_072, "Text: tokens per optimizer update (data2vec text: max_tokens 8192 x 16 GPUs = 131,072, about "
+        "256 blocks of 512; docs/text-data.md). Gradient accumulation is derived from this, "
+        "data.text_tokens_per_batch and the world size.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
         "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
     )
@@ -337,6 +350,9 @@ class Config:
             )
         if images:
             problems.extend(self._vision_problems(masking=command != "finetune"))
+        if self.data.tokens_per_sample < 2 or self.data.text_tokens_per_batch < 1 or self.train.tokens_per_update < 1:
+            problems.append("data.tokens_per_sample must be at least 2, data.text_tokens_per_batch and "
+                            "train.tokens_per_update at least 1")
         if not 0 <= self.masking.mask_prob < 1:
             problems.append("masking.mask_prob must be in [0, 1)")
         if self.data.max_tokens < self.data.min_sample_size:
