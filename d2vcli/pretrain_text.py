@@ -47,7 +47,9 @@ from d2vcli.objective.monitors import Guard, collapse_reason, compute_std
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.objective.text_masking import TextMaskParams, mask_tokens
+from d2vcli.prepare.text import text_dir
 from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
+from d2vcli.text_data import TextBlockLoader, TokenBlocks, Tokenizer
 from d2vcli.ui import console, print_config_summary
 
 # The embedding parts the teacher copies instead of averaging (fairseq `ema_transformer_layers_only`).
@@ -170,13 +172,9 @@ class TextPretrainTask:
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_text_loader(cfg: Config, workspace, info: distributed.DistInfo):
+def build_text_loader(cfg: Config, workspace, info: distributed.DistInfo) -> tuple[TextBlockLoader, Tokenizer]:
     """The pretraining batches of data.train_splits (one split: the shards hold one block sequence per
-    split) and the corpus's tokenizer: (text_data.TextBlockLoader, text_data.Tokenizer)."""
-    # Imported here only until d2vcli/text_data.py (issue-txt1) is merged; then these move to the top.
-    from d2vcli.prepare.text import text_dir
-    from d2vcli.text_data import TextBlockLoader, TokenBlocks, Tokenizer
-
+    split) and the corpus's tokenizer."""
     folder = text_dir(workspace, cfg.data.text_dir)
     if len(cfg.data.train_splits) != 1:
         raise ConfigError(f"text pretraining reads one split; data.train_splits is {list(cfg.data.train_splits)} "
