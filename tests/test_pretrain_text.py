@@ -20,6 +20,7 @@ from d2vcli.objective.teacher import ema_decay_at
 from d2vcli.objective.text_masking import mask_tokens
 from d2vcli.pretrain_text import TextPretrainTask, mask_params, text_arch
 from d2vcli.run_dir import prepare_run
+from d2vcli.schedule import lr_at
 from d2vcli.workspace import Workspace
 
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
@@ -242,3 +243,29 @@ def test_resume_reproduces_the_straight_run_exactly(tmp_path):
     losses = [[r["loss"] for r in read_jsonl(ws.run_dir(n) / "metrics.jsonl") if "loss" in r]
               for n in ("straight", "split")]
     assert losses[0] == losses[1]
+
+
+def test_glue_presets_hold_robertas_finetuning_recipe_and_polynomial_decays_linearly():
+    cfg = C.resolve("finetune", preset="glue-base")
+    assert cfg.modality == "text"
+    assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.clip_norm) == ((0.9, 0.98), 1e-6, 0.1,
+                                                                                           0.0)
+    assert (cfg.text.dropout, cfg.text.attention_dropout, cfg.text.pooler_dropout) == (0.1, 0.1, 0.0)
+    assert (cfg.optim.lr, cfg.schedule.warmup_updates, cfg.train.max_updates) == (1e-5, 1256, 20935)  # SST-2's row
+    assert cfg.schedule.warmup_updates / cfg.train.max_updates == pytest.approx(0.06, abs=0.001)
+    tiny = C.resolve("finetune", preset="glue-tiny")
+    assert tiny.schedule.kind == "polynomial" and tiny.schedule.warmup_updates / tiny.train.max_updates == 0.06
+    s = cfg.schedule
+    assert lr_at(0, 1.0, s, 1000 + 1256) == pytest.approx(1 / 1256)  # fairseq's first warmup factor
+    assert lr_at(628, 1.0, s, 2256) == pytest.approx(0.5)
+    assert lr_at(1256, 1.0, s, 2256) == pytest.approx(1.0)
+    assert lr_at(1756, 1.0, s, 2256) == pytest.approx(0.5)  # linear, not cosine or exponential
+    assert lr_at(2256, 1.0, s, 2256) == 0.0 == lr_at(5000, 1.0, s, 2256)
+
+
+def test_text_finetuning_is_refused_clearly_until_its_task_exists(tmp_path):
+    from d2vcli.errors import UserError
+    from d2vcli.finetune import finetune
+
+    with pytest.raises(UserError, match="finetune_text"):
+        finetune(C.resolve("finetune", preset="glue-tiny"), Workspace.resolve(tmp_path / "ws"))
