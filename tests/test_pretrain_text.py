@@ -269,3 +269,40 @@ def test_text_finetuning_is_refused_clearly_until_its_task_exists(tmp_path):
 
     with pytest.raises(UserError, match="finetune_text"):
         finetune(C.resolve("finetune", preset="glue-tiny"), Workspace.resolve(tmp_path / "ws"))
+
+
+def test_d2v_pretrain_text_tiny_runs_on_the_synthetic_corpus_and_saves_a_loadable_model(tmp_path):
+    from d2vcli.models.loading import load_model
+    from d2vcli.prepare.synthetic_text import prepare_synthetic_text
+    from d2vcli.pretrain import pretrain
+    from d2vcli.text_data import Tokenizer
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    prepare_synthetic_text(ws, size="tiny", workers=1)
+    cfg = C.resolve("pretrain", preset="text-tiny", overrides=["train.max_updates=3", "train.save_every=3",
+                                                              "train.tokens_per_update=2048", "train.log_every=1"])
+    result = pretrain(cfg, ws, name="text-tiny")
+    assert result.status == "done" and result.step == 3, result.message
+    loaded = load_model(ws.run_dir("text-tiny") / "last.pt", expect_kind="text-pretrain")
+    tok = Tokenizer.load(ws.data_dir / "text" / "spm.model")
+    arch = loaded.model.encoder.cfg
+    assert (arch.vocab_size, arch.mask_id, arch.num_layers, arch.embed_dim) == (tok.vocab_size, tok.mask_id, 2, 64)
+    assert set(loaded.state["teacher"]) == set(loaded.model.encoder.state_dict())
+    rows = [r for r in read_jsonl(ws.run_dir("text-tiny") / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(C.ConfigError, match="tokenizer has"):
+        pretrain(C.resolve("pretrain", preset="text-tiny", overrides=["text.vocab_size=1000"]), ws, name="bad")
+    assert not ws.run_dir("bad").exists()  # refused before the run folder is made
+
+
+def test_pretrain_text_without_a_corpus_says_what_to_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from d2vcli.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--preset", "text-tiny", "--workdir", str(tmp_path / "empty")])
+    assert result.exit_code == 2, result.output
+    assert "d2v prepare text" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["pretrain", "--preset", "text-tiny", "--workdir", str(tmp_path / "empty"),
+                                      "--set", "data.tokens_per_sample=256"])
+    assert result.exit_code == 2 and "text.max_positions" in result.output, result.output
