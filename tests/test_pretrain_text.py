@@ -306,3 +306,24 @@ def test_pretrain_text_without_a_corpus_says_what_to_run(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--preset", "text-tiny", "--workdir", str(tmp_path / "empty"),
                                       "--set", "data.tokens_per_sample=256"])
     assert result.exit_code == 2 and "text.max_positions" in result.output, result.output
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from d2vcli.speedups import set_activation_checkpointing
+
+    cfg = tiny_cfg("text.dropout=0.1", "text.attention_dropout=0.1")  # dropout on: recomputation must replay it
+    task = make_task(cfg)
+    loader = RandomBlocks()
+    batch = loader.make_batch(loader.batches(1)[1], 1, 1)
+
+    def grads(checkpointing: bool) -> dict:
+        assert set_activation_checkpointing(task.model, checkpointing) == 1  # the student's layer stack
+        task.model.zero_grad()
+        torch.manual_seed(5)
+        task.train_step(task.model, batch, 0).loss.backward()
+        return {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert set(plain) == set(recomputed) and len(plain) == len(list(task.model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7)
