@@ -327,3 +327,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert set(plain) == set(recomputed) and len(plain) == len(list(task.model.parameters()))
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_text_section_has_exactly_the_models_fields_with_its_defaults():
+    from d2vcli.models.text import TextConfig, text_base
+
+    section = C.to_dict(C.TextModelConfig())
+    assert set(section) == set(TextConfig.__dataclass_fields__)
+    base = C.to_dict(text_base())
+    tokenizer_fields = {"vocab_size", "mask_id"}  # 0 / -1: taken from the corpus's tokenizer
+    assert {k: v for k, v in section.items() if k not in tokenizer_fields} == \
+        {k: v for k, v in base.items() if k not in tokenizer_fields}
