@@ -279,6 +279,7 @@ def prepare_text_cmd(
     tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, help="Block length with <s>."),
     break_mode: str = typer.Option("complete_doc", "--break-mode", help="complete_doc, complete or none "
                                    "(fairseq's sample_break_mode)."),
+    force: bool = typer.Option(False, "--force", help="Replace a corpus made with another tokenizer."),
     workers: int = WorkersOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
@@ -287,7 +288,7 @@ def prepare_text_cmd(
 
     _run_prepare(prepare_text, Workspace.resolve(workdir), files, vocab_size=vocab_size, model_type=model_type,
                  spm_path=spm, lowercase=lowercase, valid_fraction=valid_fraction,
-                 tokens_per_sample=tokens_per_sample, break_mode=break_mode, workers=workers)
+                 tokens_per_sample=tokens_per_sample, break_mode=break_mode, workers=workers, force=force)
 
 
 @prepare_app.command("glue")
@@ -317,13 +318,14 @@ def prepare_synthetic_text_cmd(
     size: str = typer.Option("demo", "--size", help="demo (3,000 documents, 400 labeled per task) or tiny."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
                               "corpus."),
+    force: bool = typer.Option(False, "--force", help="Replace a text corpus made with another tokenizer."),
     workers: int = WorkersOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Generate the synthetic text corpus (a grammar with agreement; 2 labeled tasks) and prepare it."""
     from d2vcli.prepare.synthetic_text import prepare_synthetic_text
 
-    _run_prepare(prepare_synthetic_text, Workspace.resolve(workdir), out, size, seed, workers=workers)
+    _run_prepare(prepare_synthetic_text, Workspace.resolve(workdir), out, size, seed, workers=workers, force=force)
 
 
 @prepare_app.command("fairseq-export")

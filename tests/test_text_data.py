@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from d2vcli.config import Config
 from d2vcli.engine import text_batch_unit
 from d2vcli.prepare.text import prepare_text
-from d2vcli.text_data import (TextBlockLoader, TextTaskLoader, TokenBlocks, Tokenizer, TokenizerError, token_dtype)
+from d2vcli.text_data import (TextBlockLoader, TextTaskLoader, TokenBlocks, Tokenizer, TokenizerError, read_task,
+                              token_dtype)
 from d2vcli.workspace import Workspace
 
 WORDS = ("the king queen walks walk sees girls who either or he she they boy runs red small "
@@ -207,6 +209,16 @@ def test_task_loader_pads_and_labels():
     resumed.load_state_dict(shuffled.state_dict())
     rest = [b.ids for b in _all(resumed)]
     assert sorted(sum(head + rest, [])) == sorted(r["id"] for r in records)
+    with pytest.raises(ValueError, match="record has 9 tokens .*at most 8"):
+        TextTaskLoader(records, batch_size=3, seed=0, max_tokens=8)
+
+
+def test_task_records_refuse_another_tokenizer(tmp_path, tok):
+    (tmp_path / "task.json").write_text(json.dumps({"name": "T", "tokenizer_sha256": tok.sha256()}))
+    assert read_task(tmp_path, tok)["name"] == "T"
+    other = Tokenizer.train(corpus_lines(), 44)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        read_task(tmp_path, other)
 
 
 def test_text_batch_unit_is_the_recipe():
