@@ -36,6 +36,7 @@ import torch
 from d2vcli.data import Batch, DataError, DataPosition
 from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
+from d2vcli.workspace import Workspace
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIAL_PIECES = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
@@ -48,6 +49,16 @@ MAX_TRAIN_SENTENCES = 10_000_000
 
 class TokenizerError(UserError):
     """A sentencepiece model that cannot be used as it is; the message says why and what to do."""
+
+
+def text_dir(ws: Workspace, override: Optional[str] = None) -> Path:
+    """Where the token shards live: data.text_dir if set, else <workdir>/data/text."""
+    return Path(override).expanduser().resolve() if override else ws.data_dir / "text"
+
+
+def glue_dir(ws: Workspace) -> Path:
+    """The labeled text tasks: <workdir>/data/glue/<TASK>/."""
+    return ws.data_dir / "glue"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -52,7 +52,7 @@ from d2vcli.fileio import OutputExistsError, atomic_open, atomic_write_bytes, at
 from d2vcli.locks import hold
 from d2vcli.prepare.pipeline import map_in_batches
 from d2vcli.prepare.result import PrepareError
-from d2vcli.text_data import EOS, META_VERSION, Tokenizer, TokenizerError, sha256_file, token_dtype
+from d2vcli.text_data import EOS, META_VERSION, Tokenizer, TokenizerError, sha256_file, text_dir, token_dtype
 from d2vcli.ui import console, progress, table
 from d2vcli.workspace import Workspace
 
@@ -65,10 +65,6 @@ ENCODE_BATCH = 2048
 ENCODE_POOL_MIN = 50_000  # lines; below this one thread encodes faster than a pool starts
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
-
-
-def text_dir(ws: Workspace, override: Optional[str] = None) -> Path:
-    return Path(override).expanduser().resolve() if override else ws.data_dir / "text"
 
 
 # --------------------------------------------------------------------------- results
@@ -242,7 +238,7 @@ def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("fingerprint") != fingerprint or not (out / "spm.model").exists():
+    if meta.get("fingerprint") != fingerprint or not all((out / f).exists() for f in meta.get("files", ["-"])):
         return None
     if sha256_file(out / "spm.model") != meta.get("tokenizer_sha256"):
         return None
