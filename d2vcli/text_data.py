@@ -220,6 +220,7 @@ class _PositionedLoader:
 
     def __init__(self):
         self.position = DataPosition()
+        self.bad_files: dict[str, str] = {}  # the engine's BatchSource field; token shards have no unreadable files
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def make_batches(self, epoch: int) -> list[np.ndarray]:
