@@ -270,15 +270,17 @@ def prepare_synthetic_images_cmd(
 def prepare_text_cmd(
     files: List[Path] = typer.Argument(..., help="UTF-8 text files: one sentence per line, an empty line between "
                                        "documents."),
-    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, help="Pieces of the sentencepiece model to train."),
+    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, max=1_000_000, help="Pieces of the sentencepiece model to train."),
     model_type: str = typer.Option("bpe", "--model-type", help="bpe or unigram."),
     spm: Optional[Path] = typer.Option(None, "--spm", help="Use this sentencepiece .model instead of training one."),
     lowercase: bool = typer.Option(False, "--lowercase", help="Lower-case the text after NFC normalization."),
-    valid_fraction: float = typer.Option(0.01, "--valid-fraction", help="Share of documents for valid (by a hash "
+    valid_fraction: float = typer.Option(0.01, "--valid-fraction", min=0.0, max=0.99, help="Share of documents for valid (by a hash "
                                          "of each document's text)."),
-    tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, help="Block length with <s>."),
+    tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, max=1_000_000,
+                                          help="Block length with <s>."),
     break_mode: str = typer.Option("complete_doc", "--break-mode", help="complete_doc, complete or none "
                                    "(fairseq's sample_break_mode)."),
+    force: bool = typer.Option(False, "--force", help="Replace a corpus made with another tokenizer."),
     workers: int = WorkersOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
@@ -287,7 +289,7 @@ def prepare_text_cmd(
 
     _run_prepare(prepare_text, Workspace.resolve(workdir), files, vocab_size=vocab_size, model_type=model_type,
                  spm_path=spm, lowercase=lowercase, valid_fraction=valid_fraction,
-                 tokens_per_sample=tokens_per_sample, break_mode=break_mode, workers=workers)
+                 tokens_per_sample=tokens_per_sample, break_mode=break_mode, workers=workers, force=force)
 
 
 @prepare_app.command("glue")
@@ -317,13 +319,14 @@ def prepare_synthetic_text_cmd(
     size: str = typer.Option("demo", "--size", help="demo (3,000 documents, 400 labeled per task) or tiny."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
                               "corpus."),
+    force: bool = typer.Option(False, "--force", help="Replace a text corpus made with another tokenizer."),
     workers: int = WorkersOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Generate the synthetic text corpus (a grammar with agreement; 2 labeled tasks) and prepare it."""
     from d2vcli.prepare.synthetic_text import prepare_synthetic_text
 
-    _run_prepare(prepare_synthetic_text, Workspace.resolve(workdir), out, size, seed, workers=workers)
+    _run_prepare(prepare_synthetic_text, Workspace.resolve(workdir), out, size, seed, workers=workers, force=force)
 
 
 @prepare_app.command("fairseq-export")

@@ -36,15 +36,29 @@ import torch
 from d2vcli.data import Batch, DataError, DataPosition
 from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
+from d2vcli.workspace import Workspace
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIAL_PIECES = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
 MASK_PIECE = "<mask>"
 META_VERSION = 1
+# sentencepiece trains on the first this many sentences (no shuffle: the same input gives the same model);
+# its README suggests a few million suffice.
+MAX_TRAIN_SENTENCES = 10_000_000
 
 
 class TokenizerError(UserError):
     """A sentencepiece model that cannot be used as it is; the message says why and what to do."""
+
+
+def text_dir(ws: Workspace, override: Optional[str] = None) -> Path:
+    """Where the token shards live: data.text_dir if set, else <workdir>/data/text."""
+    return Path(override).expanduser().resolve() if override else ws.data_dir / "text"
+
+
+def glue_dir(ws: Workspace) -> Path:
+    """The labeled text tasks: <workdir>/data/glue/<TASK>/."""
+    return ws.data_dir / "glue"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -114,6 +128,7 @@ class Tokenizer:
                 eos_piece="</s>", unk_piece="<unk>", user_defined_symbols=[MASK_PIECE],
                 character_coverage=character_coverage, num_threads=1, minloglevel=2,
                 max_sentence_length=max_sentence_bytes, shuffle_input_sentence=False,
+                input_sentence_size=MAX_TRAIN_SENTENCES,
                 normalization_rule_name="identity",
             )
         except RuntimeError as e:
@@ -205,6 +220,7 @@ class _PositionedLoader:
 
     def __init__(self):
         self.position = DataPosition()
+        self.bad_files: dict[str, str] = {}  # the engine's BatchSource field; token shards have no unreadable files
         self._cache: tuple[int, list[np.ndarray]] | None = None
         self.bad_files: dict[str, str] = {}  # engine.BatchSource: shards have no unreadable files to skip
 
@@ -303,14 +319,22 @@ class TextBlockLoader(_PositionedLoader):
 # ----------------------------------------------------------------------------- labeled tasks
 
 
-def read_task(task_dir: Path | str) -> dict:
-    """task.json of a `d2v prepare glue` task folder."""
+def read_task(task_dir: Path | str, tokenizer: Optional[Tokenizer] = None) -> dict:
+    """task.json of a `d2v prepare glue` task folder; with `tokenizer` (the model's), records tokenized
+    with another one are refused: their ids would mean other pieces to the model."""
     path = Path(task_dir) / "task.json"
     try:
-        return json.loads(path.read_text())
+        task = json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"no text task at {task_dir} (task.json missing). Run `d2v prepare glue DIR` (or "
                         f"`d2v prepare synthetic-text`) with this --workdir first.") from None
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run `d2v prepare glue`") from None
+    if tokenizer is not None and task.get("tokenizer_sha256") != tokenizer.sha256():
+        raise DataError(f"{task_dir} was tokenized with another tokenizer (sha256 "
+                        f"{str(task.get('tokenizer_sha256'))[:12]}) than the model's ({tokenizer.source}, "
+                        f"{tokenizer.sha256()[:12]}); re-run `d2v prepare glue ... --spm {tokenizer.source}`")
+    return task
 
 
 def read_task_records(task_dir: Path | str, split: str) -> list[dict]:
@@ -335,12 +359,18 @@ class TextTaskLoader(_PositionedLoader):
     """
 
     def __init__(self, records: list[dict], batch_size: int, seed: int, *, regression: bool = False,
-                 shuffle: bool = True, pad_id: int = PAD, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = True, pad_id: int = PAD, rank: int = 0, world_size: int = 1,
+                 max_tokens: Optional[int] = None):
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1 (got {batch_size})")
         self.records, self.batch_size, self.seed, self.regression = records, batch_size, seed, regression
         self.shuffle, self.pad_id, self.rank, self.world_size = shuffle, pad_id, rank, world_size
+        if max_tokens is not None:
+            longest = max((len(r["tokens"]) for r in records), default=0)
+            if longest > max_tokens:
+                raise DataError(f"a record has {longest} tokens but the model takes at most {max_tokens}; re-run "
+                                f"`d2v prepare glue ... --tokens-per-sample {max_tokens}`")
 
     def make_batches(self, epoch: int) -> list[np.ndarray]:
         n = len(self.records)

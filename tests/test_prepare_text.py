@@ -10,6 +10,7 @@ import sentencepiece as spm
 from typer.testing import CliRunner
 
 from d2vcli.cli import app
+from d2vcli.fileio import OutputExistsError
 from d2vcli.prepare.result import PrepareError
 from d2vcli.prepare.text import assign_splits, make_blocks, normalize_line, prepare_text
 from d2vcli.text_data import TokenBlocks
@@ -128,6 +129,16 @@ def test_failure_leaves_existing_outputs_intact(tmp_path):
         run(tmp_path, [f, tmp_path / "bad.txt"])
     assert text_files(tmp_path) == before
     assert run(tmp_path, [f]).status == "up to date"
+
+
+def test_another_tokenizer_needs_force(tmp_path):
+    f = corpus(tmp_path / "c.txt")
+    run(tmp_path, [f])
+    before = text_files(tmp_path)
+    with pytest.raises(OutputExistsError, match="spm.model holds another tokenizer.*--force"):
+        run(tmp_path, [f], vocab_size=44)
+    assert text_files(tmp_path) == before
+    assert run(tmp_path, [f], vocab_size=44, force=True).vocab_size == 44
 
 
 def test_spm_reuse(tmp_path):

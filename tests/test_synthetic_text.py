@@ -126,3 +126,17 @@ def test_prepare_synthetic_text_makes_a_ready_workspace(tmp_path):
         assert all((r["tokens"].count(2) == 3) == pair for r in recs)
     again = prepare_synthetic_text(ws, size="tiny", seed=0)
     assert again.status == "up to date" and {x.status for x in again.glue.splits} == {"up to date"}
+
+
+@pytest.mark.parametrize("task", ["AGREEMENT", "REFERENT"])
+def test_word_ngrams_do_not_solve_the_tasks(task):
+    """A bag of 1- to 3-grams (scikit-learn logistic regression) trained on the demo's 400 labeled
+    examples stays near chance: the label needs the dependency, not a surface pattern."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = task_rows(task, 0, 400, 0), task_rows(task, 2, 600, 0)
+    joined = [" [SEP] ".join(r[:-1]) for r in train + test]
+    x = CountVectorizer(ngram_range=(1, 3), token_pattern=r"[^ ]+").fit(joined[:400])
+    model = LogisticRegression(max_iter=2000).fit(x.transform(joined[:400]), [r[-1] for r in train])
+    assert model.score(x.transform(joined[400:]), [r[-1] for r in test]) < 0.6

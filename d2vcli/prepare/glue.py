@@ -35,8 +35,8 @@ from typing import Optional, Sequence
 from d2vcli.fileio import atomic_write_jsonl, atomic_write_text, remove_stale_temps
 from d2vcli.locks import hold
 from d2vcli.prepare.result import PrepareError
-from d2vcli.prepare.text import normalize_line, text_dir
-from d2vcli.text_data import BOS, EOS, Tokenizer, TokenizerError
+from d2vcli.prepare.text import normalize_line
+from d2vcli.text_data import BOS, EOS, Tokenizer, TokenizerError, glue_dir, text_dir
 from d2vcli.ui import console, progress, table
 from d2vcli.workspace import Workspace
 
@@ -95,10 +95,6 @@ def _key(name: str) -> str:
 
 
 GLUE_BY_KEY = {_key(n): t for n, t in GLUE_TASKS.items()}
-
-
-def glue_dir(ws: Workspace) -> Path:
-    return ws.data_dir / "glue"
 
 
 # --------------------------------------------------------------------------- results

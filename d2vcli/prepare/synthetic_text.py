@@ -32,12 +32,14 @@ def prepare_synthetic_text(
     size: Literal["demo", "tiny"] = "demo",
     seed: int = 0,
     workers: int = 0,
+    force: bool = False,
 ) -> TextPrepareSummary:
     """Generate the synthetic text corpus, then prepare its pool (text) and its tasks (glue)."""
     out = Path(out) if out is not None else default_synthetic_text_dir(ws)
     info = generate_for_prepare(generate_text_corpus, out, size, seed, SIZES, "synthetic text corpus")
     summary = prepare_text(ws, info.text_files, vocab_size=SYNTHETIC_VOCAB, model_type="bpe", valid_fraction=0.05,
-                           tokens_per_sample=SYNTHETIC_TOKENS_PER_SAMPLE, workers=workers, command="synthetic-text")
+                           tokens_per_sample=SYNTHETIC_TOKENS_PER_SAMPLE, workers=workers, command="synthetic-text",
+                           force=force)
     glue = prepare_glue(ws, info.glue_dir)
     summary.glue = glue
     summary.notes += glue.notes

@@ -48,11 +48,11 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 from rich.console import Group
 
-from d2vcli.fileio import atomic_open, atomic_write_bytes, atomic_write_text, remove_stale_temps
+from d2vcli.fileio import OutputExistsError, atomic_open, atomic_write_bytes, atomic_write_text, remove_stale_temps
 from d2vcli.locks import hold
 from d2vcli.prepare.pipeline import map_in_batches
 from d2vcli.prepare.result import PrepareError
-from d2vcli.text_data import EOS, META_VERSION, Tokenizer, TokenizerError, sha256_file, token_dtype
+from d2vcli.text_data import EOS, META_VERSION, Tokenizer, TokenizerError, sha256_file, text_dir, token_dtype
 from d2vcli.ui import console, progress, table
 from d2vcli.workspace import Workspace
 
@@ -65,10 +65,6 @@ ENCODE_BATCH = 2048
 ENCODE_POOL_MIN = 50_000  # lines; below this one thread encodes faster than a pool starts
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
-
-
-def text_dir(ws: Workspace, override: Optional[str] = None) -> Path:
-    return Path(override).expanduser().resolve() if override else ws.data_dir / "text"
 
 
 # --------------------------------------------------------------------------- results
@@ -242,7 +238,7 @@ def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("fingerprint") != fingerprint or not (out / "spm.model").exists():
+    if meta.get("fingerprint") != fingerprint or not all((out / f).exists() for f in meta.get("files", ["-"])):
         return None
     if sha256_file(out / "spm.model") != meta.get("tokenizer_sha256"):
         return None
@@ -268,7 +264,7 @@ def _write_split(out: Path, split: str, blocks: list[np.ndarray], dtype: np.dtyp
 def prepare_text(ws: Workspace, files: Sequence[Path | str], vocab_size: int = 32000, model_type: str = "bpe",
                  spm_path: Optional[Path | str] = None, lowercase: bool = False, valid_fraction: float = 0.01,
                  tokens_per_sample: int = 512, break_mode: str = "complete_doc", workers: int = 0,
-                 out_dir: Optional[Path | str] = None, command: str = "text") -> TextPrepareSummary:
+                 out_dir: Optional[Path | str] = None, command: str = "text", force: bool = False) -> TextPrepareSummary:
     """Tokenizer and token shards for `files` under data/text/ (see the module docstring)."""
     if not files:
         raise PrepareError("no text files given: pass one or more UTF-8 text files")
@@ -307,11 +303,24 @@ def prepare_text(ws: Workspace, files: Sequence[Path | str], vocab_size: int = 3
             summary.notes.append(f"{out}: inputs and settings unchanged since the last run; nothing read again "
                                  f"(change a file or a setting to rebuild)")
             return summary
-        return _build(out, paths, opts, fingerprint, spm_src, workers, command)
+        return _build(out, paths, opts, fingerprint, spm_src, workers, command, force)
+
+
+def _refuse_other_tokenizer(out: Path, tok: Tokenizer, force: bool) -> None:
+    """A corpus made with another tokenizer is only replaced with force: models pretrained on it and
+    task records tokenized with it read ids that would mean other pieces."""
+    model = out / "spm.model"
+    if force or not model.exists() or sha256_file(model) == tok.sha256():
+        return
+    raise OutputExistsError(
+        f"{model} holds another tokenizer than this run would make (other inputs or settings); models "
+        f"pretrained on {out} and data/glue records tokenized with it would no longer match its ids. Pass "
+        f"--force to replace it (then re-run `d2v prepare glue`), or prepare into another --workdir. Nothing "
+        f"was changed.")
 
 
 def _build(out: Path, paths: list[Path], opts: dict, fingerprint: str, spm_src: Optional[Path], workers: int,
-           command: str) -> TextPrepareSummary:
+           command: str, force: bool = False) -> TextPrepareSummary:
     problems: Counter = Counter({"undecodable bytes": 0, "empty lines": 0, "over-long lines": 0,
                                  "control chars removed": 0})
     per_file = {}
@@ -342,6 +351,7 @@ def _build(out: Path, paths: list[Path], opts: dict, fingerprint: str, spm_src: 
             tok = Tokenizer.train(train_lines, opts["vocab_size"], opts["model_type"])
         except TokenizerError as e:
             raise PrepareError(str(e)) from None
+    _refuse_other_tokenizer(out, tok, force)
     tmp_model = out / ".spm.model.new"
     atomic_write_bytes(tmp_model, tok.proto)  # the pool's workers load it from here
     dtype = token_dtype(tok.vocab_size)
