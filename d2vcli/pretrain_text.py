@@ -47,9 +47,8 @@ from d2vcli.objective.monitors import Guard, collapse_reason, compute_std
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.objective.text_masking import TextMaskParams, mask_tokens
-from d2vcli.prepare.text import text_dir
 from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
-from d2vcli.text_data import TextBlockLoader, TokenBlocks, Tokenizer
+from d2vcli.text_data import TextBlockLoader, TokenBlocks, Tokenizer, text_dir
 from d2vcli.ui import console, print_config_summary
 
 # The embedding parts the teacher copies instead of averaging (fairseq `ema_transformer_layers_only`).

@@ -222,7 +222,6 @@ class _PositionedLoader:
         self.position = DataPosition()
         self.bad_files: dict[str, str] = {}  # the engine's BatchSource field; token shards have no unreadable files
         self._cache: tuple[int, list[np.ndarray]] | None = None
-        self.bad_files: dict[str, str] = {}  # engine.BatchSource: shards have no unreadable files to skip
 
     def make_batches(self, epoch: int) -> list[np.ndarray]:
         raise NotImplementedError
