@@ -3,21 +3,20 @@
     d2v import hf ./data2vec-text-base            # -> runs/imported-data2vec-text-base/last.pt (text-pretrain)
     d2v import hf ./my-sst2-model                 # Data2VecTextForSequenceClassification -> text-cls
     d2v export hf RUN_OR_CHECKPOINT ./out         # Data2VecTextModel / Data2VecTextForSequenceClassification
-    d2v import fairseq nlp_base.pt --trust-checkpoint   # data2vec 1.0 or 2.0 text (interop.import_fairseq hands
-                                                        # them here)
+    d2v import fairseq nlp_base.pt --trust-checkpoint   # data2vec 1.0 / 2.0 text: interop_fairseq_text.py
 
 Our encoder (`d2vcli/models/text.py`) uses fairseq-like names, so each foreign format is one table of
 (d2v name, foreign name) templates (docs/text-interop.md gives them with their sources: transformers
 `models/data2vec/modeling_data2vec_text.py`, fairseq `fairseq/models/transformer/transformer_encoder.py`,
-`examples/data2vec/models/data2vec_text.py`, `examples/data2vec/models/modalities/text.py`). Three entries
-are not renames:
+`examples/data2vec/models/data2vec_text.py`, `examples/data2vec/models/modalities/text.py`; the fairseq
+tables are in `interop_fairseq_text.py`). Three entries are not renames:
 
 * HF's `token_type_embeddings` (RoBERTa uses one type) adds the same vector to every token, so an import folds
   it into the position table (every row) and an export writes one zero row; several different rows are refused.
 * HF's `Data2VecTextModel` has a pooler (dense + tanh on `<s>`) that data2vec never trains: dropped on import,
   written freshly initialized (HF's own N(0, initializer_range) init, seeded) on export so that the folder loads
   with no missing key; `last_hidden_state` does not depend on it.
-* data2vec 2.0 fuses q, k and v into `attn.qkv` (3D rows): split by rows into ours.
+* data2vec 2.0 (fairseq) fuses q, k and v into `attn.qkv` (3D rows): split by rows into ours.
 
 Conversions are all-or-nothing (`interop_keys.check_state_dict`), and outputs are replaced only with --force.
 """
@@ -26,10 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import save
@@ -38,7 +36,7 @@ from d2vcli import checkpoint as ck
 from d2vcli import interop_tokenizer as toks
 from d2vcli.fileio import atomic_open, atomic_write_text, claim_output_dir, refuse_overwrite
 from d2vcli.interop_hf import read_hf_weights
-from d2vcli.interop_keys import InteropError, KeyMap, check_state_dict, fairseq_cfg, rename, section
+from d2vcli.interop_keys import InteropError, KeyMap, check_state_dict, rename
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
 from d2vcli.workspace import Workspace
@@ -67,58 +65,6 @@ HF_POOLER = ("pooler.dense.weight", "pooler.dense.bias")
 
 HF_MODEL_MAP = KeyMap((HF_ENCODER_KEYS, "encoder.", ""))
 HF_CLS_MAP = KeyMap((HF_ENCODER_KEYS, "encoder.", HF_PREFIX), (HF_CLS_HEAD, "", ""))
-
-# fairseq data2vec 1.0 text (`data2vec_text`): d2v key (relative to `encoder.`) <-> key under
-# `encoder.sentence_encoder.` (a `TransformerEncoder(return_fc=True)`).
-FAIRSEQ_ENCODER_KEYS: list[tuple[str, str]] = [
-    ("embed.embed_tokens.weight", "embed_tokens.weight"),
-    ("embed.embed_positions.weight", "embed_positions.weight"),
-    ("embed.layernorm_embedding.{w}", "layernorm_embedding.{w}"),
-    ("layers.{i}.self_attn.{p}.{w}", "layers.{i}.self_attn.{p}.{w}"),
-    ("layers.{i}.self_attn_norm.{w}", "layers.{i}.self_attn_layer_norm.{w}"),
-    ("layers.{i}.fc1.{w}", "layers.{i}.fc1.{w}"),
-    ("layers.{i}.fc2.{w}", "layers.{i}.fc2.{w}"),
-    ("layers.{i}.final_norm.{w}", "layers.{i}.final_layer_norm.{w}"),
-]
-FAIRSEQ_PREFIX = "encoder.sentence_encoder."
-FAIRSEQ_HEADS = [("regression_head.0.{w}", "encoder.regression_head.0.{w}"),
-                 ("regression_head.2.{w}", "encoder.regression_head.2.{w}")]
-FAIRSEQ_EMA_KEY = "encoder._ema"  # the teacher: a dict of sentence-encoder keys
-FAIRSEQ_MAP = KeyMap((FAIRSEQ_ENCODER_KEYS, "encoder.", FAIRSEQ_PREFIX), (FAIRSEQ_HEADS, "", ""))
-FAIRSEQ_EMA_MAP = KeyMap((FAIRSEQ_ENCODER_KEYS, "", ""))
-# Keys fairseq stores that carry no weights: TransformerEncoder's `version` buffer.
-FAIRSEQ_IGNORED = re.compile(r"(^|\.)version$")
-FAIRSEQ_CLS_HEAD = re.compile(r"^classification_heads\.([^.]+)\.(dense|out_proj)\.(weight|bias)$")
-
-# fairseq data2vec 2.0 text (`data2vec_multi`, modality TEXT): the local encoder is the embeddings, the
-# shared `blocks` are post-LN AltBlocks (`norm1` after attention, `norm2` after the MLP).
-FAIRSEQ2_TEXT = "modality_encoders.TEXT."
-FAIRSEQ2_KEYS: list[tuple[str, str]] = [
-    ("embed.embed_tokens.weight", FAIRSEQ2_TEXT + "local_encoder.embed_tokens.weight"),
-    ("embed.embed_positions.weight", FAIRSEQ2_TEXT + "local_encoder.embed_positions.weight"),
-    ("embed.layernorm_embedding.{w}", FAIRSEQ2_TEXT + "local_encoder.layernorm_embedding.{w}"),
-    ("layers.{i}.self_attn.out_proj.{w}", "blocks.{i}.attn.proj.{w}"),
-    ("layers.{i}.self_attn_norm.{w}", "blocks.{i}.norm1.{w}"),
-    ("layers.{i}.fc1.{w}", "blocks.{i}.mlp.fc1.{w}"),
-    ("layers.{i}.fc2.{w}", "blocks.{i}.mlp.fc2.{w}"),
-    ("layers.{i}.final_norm.{w}", "blocks.{i}.norm2.{w}"),
-]
-FAIRSEQ2_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
-FAIRSEQ2_DROPPED = (FAIRSEQ2_TEXT + "decoder.", "decoder.", "shared_decoder.", "recon_proj.")
-FAIRSEQ2_MAP = KeyMap((FAIRSEQ2_KEYS, "encoder.", ""))
-
-
-def _split_qkv(state: dict, key_re: re.Pattern, prefix: str = "encoder.") -> tuple[dict, list[str]]:
-    """Fused (3D, ...) q/k/v tensors -> our three projections; returns (tensors, keys consumed)."""
-    out, used = {}, []
-    for key, value in state.items():
-        m = key_re.match(key)
-        if m:
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"{prefix}layers.{m[1]}.self_attn.{proj}.{m[2]}"] = part.detach().to(torch.float32).contiguous()
-            used.append(key)
-    return out, used
-
 
 # --------------------------------------------------------------------------- config.json
 
@@ -326,7 +272,7 @@ def default_import_path(workspace: Workspace, source: Path) -> Path:
     return workspace.run_dir(f"imported-{name}") / ck.LAST
 
 
-def _save_import(state: dict, out: Path, force: bool, notes: list[str]) -> TextImportResult:
+def save_import(state: dict, out: Path, force: bool, notes: list[str]) -> TextImportResult:
     refuse_overwrite([out], force, "the import")
     ck.save_checkpoint(out, state)
     entry = state.get(TOKENIZER_KEY)
@@ -346,7 +292,7 @@ def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, wor
                            f"CTC models; drop it (the tokenizer comes from the folder)")
     state, notes = convert_hf(folder, trust=trust)
     out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
-    return _save_import(state, out, force, notes)
+    return save_import(state, out, force, notes)
 
 
 # --------------------------------------------------------------------------- d2v -> HF
@@ -387,9 +333,6 @@ def _workspace_tokenizer(state: dict, checkpoint: Path) -> Optional[dict]:
     config = state.get(ck.CONFIG_KEY) or {}
     data = config.get("data") or {}
     candidates = [Path(data["text_dir"]) / "spm.model"] if data.get("text_dir") else []
-    workdir = config.get("workdir")
-    if workdir:
-        candidates.append(Path(workdir) / "data" / "text" / "spm.model")
     run_root = Path(checkpoint).resolve().parent.parent.parent  # <workdir>/runs/<name>/last.pt
     candidates.append(run_root / "data" / "text" / "spm.model")
     for c in candidates:
@@ -442,173 +385,3 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
         written += toks.write_hf_tokenizer(entry, out_dir, bos_id=bos, pad_id=arch.pad_id, eos_id=eos,
                                            unk_id=unk, mask_id=arch.mask_id, max_length=arch.max_positions)
     return written
-
-
-# --------------------------------------------------------------------------- fairseq data2vec text
-
-
-def is_fairseq_text(raw: Any) -> bool:
-    """A fairseq data2vec 1.0 text (`data2vec_text`) or 2.0 text (`data2vec_multi` + TEXT) checkpoint."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        return False
-    keys = raw["model"]
-    return any(k.startswith(FAIRSEQ_PREFIX + "embed_tokens.") or k.startswith(FAIRSEQ2_TEXT) for k in keys)
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _arch_from_fairseq(sd: dict, embed_key: str, model_cfg: dict, layer_re: re.Pattern, fc1_key: str,
-                       source: Path, notes: list[str]) -> TextConfig:
-    """The encoder's shape read off the tensors; heads, dropouts and checks from the model cfg."""
-    transformer = model_cfg.get("transformer") or {}
-    enc = transformer.get("encoder") or {}
-    get = lambda *ks, default=None: next((d[k] for d, k in ks if d.get(k) is not None), default)  # noqa: E731
-    problems = []
-    if get((enc, "normalize_before"), (model_cfg, "layer_norm_first"), default=False):
-        problems.append("normalize_before / layer_norm_first is true (a pre-LN model; data2vec text is post-LN)")
-    act = get((transformer, "activation_fn"), (model_cfg, "activation_fn"), default="gelu")
-    if act != "gelu":
-        problems.append(f"activation_fn is {act!r} (only 'gelu' is implemented)")
-    if transformer and not get((enc, "learned_pos"), default=True):
-        problems.append("learned_pos is false (sinusoidal positions; data2vec text learns them)")
-    if transformer and not get((transformer, "no_scale_embedding"), default=True):
-        problems.append("no_scale_embedding is false (embeddings scaled by sqrt(D); data2vec text does not)")
-    if problems:
-        raise InteropError(f"{source}: not a data2vec text architecture d2v can run: " + "; ".join(problems))
-    vocab, dim = (int(n) for n in sd[embed_key].shape)
-    rows = int(sd[embed_key.replace("embed_tokens", "embed_positions")].shape[0])
-    layers = 1 + max(int(layer_re.match(k)[1]) for k in sd if layer_re.match(k))
-    heads = get((enc, "attention_heads"), (model_cfg, "num_heads"), (model_cfg, "encoder_attention_heads"))
-    if heads is None:
-        heads = max(1, dim // 64)
-        notes.append(f"the file's cfg does not give the head count: {heads} heads assumed (D/64, as in base)")
-    pad = 1  # fairseq's Dictionary: <s> 0, <pad> 1, </s> 2, <unk> 3
-    notes.append(f"architecture: {layers} layers x {dim}, {heads} heads, FFN {int(sd[fc1_key].shape[0])}, "
-                 f"{vocab} tokens (pad 1, <mask> {vocab - 1}: fairseq's dictionary with <mask> appended), "
-                 f"{rows - pad - 1} positions")
-    return TextConfig(
-        vocab_size=vocab, max_positions=rows - pad - 1, embed_dim=dim, num_layers=layers, num_heads=int(heads),
-        ffn_dim=int(sd[fc1_key].shape[0]), dropout=float(get((transformer, "dropout"), (model_cfg, "dropout"),
-                                                               default=0.1)),
-        attention_dropout=float(get((transformer, "attention_dropout"), (model_cfg, "attention_dropout"),
-                                    default=0.1)),
-        activation_dropout=float(get((transformer, "activation_dropout"), (model_cfg, "activation_dropout"),
-                                     default=0.0)),
-        layer_norm_eps=1e-5, pad_id=pad, mask_id=vocab - 1,
-    )
-
-
-def convert_fairseq_text(raw: dict, source: Path, use_ema: bool = False) -> tuple[dict, list[str]]:
-    """A loaded fairseq data2vec text checkpoint (1.0 or 2.0) -> (d2v checkpoint, notes)."""
-    source = Path(source)
-    cfg = _plain(fairseq_cfg(raw, source))
-    model_cfg = section(cfg, "model")
-    sd = {k: v for k, v in raw["model"].items()}
-    ema = sd.pop(FAIRSEQ_EMA_KEY, None)
-    if ema is None:
-        ema = sd.pop("_ema", None)
-    sd = {k: v for k, v in sd.items() if not FAIRSEQ_IGNORED.search(k)}
-    notes: list[str] = []
-    v2 = any(k.startswith(FAIRSEQ2_TEXT) for k in sd)
-    if v2:
-        dropped = sorted(k for k in sd if k.startswith(FAIRSEQ2_DROPPED))
-        sd = {k: v for k, v in sd.items() if k not in dropped}
-        if dropped:
-            notes.append(f"dropped the data2vec 2.0 decoder ({len(dropped)} tensors): d2v's text pretraining is "
-                         f"1.0's (regression head), freshly initialized")
-        layer_re = re.compile(r"^blocks\.(\d+)\.")
-        arch = _arch_from_fairseq(sd, FAIRSEQ2_TEXT + "local_encoder.embed_tokens.weight", model_cfg, layer_re,
-                                  "blocks.0.mlp.fc1.weight", source, notes)
-        qkv, used = _split_qkv(sd, FAIRSEQ2_QKV)
-        model_state, unmatched = rename({k: v for k, v in sd.items() if k not in used}, FAIRSEQ2_MAP.to_d2v)
-        model_state.update(qkv)
-    else:
-        layer_re = re.compile(r"^" + re.escape(FAIRSEQ_PREFIX) + r"layers\.(\d+)\.")
-        arch = _arch_from_fairseq(sd, FAIRSEQ_PREFIX + "embed_tokens.weight", model_cfg, layer_re,
-                                  FAIRSEQ_PREFIX + "layers.0.fc1.weight", source, notes)
-        heads = sorted({m[1] for k in sd for m in [FAIRSEQ_CLS_HEAD.match(k)] if m})
-        lm = sorted(k for k in sd if k.startswith("encoder.lm_head."))
-        sd = {k: v for k, v in sd.items() if k not in lm}
-        if lm:
-            notes.append(f"dropped the masked-LM head (encoder.lm_head, {len(lm)} tensors): not data2vec's")
-        if len(heads) > 1:
-            raise InteropError(f"{source} has {len(heads)} classification heads ({', '.join(heads)}); d2v's text "
-                               f"classifier has one")
-        if heads:
-            sd = {(f"classifier.{m[2]}.{m[3]}" if (m := FAIRSEQ_CLS_HEAD.match(k)) else k): v for k, v in sd.items()}
-        model_state, unmatched = rename(sd, FAIRSEQ_MAP.to_d2v)
-        model_state.update({k: v.float() for k, v in sd.items() if k.startswith("classifier.")})
-        unmatched = [k for k in unmatched if not k.startswith("classifier.")]
-    cls = any(k.startswith("classifier.") for k in model_state)
-    kind = "text-cls" if cls else "text-pretrain"
-    num_classes = int(model_state["classifier.out_proj.weight"].shape[0]) if cls else 0
-    fresh = build_text_model(kind, arch, num_classes).state_dict()
-    if kind == "text-pretrain":
-        head = {k: v for k, v in model_state.items() if k.startswith("regression_head.")}
-        fits = set(head) == {k for k in fresh if k.startswith("regression_head.")} and all(
-            head[k].shape == fresh[k].shape for k in head)
-        if not fits:
-            model_state = {k: v for k, v in model_state.items() if not k.startswith("regression_head.")}
-            model_state.update({k: v for k, v in fresh.items() if k.startswith("regression_head.")})
-            unmatched = [k for k in unmatched if "regression_head" not in k]
-            notes.append("the file's regression head is not 1.0's Linear D->2D, GELU, Linear 2D->D "
-                         "(head_layers 2): freshly initialized")
-    check_state_dict(model_state, fresh, str(source), unknown=tuple(sorted(unmatched)))
-    teacher = None
-    if kind == "text-pretrain":
-        teacher = teacher_state(model_state)
-        if isinstance(ema, dict) and ema:
-            ema = {k: v for k, v in ema.items() if not FAIRSEQ_IGNORED.search(str(k))}
-            if v2:  # keys relative to `blocks` with no prefix: "0.norm1.weight"
-                ema = {f"blocks.{k}": v for k, v in ema.items()}
-                ema_qkv, used = _split_qkv(ema, FAIRSEQ2_QKV, prefix="")
-                ema_state, ema_unmatched = rename({k: v for k, v in ema.items() if k not in used},
-                                                  KeyMap(([(d, f) for d, f in FAIRSEQ2_KEYS if "{i}" in d], "", "")).to_d2v)
-                ema_state.update(ema_qkv)
-            else:
-                ema_state, ema_unmatched = rename(ema, FAIRSEQ_EMA_MAP.to_d2v)
-            if ema_unmatched:
-                raise InteropError(f"{source}: unexpected keys in the EMA teacher (_ema): "
-                                   + ", ".join(sorted(map(str, ema_unmatched))))
-            teacher.update(ema_state)  # embeddings the EMA skips stay the student's (copied each step anyway)
-            expected_teacher = {k[len("encoder."):]: v for k, v in fresh.items() if k.startswith("encoder.")}
-            check_state_dict(teacher, expected_teacher, str(source), what="EMA teacher (_ema)")
-            notes.append(f"EMA teacher imported ({len(ema_state)} tensors)")
-            if use_ema:
-                for k, v in teacher.items():
-                    model_state["encoder." + k] = v.clone()
-                notes.append("student encoder initialized from the EMA teacher (--use-ema)")
-        elif use_ema:
-            raise InteropError(f"{source} has no EMA teacher (_ema); drop --use-ema")
-        else:
-            notes.append("no EMA teacher in the file: the teacher starts as a copy of the student")
-    elif use_ema:
-        raise InteropError(f"{source} is a fine-tuned classifier: it has no EMA teacher; drop --use-ema")
-    notes.append("no tokenizer in the file: fairseq text models use GPT-2 BPE with fairseq's dict.txt ids "
-                 "(docs/text-interop.md)")
-    classes = [str(i) for i in range(num_classes)] if cls else None
-    task = {"name": source.stem, "kind": "regression" if num_classes == 1 else "classification",
-            "num_classes": num_classes, "label_names": classes,
-            "metric": "pearson_spearman" if num_classes == 1 else "acc"} if cls else None
-    src = {"format": "fairseq", "path": str(source.resolve()), "fairseq_model": model_cfg.get("_name"),
-           "data2vec": 2 if v2 else 1, "use_ema": use_ema}
-    state = ck.make_state(kind, config={}, arch=dataclasses.asdict(arch), normalize=False, model=model_state,
-                          teacher=teacher, classes=classes, task=task, source=src)
-    return state, notes
-
-
-def import_fairseq_text(raw: dict, path: Path, out: Optional[Path] = None, workspace: Optional[Workspace] = None,
-                        force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None
-                        ) -> TextImportResult:
-    """`d2v import fairseq` for a data2vec text file (`interop.import_fairseq` hands the loaded file here)."""
-    path = Path(path)
-    if dict_path is not None:
-        raise InteropError(f"{path} is a data2vec text model: --dict (a letter dictionary) is for speech CTC "
-                           f"models; drop it")
-    state, notes = convert_fairseq_text(raw, path, use_ema=use_ema)
-    out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), path)
-    return _save_import(state, out, force, notes)

@@ -314,6 +314,30 @@ def test_fairseq_v2_text_import_splits_qkv_and_matches_hf(tmp_path):
                        fs1[f"{p}layers.1.self_attn.k_proj.weight"])
 
 
+def test_fairseq_finetuned_classifier_import_gives_the_hf_logits(tmp_path):
+    cfg = hf_cfg(num_labels=2)
+    fs, hf_state = fairseq_v1_state(cfg, seed=7)
+    fs = {k: v for k, v in fs.items() if "regression_head" not in k}
+    g = torch.Generator().manual_seed(8)
+    for part, shape in (("dense", (32, 32)), ("out_proj", (2, 32))):
+        w, b = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
+        fs[f"classification_heads.sentence_classification_head.{part}.weight"] = w
+        fs[f"classification_heads.sentence_classification_head.{part}.bias"] = b
+        hf_state[f"classifier.{part}.weight"], hf_state[f"classifier.{part}.bias"] = w, b
+    torch.save({"cfg": fairseq_cfg_dict(cfg, "roberta"), "model": fs}, tmp_path / "sst2.pt")
+    with pytest.raises(InteropError, match="fine-tuned classifier"):
+        interop.import_fairseq(tmp_path / "sst2.pt", out=tmp_path / "c.pt", use_ema=True)
+    assert interop.import_fairseq(tmp_path / "sst2.pt", out=tmp_path / "c.pt").kind == "text-cls"
+    ref = Data2VecTextForSequenceClassification(cfg)
+    ref.load_state_dict({**{"data2vec_text." + k: v for k, v in hf_state.items() if not k.startswith("classifier.")},
+                         **{k: v for k, v in hf_state.items() if k.startswith("classifier.")}})
+    tokens, attention = batch(cfg.vocab_size)
+    with torch.no_grad():
+        want = ref.eval()(input_ids=tokens, attention_mask=attention).logits
+        got = load_model(tmp_path / "c.pt").model(tokens)
+    assert torch.allclose(got, want, atol=ATOL)
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
