@@ -266,6 +266,66 @@ def prepare_synthetic_images_cmd(
                  workers=workers)
 
 
+@prepare_app.command("text")
+def prepare_text_cmd(
+    files: List[Path] = typer.Argument(..., help="UTF-8 text files: one sentence per line, an empty line between "
+                                       "documents."),
+    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, help="Pieces of the sentencepiece model to train."),
+    model_type: str = typer.Option("bpe", "--model-type", help="bpe or unigram."),
+    spm: Optional[Path] = typer.Option(None, "--spm", help="Use this sentencepiece .model instead of training one."),
+    lowercase: bool = typer.Option(False, "--lowercase", help="Lower-case the text after NFC normalization."),
+    valid_fraction: float = typer.Option(0.01, "--valid-fraction", help="Share of documents for valid (by a hash "
+                                         "of each document's text)."),
+    tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, help="Block length with <s>."),
+    break_mode: str = typer.Option("complete_doc", "--break-mode", help="complete_doc, complete or none "
+                                   "(fairseq's sample_break_mode)."),
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Tokenizer and binarized token blocks (train/valid) under <workdir>/data/text/."""
+    from d2vcli.prepare.text import prepare_text
+
+    _run_prepare(prepare_text, Workspace.resolve(workdir), files, vocab_size=vocab_size, model_type=model_type,
+                 spm_path=spm, lowercase=lowercase, valid_fraction=valid_fraction,
+                 tokens_per_sample=tokens_per_sample, break_mode=break_mode, workers=workers)
+
+
+@prepare_app.command("glue")
+def prepare_glue_cmd(
+    root: Optional[Path] = typer.Argument(None, help="GLUE data folder (CoLA/, RTE/, ...) or one task folder."),
+    task: Optional[str] = typer.Option(None, "--task", help="Only this task of DIR (e.g. RTE)."),
+    tsv: Optional[List[Path]] = typer.Option(None, "--tsv", help="A sentence[,sentence2],label table instead of "
+                                             "DIR (repeatable; its file name is the split)."),
+    task_name: Optional[str] = typer.Option(None, "--task-name", help="With --tsv: the task's folder name."),
+    kind: str = typer.Option("classification", "--kind", help="With --tsv: classification or regression."),
+    spm: Optional[Path] = typer.Option(None, "--spm", help="Tokenizer (default: <workdir>/data/text/spm.model)."),
+    tokens_per_sample: Optional[int] = typer.Option(None, "--tokens-per-sample", min=6, help="Longest record "
+                                                    "(default: the text corpus's, else 512)."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Token records and task.json per task under <workdir>/data/glue/<TASK>/."""
+    from d2vcli.prepare.glue import prepare_glue
+
+    _run_prepare(prepare_glue, Workspace.resolve(workdir), root, task, tsv=tsv or (), task_name=task_name,
+                 kind=kind, spm_path=spm, tokens_per_sample=tokens_per_sample)
+
+
+@prepare_app.command("synthetic-text")
+def prepare_synthetic_text_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: "
+                                       "<workdir>/corpus/synthetic-text)."),
+    size: str = typer.Option("demo", "--size", help="demo (3,000 documents, 400 labeled per task) or tiny."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
+                              "corpus."),
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Generate the synthetic text corpus (a grammar with agreement; 2 labeled tasks) and prepare it."""
+    from d2vcli.prepare.synthetic_text import prepare_synthetic_text
+
+    _run_prepare(prepare_synthetic_text, Workspace.resolve(workdir), out, size, seed, workers=workers)
+
+
 @prepare_app.command("fairseq-export")
 def prepare_fairseq_export_cmd(
     out: Path = typer.Option(..., "--out", help="fairseq data dir to write (task.data)."),

@@ -156,14 +156,6 @@ class TextEncoder(nn.Module):
             with torch.no_grad():
                 emb.weight[cfg.pad_id].zero_()
 
-    @property
-    def checkpointing(self) -> bool:
-        return self.layers.checkpointing
-
-    @checkpointing.setter
-    def checkpointing(self, value: bool) -> None:
-        self.layers.checkpointing = value
-
     def forward(self, tokens: Tensor, padding_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 return_layer_results: bool = True) -> TextEncoderOutput:
         """tokens (B, T) int64; padding_mask (B, T) True = pad (None: taken from tokens == pad_id, as fairseq);
