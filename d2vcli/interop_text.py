@@ -365,7 +365,7 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
     src = state.get(ck.SOURCE_KEY) or {}
     bos, eos, unk = int(src.get("bos_token_id", 0) or 0), int(src.get("eos_token_id", 2) or 2), 3
     if entry is not None and entry.get("format") == "sentencepiece":
-        sp = toks.SentencePieceTokenizer(entry)
+        sp = toks.tokenizer_of(entry)
         if (sp.pad_id, sp.mask_id, sp.vocab_size) != (arch.pad_id, arch.mask_id, arch.vocab_size):
             raise InteropError(
                 f"{entry.get('path', 'the sentencepiece model')}: pad {sp.pad_id}, <mask> {sp.mask_id}, {sp.vocab_size} "

@@ -3,7 +3,7 @@ sentencepiece model, and a tokenizer over the byte-level BPE files of an importe
 
     entry = sentencepiece_entry(Path("data/text/spm.model"))   # -> the checkpoint's "tokenizer" entry
     entry = hf_entry(folder)                                    # vocab.json, merges.txt, ... of an HF folder
-    tok = tokenizer_of(entry)                                   # .encode/.decode/.bos_id/... for either
+    tok = tokenizer_of(entry)                                   # text_data.Tokenizer, or HFBPETokenizer
     write_hf_tokenizer(entry, out_dir, bos_id=0, ...)           # what `d2v export hf` writes beside the weights
 
 Two families (docs/text-interop.md, "Tokenizers"):
@@ -35,6 +35,7 @@ import sentencepiece as spm
 
 from d2vcli.fileio import atomic_write_text
 from d2vcli.interop_keys import InteropError
+from d2vcli.text_data import MASK_PIECE, Tokenizer
 
 # The files of an HF tokenizer that an import keeps (any that exist) and an export writes back.
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -60,12 +61,16 @@ def _tokenizers():
 
 
 def sentencepiece_entry(path: Path) -> dict:
-    """The checkpoint's "tokenizer" entry for a sentencepiece model file (its bytes, so it travels along)."""
+    """The checkpoint's "tokenizer" entry for a sentencepiece model file (its bytes, so it travels along);
+    a model whose special ids are not the d2v ones is refused (text_data.Tokenizer says why)."""
     path = Path(path)
     try:
         data = path.read_bytes()
-        spm.SentencePieceProcessor(model_proto=data)
-    except (OSError, RuntimeError) as e:
+    except OSError as e:
+        raise InteropError(f"{path} cannot be read ({e})") from None
+    try:
+        Tokenizer(data, str(path))
+    except RuntimeError as e:  # sentencepiece's parse error for a file that is not a model
         raise InteropError(f"{path} cannot be read as a sentencepiece model ({e})") from None
     return {"format": "sentencepiece", "model": data, "sha256": hashlib.sha256(data).hexdigest(), "path": str(path)}
 
@@ -116,7 +121,7 @@ def special_id(entry: Optional[dict], token: str) -> Optional[int]:
 
 
 class HFBPETokenizer:
-    """RoBERTa's byte-level BPE from an imported model's files: the `Tokenizer` interface of text_data.py
+    """RoBERTa's byte-level BPE from an imported model's files, with text_data.Tokenizer's interface
     (encode gives the pieces' ids, no `<s>`/`</s>`; the caller adds them as for sentencepiece)."""
 
     def __init__(self, entry: dict):
@@ -151,29 +156,12 @@ def _merges(text: str) -> list[tuple[str, str]]:
     return [tuple(ln.split(" ", 1)) for ln in lines]
 
 
-class SentencePieceTokenizer:
-    """A sentencepiece model from a checkpoint entry; ids are the model's token ids."""
-
-    def __init__(self, entry: dict):
-        self._sp = spm.SentencePieceProcessor(model_proto=entry["model"])
-        sp = self._sp
-        self.bos_id, self.pad_id, self.eos_id, self.unk_id = sp.bos_id(), sp.pad_id(), sp.eos_id(), sp.unk_id()
-        self.mask_id = sp.piece_to_id("<mask>")
-        self.vocab_size = sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._sp.decode(list(ids))
-
-
 def tokenizer_of(entry: Optional[dict], source: str = "checkpoint"):
     """A tokenizer for a checkpoint's entry (sentencepiece or HF byte-level BPE)."""
     if not entry:
         raise InteropError(f"{source} carries no tokenizer: pass the sentencepiece model it was trained with")
     if entry.get("format") == "sentencepiece":
-        return SentencePieceTokenizer(entry)
+        return Tokenizer(entry["model"], entry.get("path", source))
     if entry.get("format") == "hf":
         return HFBPETokenizer(entry)
     raise InteropError(f"{source}: unknown tokenizer format {entry.get('format')!r}")
@@ -282,9 +270,12 @@ def spm_to_tokenizers(model: bytes):
     tok.decoder = tk.decoders.Sequence(steps)
     # Control pieces (<s>, <pad>, </s>) and user-defined ones (<mask>) are whole tokens, never segmented;
     # sentencepiece matches user-defined pieces in raw text, and so do special added tokens.
-    # User-defined pieces are matched after normalization, as sentencepiece does.
+    # User-defined pieces are matched after normalization, as sentencepiece does. A model without a <mask>
+    # piece gets it as the id after its last piece (text_data.Tokenizer's rule): the next added token's id.
     tok.add_special_tokens([tk.AddedToken(p, special=True, normalized=kind == "user_defined")
                             for p, _, kind in pieces if kind in ("control", "unknown", "user_defined")])
+    if all(p != MASK_PIECE for p, _, _ in pieces):
+        tok.add_special_tokens([tk.AddedToken(MASK_PIECE, special=True, normalized=True)])
     return tok
 
 

@@ -91,15 +91,17 @@ def spm_model(tmp_path_factory):
     return d / "spm.model"
 
 
-def our_checkpoint(path, kind, spm_path, num_classes=0, seed=0):
-    arch = dataclasses.replace(text_tiny(vocab_size=40, mask_id=4), embed_dim=32, num_heads=4, ffn_dim=64,
+def our_checkpoint(path, kind, spm_path, num_classes=0, seed=0, vocab=40, mask=4):
+    arch = dataclasses.replace(text_tiny(vocab_size=vocab, mask_id=mask), embed_dim=32, num_heads=4, ffn_dim=64,
                                max_positions=32)
     model = randomize(build_text_model(kind, arch, num_classes), seed)
     classes = ([f"label{i}" for i in range(num_classes)] if num_classes > 1 else ["score"]) if kind == "text-cls" \
         else None
     state = ck.make_state(kind, config={}, arch=dataclasses.asdict(arch), normalize=False, model=model.state_dict(),
                           classes=classes)
-    state[ck.TOKENIZER_KEY] = sentencepiece_entry(spm_path)
+    if spm_path is not None:
+        state[ck.TOKENIZER_KEY] = sentencepiece_entry(spm_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ck.save_checkpoint(path, state)
     return model, arch
 
@@ -185,6 +187,37 @@ def test_export_loads_in_transformers_with_no_missing_keys_and_the_same_outputs(
         assert hf_tok(a)["input_ids"] == [0] + sp.encode(a) + [2]
         assert hf_tok(a, b)["input_ids"] == [0] + sp.encode(a) + [2, 2] + sp.encode(b) + [2]
     assert (hf_tok.pad_token_id, hf_tok.mask_token_id) == (arch.pad_id, arch.mask_id)
+
+
+def test_export_of_a_sentencepiece_model_without_mask_appends_it_after_the_last_piece(tmp_path):
+    (tmp_path / "c.txt").write_text("\n".join(SENTENCES * 5), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "bpe"), vocab_size=30,
+                                   model_type="bpe", bos_id=0, pad_id=1, eos_id=2, unk_id=3, minloglevel=2,
+                                   num_threads=1)
+    our_checkpoint(tmp_path / "m.pt", "text-pretrain", tmp_path / "bpe.model", vocab=31, mask=30)
+    interop_text.export_hf(tmp_path / "m.pt", tmp_path / "out")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+    assert hf_tok.mask_token_id == 30 and len(hf_tok) == 31
+    text = "the dogs chase a cat"
+    assert hf_tok(text)["input_ids"] == [0] + sp.encode(text) + [2]
+    assert hf_tok.convert_tokens_to_ids("<mask>") == 30 and 30 in hf_tok("the <mask> runs")["input_ids"]
+
+
+def test_export_of_a_run_takes_the_workspace_tokenizer_or_says_there_is_none(tmp_path, spm_model):
+    ws = tmp_path / "ws"
+    our_checkpoint(ws / "runs" / "tiny" / "last.pt", "text-pretrain", None)
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "hf", "tiny", str(tmp_path / "bare"), "-w", str(ws)])
+    assert res.exit_code == 0, res.output
+    assert "no tokenizer written" in " ".join(res.output.split())
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    (ws / "data" / "text").mkdir(parents=True)
+    (ws / "data" / "text" / "spm.model").write_bytes(spm_model.read_bytes())
+    res = runner.invoke(app, ["export", "hf", "tiny", str(tmp_path / "full"), "-w", str(ws)])
+    assert res.exit_code == 0 and (tmp_path / "full" / "tokenizer.json").is_file(), res.output
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    assert AutoTokenizer.from_pretrained(tmp_path / "full")("a dog")["input_ids"] == [0] + sp.encode("a dog") + [2]
 
 
 def test_import_export_import_round_trip_is_exact(hf_pretrained, tmp_path):
