@@ -523,19 +523,19 @@ def export_hf_cmd(
     from d2vcli.interop import export_hf
 
     path = find_checkpoint(Workspace.resolve(workdir), checkpoint)
-    if interop_text.is_text_checkpoint(path):
+    text = interop_text.is_text_checkpoint(path)
+    if spm is not None and not text:
+        raise typer.BadParameter("--spm is for text models", param_hint="--spm")
+    if text:
         written = interop_text.export_hf(path, out_dir, trust=trust, force=force, tokenizer=spm)
     else:
-        if spm is not None:
-            raise typer.BadParameter("--spm is for text models", param_hint="--spm")
         write = interop_vision.export_hf if interop_vision.is_vision_checkpoint(path) else export_hf
         written = write(path, out_dir, trust=trust, force=force)
     for p in written:
         console.print(f"wrote {p}", markup=False)
-    if interop_text.is_text_checkpoint(path) and not any(p.name.startswith("tokenizer") or p.name == "vocab.json"
-                                                         for p in written):
-        console.print("note: no tokenizer written (the checkpoint carries none and no sentencepiece model was "
-                      "found): pass --spm data/text/spm.model", markup=False)
+    note = interop_text.missing_tokenizer_note(written) if text else None
+    if note:
+        console.print(f"note: {note}", markup=False)
 
 
 # ----------------------------------------------------------------------------- LM, decode, evaluate, transcribe, doctor

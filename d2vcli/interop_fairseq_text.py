@@ -36,6 +36,7 @@ FAIRSEQ_ENCODER_KEYS: list[tuple[str, str]] = [
     ("embed.embed_tokens.weight", "embed_tokens.weight"),
     ("embed.embed_positions.weight", "embed_positions.weight"),
     ("embed.layernorm_embedding.{w}", "layernorm_embedding.{w}"),
+    ("embed.layernorm_embedding.{w}", "emb_layer_norm.{w}"),  # its older name (data2vec_text's upgrade renames it)
     ("layers.{i}.self_attn.{p}.{w}", "layers.{i}.self_attn.{p}.{w}"),
     ("layers.{i}.self_attn_norm.{w}", "layers.{i}.self_attn_layer_norm.{w}"),
     ("layers.{i}.fc1.{w}", "layers.{i}.fc1.{w}"),
@@ -88,7 +89,8 @@ def is_fairseq_text(raw: Any) -> bool:
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         return False
     keys = raw["model"]
-    return any(k.startswith(FAIRSEQ_PREFIX + "embed_tokens.") or k.startswith(FAIRSEQ2_TEXT) for k in keys)
+    return any(k.startswith((FAIRSEQ_PREFIX + "embed_tokens.", "decoder.sentence_encoder.embed_tokens.", FAIRSEQ2_TEXT))
+               for k in keys)
 
 
 def _plain(value: Any) -> Any:
@@ -209,7 +211,9 @@ def convert_fairseq_text(raw: dict, source: Path, use_ema: bool = False) -> tupl
     """A loaded fairseq data2vec text checkpoint (1.0 or 2.0) -> (d2v checkpoint, notes); all-or-nothing."""
     source = Path(source)
     model_cfg = section(_plain(fairseq_cfg(raw, source)), "model")
-    sd = dict(raw["model"])
+    # Older RoBERTa-layout files call the encoder `decoder` (fairseq's upgrade_state_dict_named renames it).
+    sd = {("encoder." + k[len("decoder."):] if k.startswith("decoder.sentence_encoder.") or
+           k.startswith("decoder.lm_head.") else k): v for k, v in raw["model"].items()}
     ema = sd.pop(FAIRSEQ_EMA_KEY, None) if FAIRSEQ_EMA_KEY in sd else sd.pop("_ema", None)
     sd = {k: v for k, v in sd.items() if not FAIRSEQ_IGNORED.search(k)}
     notes: list[str] = []

@@ -363,7 +363,8 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
     else:
         entry = state.get(TOKENIZER_KEY) or _workspace_tokenizer(state, checkpoint)
     src = state.get(ck.SOURCE_KEY) or {}
-    bos, eos, unk = int(src.get("bos_token_id", 0) or 0), int(src.get("eos_token_id", 2) or 2), 3
+    given = lambda key, default: default if src.get(key) is None else int(src[key])  # noqa: E731
+    bos, eos, unk = given("bos_token_id", 0), given("eos_token_id", 2), 3
     if entry is not None and entry.get("format") == "sentencepiece":
         sp = toks.tokenizer_of(entry)
         if (sp.pad_id, sp.mask_id, sp.vocab_size) != (arch.pad_id, arch.mask_id, arch.vocab_size):
@@ -385,3 +386,11 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
         written += toks.write_hf_tokenizer(entry, out_dir, bos_id=bos, pad_id=arch.pad_id, eos_id=eos,
                                            unk_id=unk, mask_id=arch.mask_id, max_length=arch.max_positions)
     return written
+
+
+def missing_tokenizer_note(written: list[Path]) -> Optional[str]:
+    """What the export command says when it wrote the weights without a tokenizer."""
+    if any(p.name in toks.HF_TOKENIZER_FILES for p in written):
+        return None
+    return ("no tokenizer written (the checkpoint carries none and no sentencepiece model was found): "
+            "pass --spm data/text/spm.model")

@@ -357,6 +357,10 @@ def test_fairseq_finetuned_classifier_import_gives_the_hf_logits(tmp_path):
         fs[f"classification_heads.sentence_classification_head.{part}.weight"] = w
         fs[f"classification_heads.sentence_classification_head.{part}.bias"] = b
         hf_state[f"classifier.{part}.weight"], hf_state[f"classifier.{part}.bias"] = w, b
+    # The older names fairseq's upgrade still reads: `decoder.` for the encoder, `emb_layer_norm`.
+    fs = {k.replace("encoder.sentence_encoder.", "decoder.sentence_encoder.").replace("layernorm_embedding",
+                                                                                       "emb_layer_norm"): v
+          for k, v in fs.items()}
     torch.save({"cfg": fairseq_cfg_dict(cfg, "roberta"), "model": fs}, tmp_path / "sst2.pt")
     with pytest.raises(InteropError, match="fine-tuned classifier"):
         interop.import_fairseq(tmp_path / "sst2.pt", out=tmp_path / "c.pt", use_ema=True)
