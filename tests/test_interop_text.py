@@ -25,7 +25,7 @@ from d2vcli import interop, interop_text
 from d2vcli.cli import app
 from d2vcli.fileio import OutputExistsError
 from d2vcli.interop_keys import InteropError
-from d2vcli.interop_tokenizer import sentencepiece_entry, tokenizer_of
+from d2vcli.interop_tokenizer import sentencepiece_entry, spm_to_tokenizers, tokenizer_of
 from d2vcli.models.loading import build_text_model, load_model
 from d2vcli.models.text import text_tiny
 
@@ -218,6 +218,39 @@ def test_export_of_a_run_takes_the_workspace_tokenizer_or_says_there_is_none(tmp
     assert res.exit_code == 0 and (tmp_path / "full" / "tokenizer.json").is_file(), res.output
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
     assert AutoTokenizer.from_pretrained(tmp_path / "full")("a dog")["input_ids"] == [0] + sp.encode("a dog") + [2]
+
+
+@pytest.mark.parametrize("model_type,byte_fallback", [("bpe", False), ("bpe", True), ("unigram", False),
+                                                      ("unigram", True)])
+def test_the_tokenizer_json_segments_as_sentencepiece_does(tmp_path, model_type, byte_fallback):
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyzéåï") for _ in range(rng.randint(2, 8)))
+             for _ in range(200)]
+    (tmp_path / "c.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+                                              for _ in range(1500)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "m"),
+                                   vocab_size=300 if byte_fallback else 150, model_type=model_type, bos_id=0,
+                                   pad_id=1, eos_id=2, unk_id=3, user_defined_symbols=["<mask>"],
+                                   byte_fallback=byte_fallback, hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    data = (tmp_path / "m.model").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    tok = spm_to_tokenizers(data)
+    odd = ["  leading and   inner  spaces ", "Unseen ZEBRA 123 ﬁ", "ＦＵＬＬ width", "emoji 🙂 ok", "", "tab\there",
+           "with <mask> inside"]
+    texts = [" ".join(rng.choice(words + ["Hello", "QUIX", "42"]) for _ in range(rng.randint(1, 10)))
+             for _ in range(300)] + odd
+    for text in texts:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+
+
+def test_tokenizer_conversion_without_the_tokenizers_package_says_what_to_install(monkeypatch, spm_model):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    with pytest.raises(InteropError, match="pip install tokenizers"):
+        spm_to_tokenizers(spm_model.read_bytes())
 
 
 def test_import_export_import_round_trip_is_exact(hf_pretrained, tmp_path):
