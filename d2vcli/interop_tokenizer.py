@@ -83,8 +83,10 @@ def hf_entry(folder: Path) -> Optional[dict]:
         if p.is_file():
             try:
                 files[name] = p.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise InteropError(f"{p} cannot be read as text ({e})") from None
+                if name.endswith(".json"):
+                    json.loads(files[name])
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InteropError(f"{p} cannot be read ({e}); re-download the model folder") from None
     if not files:
         return None
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= set(files):
@@ -141,8 +143,7 @@ class HFBPETokenizer:
             raise InteropError(f"the imported tokenizer has no {', '.join(missing)} token")
         self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids.values()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        specials = [t for t in ids if t != "<mask>"] + ["<mask>"]
-        self._tok.add_special_tokens(specials)
+        self._tok.add_special_tokens(list(ids))  # whole tokens, never split by the BPE
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

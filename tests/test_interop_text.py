@@ -439,6 +439,13 @@ def test_bad_inputs_are_clear_errors_and_leave_outputs_intact(hf_pretrained, tmp
     randomize(two).save_pretrained(tmp_path / "types")
     with pytest.raises(InteropError, match="2 different token-type embeddings"):
         interop_text.import_hf(tmp_path / "types", out=tmp_path / "x.pt")
+    # A damaged tokenizer file.
+    broken = tmp_path / "broken"
+    hf.save_pretrained(broken)
+    bpe_files(broken)
+    (broken / "vocab.json").write_text("{not json")
+    with pytest.raises(InteropError, match="vocab.json cannot be read"):
+        interop_text.import_hf(broken, out=tmp_path / "x.pt")
     # A pickled pytorch_model.bin that needs code to load is refused without --trust-checkpoint.
     pickled = tmp_path / "pickled"
     pickled.mkdir()
