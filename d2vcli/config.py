@@ -246,13 +246,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["tri_stage", "cosine", "constant"] = f("tri_stage", "Learning-rate schedule.")
+    kind: Literal["tri_stage", "cosine", "polynomial", "constant"] = f(
+        "tri_stage", "Learning-rate schedule (polynomial: linear warmup, then linear decay to 0, RoBERTa's GLUE "
+        "fine-tuning).")
     phase_ratio: tuple[float, float, float] = f(
         (0.03, 0.9, 0.07), "tri_stage: fractions of max_updates for warmup, hold and exponential decay."
     )
     init_lr_scale: float = f(0.01, "tri_stage: warmup starts at lr x this.")
     final_lr_scale: float = f(0.01, "tri_stage: decay ends at lr x this.")
-    warmup_updates: int = f(0, "cosine: linear warmup updates from 0 to lr.")
+    warmup_updates: int = f(0, "cosine and polynomial: linear warmup updates from 0 to lr.")
 
 
 @dataclass
@@ -532,6 +534,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision-ft-base": ("finetune", "vision-ft-base.yaml"),
     "vision-ft-large": ("finetune", "vision-ft-large.yaml"),
     "vision-ft-tiny": ("finetune", "vision-ft-tiny.yaml"),
+    "glue-base": ("finetune", "glue-base.yaml"),
+    "glue-tiny": ("finetune", "glue-tiny.yaml"),
 }
 
 DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}

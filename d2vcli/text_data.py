@@ -206,6 +206,7 @@ class _PositionedLoader:
     def __init__(self):
         self.position = DataPosition()
         self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.bad_files: dict[str, str] = {}  # engine.BatchSource: shards have no unreadable files to skip
 
     def make_batches(self, epoch: int) -> list[np.ndarray]:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from d2vcli.objective.teacher import ema_decay_at
 from d2vcli.objective.text_masking import mask_tokens
 from d2vcli.pretrain_text import TextPretrainTask, mask_params, text_arch
 from d2vcli.run_dir import prepare_run
+from d2vcli.schedule import lr_at
 from d2vcli.workspace import Workspace
 
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
@@ -242,3 +243,98 @@ def test_resume_reproduces_the_straight_run_exactly(tmp_path):
     losses = [[r["loss"] for r in read_jsonl(ws.run_dir(n) / "metrics.jsonl") if "loss" in r]
               for n in ("straight", "split")]
     assert losses[0] == losses[1]
+
+
+def test_glue_presets_hold_robertas_finetuning_recipe_and_polynomial_decays_linearly():
+    cfg = C.resolve("finetune", preset="glue-base")
+    assert cfg.modality == "text"
+    assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.clip_norm) == ((0.9, 0.98), 1e-6, 0.1,
+                                                                                           0.0)
+    assert (cfg.text.dropout, cfg.text.attention_dropout, cfg.text.pooler_dropout) == (0.1, 0.1, 0.0)
+    assert (cfg.optim.lr, cfg.schedule.warmup_updates, cfg.train.max_updates) == (1e-5, 1256, 20935)  # SST-2's row
+    assert cfg.schedule.warmup_updates / cfg.train.max_updates == pytest.approx(0.06, abs=0.001)
+    tiny = C.resolve("finetune", preset="glue-tiny")
+    assert tiny.schedule.kind == "polynomial" and tiny.schedule.warmup_updates / tiny.train.max_updates == 0.06
+    s = cfg.schedule
+    assert lr_at(0, 1.0, s, 1000 + 1256) == pytest.approx(1 / 1256)  # fairseq's first warmup factor
+    assert lr_at(628, 1.0, s, 2256) == pytest.approx(0.5)
+    assert lr_at(1256, 1.0, s, 2256) == pytest.approx(1.0)
+    assert lr_at(1756, 1.0, s, 2256) == pytest.approx(0.5)  # linear, not cosine or exponential
+    assert lr_at(2256, 1.0, s, 2256) == 0.0 == lr_at(5000, 1.0, s, 2256)
+
+
+def test_text_finetuning_is_refused_clearly_until_its_task_exists(tmp_path):
+    from d2vcli.errors import UserError
+    from d2vcli.finetune import finetune
+
+    with pytest.raises(UserError, match="finetune_text"):
+        finetune(C.resolve("finetune", preset="glue-tiny"), Workspace.resolve(tmp_path / "ws"))
+
+
+def test_d2v_pretrain_text_tiny_runs_on_the_synthetic_corpus_and_saves_a_loadable_model(tmp_path):
+    from d2vcli.models.loading import load_model
+    from d2vcli.prepare.synthetic_text import prepare_synthetic_text
+    from d2vcli.pretrain import pretrain
+    from d2vcli.text_data import Tokenizer
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    prepare_synthetic_text(ws, size="tiny", workers=1)
+    cfg = C.resolve("pretrain", preset="text-tiny", overrides=["train.max_updates=3", "train.save_every=3",
+                                                              "train.tokens_per_update=2048", "train.log_every=1"])
+    result = pretrain(cfg, ws, name="text-tiny")
+    assert result.status == "done" and result.step == 3, result.message
+    loaded = load_model(ws.run_dir("text-tiny") / "last.pt", expect_kind="text-pretrain")
+    tok = Tokenizer.load(ws.data_dir / "text" / "spm.model")
+    arch = loaded.model.encoder.cfg
+    assert (arch.vocab_size, arch.mask_id, arch.num_layers, arch.embed_dim) == (tok.vocab_size, tok.mask_id, 2, 64)
+    assert set(loaded.state["teacher"]) == set(loaded.model.encoder.state_dict())
+    rows = [r for r in read_jsonl(ws.run_dir("text-tiny") / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(C.ConfigError, match="tokenizer has"):
+        pretrain(C.resolve("pretrain", preset="text-tiny", overrides=["text.vocab_size=1000"]), ws, name="bad")
+    assert not ws.run_dir("bad").exists()  # refused before the run folder is made
+
+
+def test_pretrain_text_without_a_corpus_says_what_to_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from d2vcli.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--preset", "text-tiny", "--workdir", str(tmp_path / "empty")])
+    assert result.exit_code == 2, result.output
+    assert "d2v prepare text" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["pretrain", "--preset", "text-tiny", "--workdir", str(tmp_path / "empty"),
+                                      "--set", "data.tokens_per_sample=256"])
+    assert result.exit_code == 2 and "text.max_positions" in result.output, result.output
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from d2vcli.speedups import set_activation_checkpointing
+
+    cfg = tiny_cfg("text.dropout=0.1", "text.attention_dropout=0.1")  # dropout on: recomputation must replay it
+    task = make_task(cfg)
+    loader = RandomBlocks()
+    batch = loader.make_batch(loader.batches(1)[1], 1, 1)
+
+    def grads(checkpointing: bool) -> dict:
+        assert set_activation_checkpointing(task.model, checkpointing) == 1  # the student's layer stack
+        task.model.zero_grad()
+        torch.manual_seed(5)
+        task.train_step(task.model, batch, 0).loss.backward()
+        return {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert set(plain) == set(recomputed) and len(plain) == len(list(task.model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_text_section_has_exactly_the_models_fields_with_its_defaults():
+    from d2vcli.models.text import TextConfig, text_base
+
+    section = C.to_dict(C.TextModelConfig())
+    assert set(section) == set(TextConfig.__dataclass_fields__)
+    base = C.to_dict(text_base())
+    tokenizer_fields = {"vocab_size", "mask_id"}  # 0 / -1: taken from the corpus's tokenizer
+    assert {k: v for k, v in section.items() if k not in tokenizer_fields} == \
+        {k: v for k, v in base.items() if k not in tokenizer_fields}
