@@ -16,6 +16,8 @@ Keys (named constants below):
     classes         list of class names (vision-cls, text-cls), in the order of the classifier's outputs
                     (a text regression task has one output and one name)
     task            text-cls only, optional: the labeled task's task.json (name, kind, num_classes, metric...)
+    tokenizer       text kinds, optional: the tokenizer the ids belong to (interop_tokenizer.py's entries:
+                    a sentencepiece model's bytes, or an imported HF model's tokenizer files)
     optimizer, scheduler, scaler, rng, data_position, step, engine   training state for exact resume
     source          where an imported checkpoint came from (interop), optional
 
@@ -70,6 +72,7 @@ STEP_KEY = "step"
 ENGINE_KEY = "engine"
 SOURCE_KEY = "source"
 TEXT_TASK_KEY = "task"
+TOKENIZER_KEY = "tokenizer"
 
 TRUST_FLAG = "--trust-checkpoint"
 
