@@ -45,12 +45,23 @@ import numpy as np
 
 from d2vcli.fileio import build_stamped_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-# (singular, plural, gender); gender picks the singular pronoun
-NOUNS = (("king", "kings", "m"), ("boy", "boys", "m"), ("farmer", "farmers", "m"), ("wizard", "wizards", "m"),
-         ("queen", "queens", "f"), ("girl", "girls", "f"), ("witch", "witches", "f"), ("lady", "ladies", "f"),
-         ("dog", "dogs", "n"), ("robot", "robots", "n"), ("horse", "horses", "n"), ("cat", "cats", "n"))
+# (singular, plural, gender); gender picks the singular pronoun. Gender is lexical (16 nouns each), so a
+# classifier must know each noun's gender: the unlabeled pool teaches it (pronouns refer back), a few hundred
+# labeled examples hardly do.
+_M = "king boy farmer wizard prince monk uncle knight sailor baron duke priest father brother nephew husband"
+_F = ("queen girl witch:witches lady:ladies princess:princesses nun aunt nurse widow duchess:duchesses bride mother "
+      "sister niece wife:wives actress:actresses")
+_N = "dog robot horse cat car tree stone clock lamp boat river hammer cloud wheel drum bell"
+
+
+def _nouns(words: str, gender: str) -> tuple[tuple[str, str, str], ...]:
+    pairs = [w.split(":") if ":" in w else (w, w + "s") for w in words.split()]
+    return tuple((sg, pl, gender) for sg, pl in pairs)
+
+
+NOUNS = _nouns(_M, "m") + _nouns(_F, "f") + _nouns(_N, "n")
 PRONOUNS = {"m": "he", "f": "she", "n": "it", "pl": "they"}
 INTRANSITIVE = (("sleeps", "sleep"), ("runs", "run"), ("sings", "sing"), ("laughs", "laugh"), ("waits", "wait"))
 TRANSITIVE = (("sees", "see"), ("likes", "like"), ("follows", "follow"), ("helps", "help"), ("finds", "find"))
@@ -102,9 +113,9 @@ class Entity:
         return "pl" if self.plural else NOUNS[self.noun][2]
 
 
-def _entity(rng: np.random.Generator, avoid: Optional[set[str]] = None) -> Entity:
+def _entity(rng: np.random.Generator, avoid: Optional[set[str]] = None, plural_p: float = 0.5) -> Entity:
     while True:
-        e = Entity(int(rng.integers(len(NOUNS))), bool(rng.random() < 0.5))
+        e = Entity(int(rng.integers(len(NOUNS))), bool(rng.random() < plural_p))
         if avoid is None or e.pronoun_class not in avoid:
             return e
 
@@ -214,9 +225,10 @@ def agreement_example(rng: np.random.Generator, label: int) -> str:
 
 
 def referent_example(rng: np.random.Generator, label: int) -> tuple[str, str]:
-    """(premise naming two entities + a pronoun fitting one, claim about one of them): 1 = the referent."""
-    first = _entity(rng)
-    second = _entity(rng, avoid={first.pronoun_class})
+    """(premise naming two entities + a pronoun fitting one, claim about one of them): 1 = the referent.
+    Entities are mostly singular, so the pronoun (he / she / it) is resolved by the nouns' gender."""
+    first = _entity(rng, plural_p=0.25)
+    second = _entity(rng, avoid={first.pronoun_class}, plural_p=0.25)
     verb = TRANSITIVE[int(rng.integers(len(TRANSITIVE)))]
     premise = [*_np(rng, first), _verb(verb, first.plural), *_np(rng, second), "."]
     ref, other = (first, second) if rng.random() < 0.5 else (second, first)

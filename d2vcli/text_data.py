@@ -353,8 +353,9 @@ class TextTaskLoader(_PositionedLoader):
     padding_mask, target (B,) int64 labels or float32 for regression, num_samples B).
 
     `shuffle` (training): each epoch a permutation keyed by (seed, epoch); otherwise file order. Every
-    record is used (the last batch may be short). Records without a label (test splits) get target -1
-    (classification) or NaN (regression).
+    record is used (the last batch may be short), except that with world_size > 1 the batches left
+    after an even share per rank are not (DDP ranks must take as many steps): evaluate on one rank.
+    Records without a label (test splits) get target -1 (classification) or NaN (regression).
     """
 
     def __init__(self, records: list[dict], batch_size: int, seed: int, *, regression: bool = False,

@@ -289,3 +289,11 @@ def test_engine_trains_on_text_batches_and_resumes_exactly(prepared, tmp_path):
     assert train(second, "split", resume=True).status == "done"
     assert first.seen + second.seen == straight.seen
     torch.testing.assert_close(second.model.weight, straight.model.weight, rtol=0, atol=0)
+
+
+def test_config_refuses_impossible_text_sizes():
+    Config().validate()
+    cfg = Config()
+    cfg.data.text_tokens_per_batch = 0
+    with pytest.raises(ValueError, match="text_tokens_per_batch"):
+        cfg.validate()

@@ -2,7 +2,7 @@
 
     d2v prepare synthetic-text [--out DIR] [--size demo|tiny] [--seed 0]
 
-The pool goes through `prepare_text` (a small BPE vocabulary: the grammar has about 60 words) and
+The pool goes through `prepare_text` (a small BPE vocabulary: the grammar has about 100 words) and
 the two labeled tasks through `prepare_glue`, so the workspace is ready for
 `d2v pretrain --preset text-tiny` and a fine-tune on AGREEMENT or REFERENT.
 """
@@ -18,7 +18,7 @@ from d2vcli.prepare.text import TextPrepareSummary, prepare_text
 from d2vcli.synthetic_text import SIZES, generate_text_corpus
 from d2vcli.workspace import Workspace
 
-SYNTHETIC_VOCAB = 192  # every word of the grammar becomes one piece (1.0 piece per word on the demo pool)
+SYNTHETIC_VOCAB = 384  # every word of the grammar becomes one piece (1.0 piece per word on the demo pool)
 SYNTHETIC_TOKENS_PER_SAMPLE = 128  # a document is at most about 100 tokens
 
 
