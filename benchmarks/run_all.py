@@ -39,6 +39,8 @@ BENCHMARKS = [
      ["--threads", "1", "--configs", "tiny,tiny2,base,base2", "--steps", "4"]),
     ("Images: data loading (decode + augment, images/s per worker) and vision-tiny/base pretraining on CPU",
      "bench_image_data.py", ["--threads", "1"], ["--threads", "1", "--images", "512", "--steps", "4"]),
+    ("Tokenization: d2v prepare text's tokenizer vs the sentencepiece CLI (spm_encode)", "bench_tokenize.py", [],
+     ["--lines", "20000"]),
     ("Decoding: flashlight-text lexicon beam search vs pyctcdecode (same emissions, LM, beam)",
      "bench_decode.py", [], ["--utts", "40", "--beams", "50"]),
 ]

@@ -4,14 +4,20 @@ Keys (named constants below):
 
     format_version  int, FORMAT_VERSION; anything else fails loudly (no silent upgrade chain)
     kind            "pretrain" (data2vec student + teacher) or "ctc" (fine-tuned letter CTC); for images
-                    "vision-pretrain" (ViT student + regression head) or "vision-cls" (ViT classifier)
+                    "vision-pretrain" (ViT student + regression head) or "vision-cls" (ViT classifier); for
+                    text "text-pretrain" (RoBERTa-style student + regression head) or "text-cls" (sentence classifier)
     config          the resolved config (plain dict, see config.to_dict)
-    arch            the model architecture (ModelConfig as a dict; for vision kinds models.vision.VisionConfig)
+    arch            the model architecture (ModelConfig as a dict; for vision kinds models.vision.VisionConfig,
+                    for text kinds models.text.TextConfig)
     normalize       bool, waveform normalization the model was trained with (enforced downstream)
     model           model state_dict
     teacher         EMA teacher state_dict (fp32 shadow weights), pretrain only
     vocab           list of dictionary letters (ctc only): outputs are interpretable with no side file
-    classes         list of class names (vision-cls only), in the order of the classifier's outputs
+    classes         list of class names (vision-cls, text-cls), in the order of the classifier's outputs
+                    (a text regression task has one output and one name)
+    task            text-cls only, optional: the labeled task's task.json (name, kind, num_classes, metric...)
+    tokenizer       text kinds, optional: the tokenizer the ids belong to (interop_tokenizer.py's entries:
+                    a sentencepiece model's bytes, or an imported HF model's tokenizer files)
     optimizer, scheduler, scaler, rng, data_position, step, engine   training state for exact resume
     source          where an imported checkpoint came from (interop), optional
 
@@ -44,8 +50,9 @@ from d2vcli.ui import err_console
 from d2vcli.vocab import SPECIALS, Vocab
 
 FORMAT_VERSION = 1
-KINDS = ("pretrain", "ctc", "vision-pretrain", "vision-cls")
+KINDS = ("pretrain", "ctc", "vision-pretrain", "vision-cls", "text-pretrain", "text-cls")
 VISION_KINDS = ("vision-pretrain", "vision-cls")
+TEXT_KINDS = ("text-pretrain", "text-cls")
 
 FORMAT_VERSION_KEY = "format_version"
 KIND_KEY = "kind"
@@ -64,6 +71,8 @@ DATA_POSITION_KEY = "data_position"
 STEP_KEY = "step"
 ENGINE_KEY = "engine"
 SOURCE_KEY = "source"
+TEXT_TASK_KEY = "task"
+TOKENIZER_KEY = "tokenizer"
 
 TRUST_FLAG = "--trust-checkpoint"
 
@@ -196,7 +205,10 @@ def load_checkpoint(path: Path, expect_kind: Optional[str] = None, trust: bool =
                 "ctc": "a fine-tuned CTC model (from `d2v finetune` or `d2v import`)",
                 "vision-pretrain": "a pretrained data2vec image model (from `d2v pretrain --preset vision-*` "
                                    "or `d2v import hf`)",
-                "vision-cls": "an image classifier (from `d2v import hf`)"}
+                "vision-cls": "an image classifier (from `d2v import hf`)",
+                "text-pretrain": "a pretrained data2vec text model (from `d2v pretrain --preset text-*` "
+                                 "or `d2v import`)",
+                "text-cls": "a text classifier (from `d2v finetune --preset glue-*` or `d2v import hf`)"}
         raise CheckpointError(
             f"{path} is {what.get(kind, repr(kind))}, but {what[expect_kind]} is needed here."
         )
@@ -223,11 +235,13 @@ def peek_kind(path: Path) -> Optional[str]:
 
 def make_state(kind: str, *, config: dict, arch: dict, normalize: bool, model: dict,
                teacher: Optional[dict] = None, vocab: Optional[Sequence[str]] = None,
-               source: Any = None, classes: Optional[Sequence[str]] = None, **training: Any) -> dict:
+               source: Any = None, classes: Optional[Sequence[str]] = None, task: Optional[dict] = None,
+               **training: Any) -> dict:
     """The one constructor of a checkpoint dict.
 
     `kind` "pretrain" carries the EMA `teacher` (may be None for a random or student-only
-    model); "ctc" carries the `vocab` letters (specials excluded); "vision-cls" the `classes` names.
+    model); "ctc" carries the `vocab` letters (specials excluded); "vision-cls" and "text-cls" the `classes`
+    names (one per output); "text-cls" also its labeled `task` description when known.
     `training` holds the engine's
     resume keys (optimizer, scheduler, scaler, rng, data_position, step, engine) by their key names.
     """
@@ -235,14 +249,16 @@ def make_state(kind: str, *, config: dict, arch: dict, normalize: bool, model: d
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     if kind == "ctc" and not vocab:
         raise ValueError("a ctc checkpoint needs its vocabulary")
-    if kind == "vision-cls" and not classes:
-        raise ValueError("a vision-cls checkpoint needs its class names")
+    if kind in ("vision-cls", "text-cls") and not classes:
+        raise ValueError(f"a {kind} checkpoint needs its class names")
     state = {FORMAT_VERSION_KEY: FORMAT_VERSION, KIND_KEY: kind, CONFIG_KEY: config, ARCH_KEY: arch,
              NORMALIZE_KEY: bool(normalize), MODEL_KEY: model}
     if kind == "ctc":
         state[VOCAB_KEY] = list(vocab)
-    elif kind == "vision-cls":
+    elif kind in ("vision-cls", "text-cls"):
         state[CLASSES_KEY] = list(classes)
+        if kind == "text-cls" and task is not None:
+            state[TEXT_TASK_KEY] = dict(task)
     elif teacher is not None:
         state[TEACHER_KEY] = teacher
     if source is not None:

@@ -266,6 +266,69 @@ def prepare_synthetic_images_cmd(
                  workers=workers)
 
 
+@prepare_app.command("text")
+def prepare_text_cmd(
+    files: List[Path] = typer.Argument(..., help="UTF-8 text files: one sentence per line, an empty line between "
+                                       "documents."),
+    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, max=1_000_000, help="Pieces of the sentencepiece model to train."),
+    model_type: str = typer.Option("bpe", "--model-type", help="bpe or unigram."),
+    spm: Optional[Path] = typer.Option(None, "--spm", help="Use this sentencepiece .model instead of training one."),
+    lowercase: bool = typer.Option(False, "--lowercase", help="Lower-case the text after NFC normalization."),
+    valid_fraction: float = typer.Option(0.01, "--valid-fraction", min=0.0, max=0.99, help="Share of documents for valid (by a hash "
+                                         "of each document's text)."),
+    tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, max=1_000_000,
+                                          help="Block length with <s>."),
+    break_mode: str = typer.Option("complete_doc", "--break-mode", help="complete_doc, complete or none "
+                                   "(fairseq's sample_break_mode)."),
+    force: bool = typer.Option(False, "--force", help="Replace a corpus made with another tokenizer."),
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Tokenizer and binarized token blocks (train/valid) under <workdir>/data/text/."""
+    from d2vcli.prepare.text import prepare_text
+
+    _run_prepare(prepare_text, Workspace.resolve(workdir), files, vocab_size=vocab_size, model_type=model_type,
+                 spm_path=spm, lowercase=lowercase, valid_fraction=valid_fraction,
+                 tokens_per_sample=tokens_per_sample, break_mode=break_mode, workers=workers, force=force)
+
+
+@prepare_app.command("glue")
+def prepare_glue_cmd(
+    root: Optional[Path] = typer.Argument(None, help="GLUE data folder (CoLA/, RTE/, ...) or one task folder."),
+    task: Optional[str] = typer.Option(None, "--task", help="Only this task of DIR (e.g. RTE)."),
+    tsv: Optional[List[Path]] = typer.Option(None, "--tsv", help="A sentence[,sentence2],label table instead of "
+                                             "DIR (repeatable; its file name is the split)."),
+    task_name: Optional[str] = typer.Option(None, "--task-name", help="With --tsv: the task's folder name."),
+    kind: str = typer.Option("classification", "--kind", help="With --tsv: classification or regression."),
+    spm: Optional[Path] = typer.Option(None, "--spm", help="Tokenizer (default: <workdir>/data/text/spm.model)."),
+    tokens_per_sample: Optional[int] = typer.Option(None, "--tokens-per-sample", min=6, help="Longest record "
+                                                    "(default: the text corpus's, else 512)."),
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Token records and task.json per task under <workdir>/data/glue/<TASK>/."""
+    from d2vcli.prepare.glue import prepare_glue
+
+    _run_prepare(prepare_glue, Workspace.resolve(workdir), root, task, tsv=tsv or (), task_name=task_name,
+                 kind=kind, spm_path=spm, tokens_per_sample=tokens_per_sample)
+
+
+@prepare_app.command("synthetic-text")
+def prepare_synthetic_text_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to generate it (default: "
+                                       "<workdir>/corpus/synthetic-text)."),
+    size: str = typer.Option("demo", "--size", help="demo (3,000 documents, 400 labeled per task) or tiny."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed; the same seed gives the same "
+                              "corpus."),
+    force: bool = typer.Option(False, "--force", help="Replace a text corpus made with another tokenizer."),
+    workers: int = WorkersOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+):
+    """Generate the synthetic text corpus (a grammar with agreement; 2 labeled tasks) and prepare it."""
+    from d2vcli.prepare.synthetic_text import prepare_synthetic_text
+
+    _run_prepare(prepare_synthetic_text, Workspace.resolve(workdir), out, size, seed, workers=workers, force=force)
+
+
 @prepare_app.command("fairseq-export")
 def prepare_fairseq_export_cmd(
     out: Path = typer.Option(..., "--out", help="fairseq data dir to write (task.data)."),
@@ -381,11 +444,16 @@ def _print_import(result) -> None:
     rows = [("kind", result.kind), ("parameters", f"{result.num_parameters:,}"),
             ("architecture", f"{a['num_layers']} layers x {a['embed_dim']}, {a['num_heads']} heads, "
                              f"FFN {a['ffn_dim']}")]
-    rows += [("image", f"{a['image_size']}px, {a['patch_size']}px patches")] if vision else \
-        [("normalize", result.normalize)]
+    if vision:
+        rows.append(("image", f"{a['image_size']}px, {a['patch_size']}px patches"))
+    elif result.kind.startswith("text-"):
+        rows += [("vocabulary", f"{a['vocab_size']} tokens, {a['max_positions']} positions"),
+                 ("tokenizer", result.tokenizer or "none")]
+    else:
+        rows.append(("normalize", result.normalize))
     if result.kind == "ctc":
         rows.append(("vocabulary", f"{result.vocab_size} outputs"))
-    if result.kind == "vision-cls":
+    if result.kind in ("vision-cls", "text-cls"):
         rows.append(("classes", result.num_classes))
     console.print(table("imported", ["field", "value"], rows))
     for note in result.notes:
@@ -409,8 +477,8 @@ def import_fairseq_cmd(
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Convert a fairseq data2vec audio checkpoint (1.0: audio_base_ls*.pt, vox_*.pt; 2.0: base_libri*.pt,
-    large_vox*.pt), or a data2vec 1.0 vision checkpoint of the BEiT repo (checkpoint-799.pth,
-    mp_rank_00_model_states.pt), into a d2v checkpoint."""
+    large_vox*.pt), a data2vec 1.0 vision checkpoint of the BEiT repo (checkpoint-799.pth,
+    mp_rank_00_model_states.pt), or a data2vec text checkpoint (1.0 or 2.0 nlp_base.pt), into a d2v checkpoint."""
     from d2vcli.interop import import_fairseq
 
     _print_import(import_fairseq(file, out=out, dict_path=dict_path, use_ema=use_ema, trust=trust,
@@ -419,19 +487,21 @@ def import_fairseq_cmd(
 
 @import_app.command("hf")
 def import_hf_cmd(
-    folder: Path = typer.Argument(..., help="A save_pretrained folder of Data2VecAudioModel/ForCTC or "
-                                  "Data2VecVisionModel/ForImageClassification."),
+    folder: Path = typer.Argument(..., help="A save_pretrained folder of Data2VecAudioModel/ForCTC, "
+                                  "Data2VecVisionModel/ForImageClassification or "
+                                  "Data2VecTextModel/ForSequenceClassification."),
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="dict.ltr.txt to use instead of vocab.json."),
     out: Optional[Path] = ImportOutOpt,
     trust: bool = TrustOpt,
     force: bool = ForceOpt,
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """Convert a Hugging Face data2vec-audio or data2vec-vision model folder into a d2v checkpoint."""
-    from d2vcli import interop_vision
+    """Convert a Hugging Face data2vec-audio, data2vec-vision or data2vec-text model folder into a d2v checkpoint."""
+    from d2vcli import interop_text, interop_vision
     from d2vcli.interop import import_hf
 
-    convert = interop_vision.import_hf if interop_vision.is_vision_folder(folder) else import_hf
+    convert = interop_vision.import_hf if interop_vision.is_vision_folder(folder) else \
+        interop_text.import_hf if interop_text.is_text_folder(folder) else import_hf
     _print_import(convert(folder, out=out, dict_path=dict_path, trust=trust, workspace=Workspace.resolve(workdir),
                           force=force))
 
@@ -443,19 +513,32 @@ def export_hf_cmd(
     trust: bool = TrustOpt,
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder, first removing the files an "
                                "earlier export wrote there (other files are kept)."),
+    spm: Optional[Path] = typer.Option(None, "--spm", help="Text models: the sentencepiece model to write as the "
+                                       "tokenizer (default: the checkpoint's, else <workdir>/data/text/spm.model)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """Write a d2v checkpoint as a Hugging Face Data2VecAudioForCTC (ctc) or Data2VecAudioModel (pretrain) folder
-    (data2vec 1.0 only: HF has no ALiBi), or an image model as Data2VecVisionForImageClassification (vision-cls)
-    or Data2VecVisionModel (vision-pretrain)."""
-    from d2vcli import interop_vision
+    (data2vec 1.0 only: HF has no ALiBi), an image model as Data2VecVisionForImageClassification (vision-cls)
+    or Data2VecVisionModel (vision-pretrain), or a text model as Data2VecTextForSequenceClassification (text-cls)
+    or Data2VecTextModel (text-pretrain), with its tokenizer."""
+    from d2vcli import interop_text, interop_vision
     from d2vcli.checkpoint import find_checkpoint
     from d2vcli.interop import export_hf
 
     path = find_checkpoint(Workspace.resolve(workdir), checkpoint)
-    write = interop_vision.export_hf if interop_vision.is_vision_checkpoint(path) else export_hf
-    for written in write(path, out_dir, trust=trust, force=force):
-        console.print(f"wrote {written}", markup=False)
+    text = interop_text.is_text_checkpoint(path)
+    if spm is not None and not text:
+        raise typer.BadParameter("--spm is for text models", param_hint="--spm")
+    if text:
+        written = interop_text.export_hf(path, out_dir, trust=trust, force=force, tokenizer=spm)
+    else:
+        write = interop_vision.export_hf if interop_vision.is_vision_checkpoint(path) else export_hf
+        written = write(path, out_dir, trust=trust, force=force)
+    for p in written:
+        console.print(f"wrote {p}", markup=False)
+    note = interop_text.missing_tokenizer_note(written) if text else None
+    if note:
+        console.print(f"note: {note}", markup=False)
 
 
 # ----------------------------------------------------------------------------- LM, decode, evaluate, transcribe, doctor

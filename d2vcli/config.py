@@ -80,6 +80,14 @@ class DataConfig:
         "train.images_per_update and the world size give the accumulation.")
     min_crop_scale: float = f(
         0.08, "Images: smallest area share RandomResizedCrop keeps (the recipe's scale 0.08 to 1).")
+    tokens_per_sample: int = f(
+        512, "Text: tokens per block, <s> included (data2vec text's tokens_per_sample 512: fairseq's "
+        "TokenBlockDataset of 511 plus a prepended <s>; docs/text-data.md). `d2v prepare text` cuts blocks to it.")
+    text_tokens_per_batch: int = f(
+        8192, "Text: padded tokens (batch size x longest block) per device per micro-batch (the recipe's "
+        "max_tokens 8192 per GPU); train.tokens_per_update and the world size give the accumulation.")
+    text_dir: Optional[str] = f(
+        None, "Text: folder of the token shards (spm.model, train.bin, ...); null = <workdir>/data/text.")
 
 
 @dataclass
@@ -137,6 +145,15 @@ class MaskingConfig:
     block_patches: int = f(120, "Images: patches BEiT's block masking masks per image at most (120 of 196).")
     block_min_patches: int = f(16, "Images: smallest block, in patches.")
     block_min_aspect: float = f(0.3, "Images: block aspect ratios lie between this and its inverse.")
+    inverse_mask: bool = f(
+        False, "data2vec 2.0 images: the 2-D blocks mark the patches that stay visible, 1 - mask_prob of them "
+        "(the image recipe: true, mask_prob 0.8, mask_length 3 = 3x3 blocks).")
+    leave_unmasked_prob: float = f(
+        0.0, "Text: share of the chosen tokens left as they are (still predicted); 0 in the data2vec text "
+        "recipe, 0.1 in BERT's 80/10/10. mask_prob (0.35) and mask_length (4) set the spans.")
+    random_token_prob: float = f(
+        0.0, "Text: share of the chosen tokens replaced by a random token (still predicted); 0 in the recipe, "
+        "0.1 in BERT's 80/10/10.")
 
 
 @dataclass
@@ -163,6 +180,36 @@ class VisionModelConfig:
         (0.485, 0.456, 0.406), "Per-channel mean subtracted from [0, 1] pixels (ImageNet statistics).")
     image_std: tuple[float, float, float] = f(
         (0.229, 0.224, 0.225), "Per-channel std the pixels are divided by (ImageNet statistics).")
+    prenet_depth: int = f(0, "data2vec 2.0 (model.version 2): blocks before the num_layers main ones, never "
+                          "targets (ViT-B 2, ViT-L 0).")
+    decoder_dim: int = f(768, "data2vec 2.0 pretraining: channels of the 2-D conv decoder (ViT-B 768, ViT-L 1024).")
+    decoder_layers: int = f(6, "data2vec 2.0 pretraining: conv decoder blocks (ViT-B 6, ViT-L 3).")
+    decoder_kernel: int = f(3, "data2vec 2.0 pretraining: kernel of each decoder conv, odd (ViT-B 3, ViT-L 5).")
+    decoder_groups: int = f(16, "data2vec 2.0 pretraining: groups of each decoder conv.")
+
+
+@dataclass
+class TextModelConfig:
+    """The encoder of `modality: text` (d2vcli.models.text.TextConfig, whose fields these are; the defaults
+    are RoBERTa base as data2vec 1.0 text pretrains it). Token ids come from the corpus's tokenizer."""
+
+    vocab_size: int = f(0, "Token embedding rows, <mask> included; 0 = the prepared corpus's tokenizer "
+                        "(data/text/spm.model). The RoBERTa dictionary + <mask> is 50265.")
+    mask_id: int = f(-1, "Id of <mask>; -1 = the tokenizer's.")
+    pad_id: int = f(1, "Id of <pad> (the fairseq/RoBERTa convention: 0 <s>, 1 <pad>, 2 </s>, 3 <unk>).")
+    max_positions: int = f(512, "Longest sequence, <s> included; the position table has max_positions + 2 rows "
+                           "(fairseq's 514).")
+    embed_dim: int = f(768, "Width D of the transformer.")
+    num_layers: int = f(12, "Transformer layers.")
+    num_heads: int = f(12, "Attention heads.")
+    ffn_dim: int = f(3072, "Hidden width of each layer's FFN (4 x D).")
+    dropout: float = f(0.1, "Dropout after the embeddings, the attention projection and the FFN.")
+    attention_dropout: float = f(0.1, "Dropout on the attention probabilities.")
+    activation_dropout: float = f(0.0, "Dropout after the FFN's GELU.")
+    layerdrop: float = f(0.0, "Probability of skipping each layer in training (0 in the recipe).")
+    layer_norm_eps: float = f(1e-5, "LayerNorm epsilon (fairseq 1e-5; Hugging Face's default 1e-12 differs).")
+    init_std: float = f(0.02, "Std of the N(0, std) init of embeddings and Linear layers (init_bert_params).")
+    pooler_dropout: float = f(0.0, "Fine-tuning: dropout inside the classification head (RoBERTa's 0.0).")
 
 
 @dataclass
@@ -189,6 +236,12 @@ class ObjectiveConfig:
         10.0, "Collapse guard: stop if a target layer's variance over time falls below this multiple of the "
         "instance-norm eps 1e-5 (at 10, 1/11 of each normalized target is residue; 0 disables). Log steps.")
     collapse_check_after: int = f(5_000, "Updates before the collapse guards are armed.")
+    cls_loss: float = f(
+        0.0, "data2vec 2.0 images: weight of the CLS loss (the CLS output regresses the mean patch target; "
+        "0.01 in the recipe, scaled like fairseq's by the micro-batch's masked-patch count; docs/images.md).")
+    text_teacher_input: Literal["unmasked", "masked-only"] = f(
+        "unmasked", "Text: what the EMA teacher reads: the unmasked sequence (the paper) or only the masked "
+        "tokens, the others as padding (the released fairseq code, issue #4881; docs/text.md).")
 
 
 @dataclass
@@ -205,13 +258,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["tri_stage", "cosine", "constant"] = f("tri_stage", "Learning-rate schedule.")
+    kind: Literal["tri_stage", "cosine", "polynomial", "constant"] = f(
+        "tri_stage", "Learning-rate schedule (polynomial: linear warmup, then linear decay to 0, RoBERTa's GLUE "
+        "fine-tuning).")
     phase_ratio: tuple[float, float, float] = f(
         (0.03, 0.9, 0.07), "tri_stage: fractions of max_updates for warmup, hold and exponential decay."
     )
     init_lr_scale: float = f(0.01, "tri_stage: warmup starts at lr x this.")
     final_lr_scale: float = f(0.01, "tri_stage: decay ends at lr x this.")
-    warmup_updates: int = f(0, "cosine: linear warmup updates from 0 to lr.")
+    warmup_updates: int = f(0, "cosine and polynomial: linear warmup updates from 0 to lr.")
 
 
 @dataclass
@@ -225,6 +280,11 @@ class TrainConfig:
     images_per_update: int = f(
         2048, "Images: images per optimizer update (the ViT-B recipe: 16 GPUs x 128 = 2048). Gradient "
         "accumulation is derived from this, data.images_per_batch and the world size.",
+    )
+    tokens_per_update: int = f(
+        131_072, "Text: tokens per optimizer update (data2vec text: max_tokens 8192 x 16 GPUs = 131,072, about "
+        "256 blocks of 512; docs/text-data.md). Gradient accumulation is derived from this, "
+        "data.text_tokens_per_batch and the world size.",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
         "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
@@ -303,12 +363,14 @@ class DecodeConfig:
 class Config:
     """Everything a d2v run needs; saved as config.yaml in every run directory."""
 
-    modality: Literal["speech", "images"] = f(
-        "speech", "What the run trains on: speech (the `model` section, manifests in data/) or images "
-        "(the `vision` section, manifests in data/images/ from `d2v prepare images`).")
+    modality: Literal["speech", "images", "text"] = f(
+        "speech", "What the run trains on: speech (the `model` section, manifests in data/), images "
+        "(the `vision` section, manifests in data/images/ from `d2v prepare images`) or text (the `text` "
+        "section, token shards in data/text/ from `d2v prepare text`).")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    text: TextModelConfig = field(default_factory=TextModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -330,13 +392,20 @@ class Config:
             )
         images = self.modality == "images"
         layers, section = (self.vision.num_layers, "vision") if images else (m.num_layers, "model")
+        if self.modality == "text":
+            layers, section = self.text.num_layers, "text"
         if not 1 <= self.objective.average_top_k_layers <= layers and not (images and command == "finetune"):
             problems.append(
                 f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) must be between 1 and "
                 f"{section}.num_layers ({layers})"
             )
         if images:
-            problems.extend(self._vision_problems(masking=command != "finetune"))
+            problems.extend(self._vision_problems(masking=command != "finetune" and m.version == 1))
+        if images and m.version == 2 and command != "finetune":
+            problems.extend(self._vision2_problems())
+        if self.data.tokens_per_sample < 2 or self.data.text_tokens_per_batch < 1 or self.train.tokens_per_update < 1:
+            problems.append("data.tokens_per_sample must be at least 2, data.text_tokens_per_batch and "
+                            "train.tokens_per_update at least 1")
         if not 0 <= self.masking.mask_prob < 1:
             problems.append("masking.mask_prob must be in [0, 1)")
         if self.data.max_tokens < self.data.min_sample_size:
@@ -354,12 +423,28 @@ class Config:
                                 f"divisible by model.decoder_groups ({m.decoder_groups})")
             if m.decoder_layers < 1:
                 problems.append("model.decoder_layers must be at least 1")
+        if self.modality == "text":
+            problems.extend(self._text_problems())
         if self.train.batch_seconds <= 0:
             problems.append("train.batch_seconds must be positive")
         if self.data.length_buckets < 0:
             problems.append(f"data.length_buckets ({self.data.length_buckets}) must be 0 (off) or a count of lengths")
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+    def _text_problems(self) -> list[str]:
+        t, mk, problems = self.text, self.masking, []
+        if t.embed_dim % t.num_heads:
+            problems.append(f"text.embed_dim ({t.embed_dim}) must be divisible by text.num_heads ({t.num_heads})")
+        if t.vocab_size < 0 or (t.vocab_size and not -1 <= t.mask_id < t.vocab_size):
+            problems.append(f"text.vocab_size ({t.vocab_size}) must be 0 (the tokenizer's) or hold text.mask_id "
+                            f"({t.mask_id})")
+        if mk.mask_length < 1:
+            problems.append("masking.mask_length must be at least 1")
+        if min(mk.leave_unmasked_prob, mk.random_token_prob) < 0 or mk.leave_unmasked_prob + mk.random_token_prob > 1:
+            problems.append("masking.leave_unmasked_prob and masking.random_token_prob must be at least 0 and sum "
+                            "to at most 1")
+        return problems
 
     def _vision_problems(self, masking: bool) -> list[str]:
         v, problems = self.vision, []
@@ -372,14 +457,37 @@ class Config:
         if masking and not 0 < self.masking.block_patches < patches:
             problems.append(f"masking.block_patches ({self.masking.block_patches}) must be between 1 and "
                             f"{patches - 1} (the image has {patches} patches)")
-        if not 0 < self.masking.block_min_patches <= self.masking.block_patches:
+        if masking and not 0 < self.masking.block_min_patches <= self.masking.block_patches:
             problems.append("masking.block_min_patches must be between 1 and masking.block_patches")
-        if not 0 < self.masking.block_min_aspect <= 1:
+        if masking and not 0 < self.masking.block_min_aspect <= 1:
             problems.append("masking.block_min_aspect must be in (0, 1]")
         if self.data.images_per_batch < 1 or self.train.images_per_update < 1:
             problems.append("data.images_per_batch and train.images_per_update must be at least 1")
         if not 0 < self.data.min_crop_scale <= 1:
             problems.append("data.min_crop_scale must be in (0, 1]")
+        return problems
+
+
+    def _vision2_problems(self) -> list[str]:
+        """data2vec 2.0 images: the 2-D block masks, the decoder, the prenet."""
+        v, mk, problems = self.vision, self.masking, []
+        patches = (v.image_size // max(1, v.patch_size)) ** 2
+        shown = 1 - mk.mask_prob if mk.inverse_mask else mk.mask_prob
+        if mk.mask_length < 1 or mk.clone_batch < 1:
+            problems.append("masking.mask_length and masking.clone_batch must be at least 1")
+        kept = patches - int(patches * shown) if not mk.inverse_mask else int(patches * shown)
+        if not 0 < kept < patches:
+            problems.append(f"masking.mask_prob {mk.mask_prob} leaves {kept} of {patches} patches visible; "
+                            f"the student needs at least one visible and one masked patch")
+        if v.embed_dim % 4:
+            problems.append(f"vision.embed_dim ({v.embed_dim}) must be a multiple of 4 (2-D sin-cos positions)")
+        if v.embed_dim % v.decoder_groups or v.decoder_dim % v.decoder_groups:
+            problems.append(f"vision.embed_dim ({v.embed_dim}) and vision.decoder_dim ({v.decoder_dim}) must be "
+                            f"divisible by vision.decoder_groups ({v.decoder_groups})")
+        if v.decoder_layers < 1 or v.decoder_kernel % 2 == 0:
+            problems.append("vision.decoder_layers must be at least 1 and vision.decoder_kernel odd")
+        if v.prenet_depth < 0:
+            problems.append("vision.prenet_depth must be 0 or more")
         return problems
 
 
@@ -444,6 +552,11 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision-base": ("pretrain", "vision-base.yaml"),
     "vision-large": ("pretrain", "vision-large.yaml"),
     "vision-tiny": ("pretrain", "vision-tiny.yaml"),
+    "vision2-base": ("pretrain", "vision2-base.yaml"),
+    "vision2-large": ("pretrain", "vision2-large.yaml"),
+    "vision2-tiny": ("pretrain", "vision2-tiny.yaml"),
+    "text-base": ("pretrain", "text-base.yaml"),
+    "text-tiny": ("pretrain", "text-tiny.yaml"),
     "speech2-base": ("pretrain", "speech2-base.yaml"),
     "speech2-large": ("pretrain", "speech2-large.yaml"),
     "speech2-tiny": ("pretrain", "speech2-tiny.yaml"),
@@ -461,6 +574,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision-ft-base": ("finetune", "vision-ft-base.yaml"),
     "vision-ft-large": ("finetune", "vision-ft-large.yaml"),
     "vision-ft-tiny": ("finetune", "vision-ft-tiny.yaml"),
+    "glue-base": ("finetune", "glue-base.yaml"),
+    "glue-tiny": ("finetune", "glue-tiny.yaml"),
 }
 
 DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}

@@ -245,6 +245,12 @@ def image_batch_unit(cfg: Config) -> BatchUnit:
                      "images")
 
 
+def text_batch_unit(cfg: Config) -> BatchUnit:
+    """Text tokens per update (train.tokens_per_update) in micro-batches of data.text_tokens_per_batch."""
+    return BatchUnit(cfg.train.tokens_per_update, cfg.data.text_tokens_per_batch, "tokens", 1.0, "tokens_per_s",
+                     "tokens")
+
+
 def describe_batch(batch_seconds: float, max_tokens: int, info: DistInfo, accumulation: int) -> str:
     """'3800 s/update = 1 GPU x 3.8M samples x 16 accumulation' (plus the exact total if it differs)."""
     text = (f"{batch_seconds:g} s/update = {info.describe()} x {max_tokens / 1e6:g}M samples x "

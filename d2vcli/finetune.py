@@ -604,6 +604,9 @@ def finetune(
     if cfg.modality == "images":
         return finetune_vision.finetune(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,
                                         resume_if_exists=resume_if_exists, trust=trust)
+    if cfg.modality == "text":
+        raise UserError("text fine-tuning (`modality: text`, the glue-* presets) is not in this build yet: it "
+                        "comes with d2vcli/finetune_text.py. Pretrain with `d2v pretrain --preset text-tiny` meanwhile.")
     info = distributed.setup(cfg.train.device)
     try:
         name = distributed.broadcast_object(name or default_run_name("finetune", preset))

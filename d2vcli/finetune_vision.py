@@ -22,6 +22,10 @@ is the BEiT repo's `run_class_finetuning.py`, `modeling_finetune.py` and `optim_
   lowest `<split>/error` (100 - top-1).
 - `finetune.linear_probe`: the encoder is frozen and only `fc_norm` and `head` train, without
   mixup, cutmix, drop path or RandAugment.
+- A data2vec 2.0 checkpoint (`arch.version: 2`, `d2v pretrain --preset vision2-*`) builds
+  `Data2Vec2VisionForImageClassification` (the same pooling and head names), keeps its ImageNet
+  mean/std, and takes fairseq `mae_image_classification.py`'s layer decay: blocks numbered over
+  the prenet then the main blocks, everything else at the full rate (docs/images.md, "data2vec 2.0").
 """
 
 from __future__ import annotations
@@ -102,8 +106,25 @@ def mix_batch(images: Tensor, labels: Tensor, num_classes: int, ft: cfgmod.Finet
     return images, y * lam + y.flip(0) * (1.0 - lam)
 
 
-def layer_lr_scales(model: nn.Module, num_layers: int, decay: float) -> dict[str, float]:
-    """Parameter name -> decay^(L + 1 - layer_id) (BEiT `optim_factory.get_layer_id_for_vit`)."""
+def layer_lr_scales(model: nn.Module, num_layers: int, decay: float, version: int = 1,
+                    prenet_depth: int = 0) -> dict[str, float]:
+    """Parameter name -> decay^(L + 1 - layer_id) (BEiT `optim_factory.get_layer_id_for_vit`).
+
+    data2vec 2.0 (fairseq `mae_image_classification.py`): blocks are numbered over the prenet, then
+    the main blocks, L = both counts, block i gets decay^(L - i); everything else (patch embedding,
+    CLS, input LayerNorm, fc_norm, head) keeps the full rate.
+    """
+    if version == 2:
+        total = prenet_depth + num_layers
+        scales = {}
+        for name, _ in model.named_parameters():
+            parts = name.split(".")
+            if name.startswith(("encoder.prenet.", "encoder.layers.")):
+                block = int(parts[2]) + (prenet_depth if parts[1] == "layers" else 0)
+                scales[name] = decay ** (total - block)
+            else:
+                scales[name] = 1.0
+        return scales
     scales = {}
     for name, _ in model.named_parameters():
         if name.startswith(("encoder.patch_embed.", "encoder.cls_token", "encoder.mask_token")):
@@ -134,15 +155,23 @@ def load_start(cfg: Config, workspace, trust: bool = False) -> Start:
         raise ConfigError("no pretrained model to fine-tune: pass --init RUN_OR_CHECKPOINT (a `d2v pretrain "
                           "--preset vision-*` run or a `d2v import hf` checkpoint), or --init scratch")
     if ft.init == "scratch":
-        section = cfg.vision if not ft.arch_preset else cfgmod.resolve("pretrain", preset=ft.arch_preset).vision
-        arch = vision_arch({**cfgmod.to_dict(section), **cfgmod.to_dict(overrides)}, "the vision config section")
+        base = cfg if not ft.arch_preset else cfgmod.resolve("pretrain", preset=ft.arch_preset)
+        arch = vision_arch({**cfgmod.to_dict(base.vision), **cfgmod.to_dict(overrides),
+                            "version": base.model.version}, "the vision config section")
         return Start(arch, None, "random init")
     path = ckpt.find_checkpoint(workspace, ft.init)
     state = ckpt.load_checkpoint(path, expect_kind="vision-pretrain", trust=trust)
+    if (state[ckpt.ARCH_KEY] or {}).get("version", 1) == 2:
+        # data2vec 2.0 fine-tunes with its pretraining's input normalization (ImageNet statistics), and
+        # its teacher is the encoder itself (keys without the `encoder.` prefix).
+        overrides = {k: v for k, v in overrides.items() if k not in ("image_mean", "image_std")}
     arch = vision_arch({**state[ckpt.ARCH_KEY], **cfgmod.to_dict(overrides)}, path)
     weights = state[ckpt.TEACHER_KEY if ft.init_from == "teacher" else ckpt.MODEL_KEY]
-    encoder = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
-    return Start(arch, encoder, f"{path} ({ft.init_from})")
+    if arch.version == 2 and ft.init_from == "teacher":
+        encoder = dict(weights)
+    else:
+        encoder = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+    return Start(arch, encoder, f"{path} ({ft.init_from}, data2vec {arch.version}.0)")
 
 
 def read_classes(workspace) -> list[str]:
@@ -169,7 +198,8 @@ class VisionClassifyTask:
             self.model.encoder.load_state_dict(start.encoder)
         if cfg.finetune.linear_probe:
             self.model.encoder.requires_grad_(False)
-        self.lr_scales = layer_lr_scales(self.model, start.arch.num_layers, cfg.finetune.layer_decay)
+        self.lr_scales = layer_lr_scales(self.model, start.arch.num_layers, cfg.finetune.layer_decay,
+                                         start.arch.version, start.arch.prenet_depth)
 
     def train_step(self, model: nn.Module, batch: Batch, step: int) -> StepOutput:
         ft = self.cfg.finetune

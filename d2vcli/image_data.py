@@ -49,10 +49,11 @@ class ImageLoadError(UserError):
 
 
 def pretrain_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                       min_scale: float = 0.08) -> Callable:
-    """The recipe's pretraining augmentation (module docstring); PIL RGB image -> (3, size, size) float."""
+                       min_scale: float = 0.08, color_jitter: bool = True) -> Callable:
+    """The recipe's pretraining augmentation (module docstring); PIL RGB image -> (3, size, size) float.
+    `color_jitter` False: data2vec 2.0's (crop, flip, normalize only; fairseq `mae_image_dataset.py`)."""
     return T.Compose([
-        T.ColorJitter(0.4, 0.4, 0.4),
+        *([T.ColorJitter(0.4, 0.4, 0.4)] if color_jitter else []),
         T.RandomHorizontalFlip(0.5),
         T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=T.InterpolationMode.BICUBIC),

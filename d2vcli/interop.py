@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from d2vcli import checkpoint as ck
 from d2vcli import config as cfgmod
-from d2vcli import interop_vision
+from d2vcli import interop_fairseq_text, interop_vision
 from d2vcli.interop_fairseq2 import convert_fairseq2, is_fairseq2
 from d2vcli.interop_hf import (HF_CTC_MAP, HF_MODEL_MAP, convert_hf, export_hf, hf_config, hf_state_dict,
                                import_hf, model_config_from_hf)
@@ -206,9 +206,13 @@ def convert_fairseq(raw: Any, source: Path, dict_path: Optional[Path] = None, us
 def import_fairseq(path: Path, out: Optional[Path] = None, dict_path: Optional[Path] = None, use_ema: bool = False,
                    trust: bool = False, workspace: Optional[Workspace] = None, force: bool = False) -> ImportResult:
     """`d2v import fairseq`: convert a fairseq data2vec checkpoint and write it as a d2v checkpoint
-    (a data2vec vision file from the BEiT repo goes to `interop_vision.import_beit`)."""
+    (a data2vec vision file from the BEiT repo goes to `interop_vision.import_beit`, a text one to
+    `interop_fairseq_text.import_fairseq_text`)."""
     path = Path(path)
     raw = ck.load_raw(path, trust=trust)
+    if interop_fairseq_text.is_fairseq_text(raw):  # data2vec 1.0 / 2.0 text (nlp_base.pt)
+        return interop_fairseq_text.import_fairseq_text(raw, path, out=out, workspace=workspace, force=force,
+                                                        use_ema=use_ema, dict_path=dict_path)
     if interop_vision.is_beit_checkpoint(raw):  # data2vec 1.0 vision, released from the BEiT repo
         return interop_vision.import_beit(raw, path, out=out, workspace=workspace, force=force, use_ema=use_ema,
                                           dict_path=dict_path)

@@ -476,6 +476,9 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
     if kind not in ck.VISION_KINDS:
         raise InteropError(f"{checkpoint} is a {kind!r} checkpoint, not an image model")
     arch = vision_arch(state.get(ck.ARCH_KEY) or {}, checkpoint)
+    if arch.version == 2:
+        raise InteropError(f"{checkpoint} is a data2vec 2.0 image model; Hugging Face's Data2VecVision is the "
+                           f"1.0 (BEiT) architecture and has no 2.0 counterpart, so it cannot be exported")
     classes = list(state.get(ck.CLASSES_KEY) or [])
     check_state_dict(state[ck.MODEL_KEY], build_vision_model(kind, arch, len(classes)).state_dict(), str(checkpoint))
     weights = to_hf_state(kind, state[ck.MODEL_KEY])

@@ -25,7 +25,7 @@ docs/images.md). One update:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,7 @@ class VisionPretrainTask:
     """data2vec 1.0 vision pretraining for the engine (see engine.TrainTask for the interface)."""
 
     kind = "vision-pretrain"
+    teacher_scope = "the whole model"
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
@@ -153,7 +154,8 @@ def check_image_manifests(workspace, splits: Sequence[str]) -> None:
 def build_image_loader(cfg: Config, workspace, info: distributed.DistInfo) -> ImageBatchLoader:
     records = [r for s in cfg.data.train_splits for r in read_image_manifest(image_manifest(workspace, s))]
     v = cfg.vision
-    transform = pretrain_transform(v.image_size, v.image_mean, v.image_std, min_scale=cfg.data.min_crop_scale)
+    transform = pretrain_transform(v.image_size, v.image_mean, v.image_std, min_scale=cfg.data.min_crop_scale,
+                                   color_jitter=cfg.model.version == 1)
     loader = ImageBatchLoader(records, transform, cfg.data.images_per_batch, cfg.train.seed, rank=info.rank,
                               world_size=info.world_size, num_workers=cfg.data.num_workers,
                               pin_memory=info.device.type == "cuda", max_bad_files=cfg.data.max_bad_files)
@@ -164,8 +166,10 @@ def build_image_loader(cfg: Config, workspace, info: distributed.DistInfo) -> Im
 
 
 def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = False, preset: Optional[str] = None,
-             stop_at: Optional[int] = None, resume_if_exists: bool = False) -> TrainResult:
-    """Run (or resume) data2vec image pretraining in <workdir>/runs/<name>; as `d2vcli.pretrain.pretrain`."""
+             stop_at: Optional[int] = None, resume_if_exists: bool = False,
+             make_task: Callable[[Config, torch.device], "VisionPretrainTask"] = None) -> TrainResult:
+    """Run (or resume) data2vec image pretraining in <workdir>/runs/<name>; as `d2vcli.pretrain.pretrain`.
+    `make_task` builds the task (default VisionPretrainTask; data2vec 2.0's comes from pretrain_vision2)."""
     info = distributed.setup(cfg.train.device)
     try:
         check_image_manifests(workspace, cfg.data.train_splits)
@@ -174,14 +178,14 @@ def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
             resume = resume_wanted(workspace, name, resume, resume_if_exists)
             run = prepare_run(workspace, name, cfg, resume, info)
             torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
-            task = VisionPretrainTask(cfg, info.device)
+            task = (make_task or VisionPretrainTask)(cfg, info.device)
             if info.is_main:
                 print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
                                      f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
                 a = task.arch
                 console.print(f"model: {parameter_count(task.model):,} parameters (ViT {a.num_layers} x "
                               f"{a.embed_dim}, {a.grid[0]}x{a.grid[1]} patches of {a.patch_size} px; teacher: "
-                              f"EMA of the whole model)")
+                              f"EMA of {task.teacher_scope})")
             loader = build_image_loader(cfg, workspace, info)
             return engine.train(cfg, task, loader, run, info, description="pretrain", stop_at=stop_at,
                                 batch=engine.image_batch_unit(cfg))

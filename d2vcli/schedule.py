@@ -12,6 +12,9 @@ which sets the rate for the next update after each optimizer step.
   data2vec base, 400k updates: warmup 12,000 (5e-6 -> 5e-4), hold 360,000, decay 28,000 (-> 5e-6).
 - cosine (fairseq `cosine_lr_scheduler.py` with the d2v2 settings): linear warmup from 0, then
   0.5 x lr x (1 + cos(pi x t / (max_updates - warmup))) down to 0.
+- polynomial (fairseq `polynomial_decay_schedule.py`, power 1, end lr 0: RoBERTa's GLUE fine-tuning):
+  linear warmup to lr (update 0 already runs at lr / warmup, as fairseq's initial warmup factor), then
+  linear decay lr x (1 - (t - warmup) / (max_updates - warmup)) down to 0 at max_updates.
 - constant: lr.
 
 The optimizer is AdamW with decoupled weight decay on every parameter (fairseq `adam` with
@@ -61,6 +64,14 @@ def cosine_lr(step: int, lr: float, max_updates: int, warmup: int) -> float:
     return 0.5 * lr * (1.0 + math.cos(math.pi * t / span))
 
 
+def polynomial_lr(step: int, lr: float, max_updates: int, warmup: int) -> float:
+    if warmup > 0 and step <= warmup:
+        return lr * max(step, 1) / warmup
+    if step >= max_updates:
+        return 0.0
+    return lr * (1.0 - (step - warmup) / max(1, max_updates - warmup))
+
+
 def lr_at(step: int, lr: float, schedule: ScheduleConfig, max_updates: int) -> float:
     """The learning rate of update `step` (0-based) under `schedule`."""
     if schedule.kind == "tri_stage":
@@ -68,6 +79,8 @@ def lr_at(step: int, lr: float, schedule: ScheduleConfig, max_updates: int) -> f
                             schedule.final_lr_scale)
     if schedule.kind == "cosine":
         return cosine_lr(step, lr, max_updates, schedule.warmup_updates)
+    if schedule.kind == "polynomial":
+        return polynomial_lr(step, lr, max_updates, schedule.warmup_updates)
     return lr
 
 

@@ -66,7 +66,8 @@ def straight_run(image_ws):
 def test_vision_presets_hold_the_recipes_values():
     base = C.resolve("pretrain", preset="vision-base")
     assert base.modality == "images"
-    assert C.to_dict(base.vision) == C.to_dict(vision_base())  # the section is the model's ViT-B/16
+    # The section (plus model.version, which picks the generation) is the model's ViT-B/16.
+    assert {**C.to_dict(base.vision), "version": base.model.version} == C.to_dict(vision_base())
     o = base.objective
     assert (o.average_top_k_layers, o.layer_target_norm, o.final_target_norm, o.loss_beta) == (6, "layer", "layer", 2.0)
     assert ema_decay_at(0, o) == ema_decay_at(400_000, o) == 0.9998  # constant from update 0

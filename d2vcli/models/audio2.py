@@ -56,6 +56,17 @@ def kept_indices(time_mask: Tensor) -> Tensor:
     return torch.argsort(time_mask.to(torch.uint8), dim=1, stable=True)[:, :keep]
 
 
+def restore_masked(x: Tensor, time_mask: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """x (N, T_k, D) at the kept positions (in order), time_mask (N, T) -> (N, T, D) with N(0, 0.01) at the masked.
+
+    The decoders' input (fairseq `decoder_input`: mask tokens are noise, not a learned vector, and
+    carry no position); the image decoder (models/vision2.py) uses it too.
+    """
+    N, T = time_mask.shape
+    noise = torch.randn((N, T, x.shape[-1]), generator=generator, device=x.device, dtype=x.dtype)
+    return (noise * MASK_NOISE_STD).masked_scatter(~time_mask.unsqueeze(-1), x)
+
+
 # --------------------------------------------------------------------------- 1. ALiBi
 
 
@@ -226,10 +237,7 @@ class ConvDecoder(nn.Module):
         `generator` draws the mask tokens (the pretraining task keys it by the batch, so resumed and
         distributed runs draw the same noise); None uses torch's global RNG.
         """
-        x = F.dropout(x, self.input_dropout, self.training)
-        N, T = time_mask.shape
-        noise = torch.randn((N, T, x.shape[-1]), generator=generator, device=x.device, dtype=x.dtype)
-        full = (noise * MASK_NOISE_STD).masked_scatter(~time_mask.unsqueeze(-1), x)  # (N, T, D)
+        full = restore_masked(F.dropout(x, self.input_dropout, self.training), time_mask, generator)  # (N, T, D)
         h = full.transpose(1, 2).unsqueeze(2)  # (N, D, 1, T): the blocks' channels-last layout
         residual = h
         for block in self.blocks:

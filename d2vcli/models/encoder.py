@@ -17,7 +17,7 @@ which fixes the state-dict keys (`layers.{i}.self_attn.q_proj.weight`, `layers.{
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +86,33 @@ class SelfAttention(nn.Module):
         return y.transpose(1, 2)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a sample's residual branch with probability p, scale the rest by 1/(1-p)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
 class TransformerLayer(nn.Module):
     """Post-LN layer: h = LN(x + MHA(x)); f = fc2(GELU(fc1(h))); out = LN(h + f).
 
     `f`, the FFN output before dropout, residual and LayerNorm, is returned too: data2vec's
     targets average it over the teacher's top K layers (fairseq's `layer_result`).
+    `drop_path` (data2vec 2.0 image fine-tuning; 0 elsewhere) drops both residual branches per
+    sample, as fairseq's AltBlock does before each residual sum.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float,
-                 activation_dropout: float, layer_norm_eps: float):
+                 activation_dropout: float, layer_norm_eps: float, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.self_attn = SelfAttention(dim, num_heads, attention_dropout)
         self.self_attn_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.fc1 = nn.Linear(dim, ffn_dim)
@@ -106,12 +123,12 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 attn_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:  # (B, T, D)
-        h = self.self_attn_norm(x + self.dropout(self.self_attn(x, padding_mask, attn_bias)))
+        h = self.self_attn_norm(x + self.drop_path(self.dropout(self.self_attn(x, padding_mask, attn_bias))))
         # fairseq computes this GELU in fp32 (`gelu(x.float()).type_as(x)`); a no-op in fp32.
         a = self.fc1(h)
         a = F.gelu(a.float()).type_as(a)  # (B, T, F)
         ffn_out = self.fc2(self.activation_dropout(a))  # (B, T, D): the data2vec target
-        out = self.final_norm(h + self.dropout(ffn_out))
+        out = self.final_norm(h + self.drop_path(self.dropout(ffn_out)))
         return out, ffn_out
 
 
@@ -142,10 +159,13 @@ class LayerStack(nn.ModuleList):
 
     def __init__(self, num_layers: int, dim: int, num_heads: int, ffn_dim: int, dropout: float,
                  attention_dropout: float, activation_dropout: float, layer_norm_eps: float, layerdrop: float,
-                 init_std: float = BERT_INIT_STD, checkpointing: bool = False):
+                 init_std: float = BERT_INIT_STD, checkpointing: bool = False,
+                 drop_path: Optional[Sequence[float]] = None):
+        rates = list(drop_path) if drop_path is not None else [0.0] * num_layers  # one stochastic-depth rate per layer
         super().__init__(
-            TransformerLayer(dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout, layer_norm_eps)
-            for _ in range(num_layers)
+            TransformerLayer(dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout, layer_norm_eps,
+                             rates[i])
+            for i in range(num_layers)
         )
         self.layerdrop = layerdrop
         self.checkpointing = checkpointing

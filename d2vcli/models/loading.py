@@ -5,6 +5,7 @@
     loaded = load_model("runs/base-10h/best.pt")                  # any kind, weights checked
     loaded.model, loaded.kind, loaded.vocab, loaded.normalize
     model = build_vision_model("vision-cls", vision_tiny(), num_classes=10)   # the image kinds
+    model = build_text_model("text-cls", text_tiny(), num_classes=2)          # the text kinds
 
 Pretraining, fine-tuning, interop, decode, transcribe and the demo all build their networks
 here, so a kind's architecture and its weights can only be paired one way. Unlike the network
@@ -24,7 +25,9 @@ from d2vcli import checkpoint as ckpt
 from d2vcli.config import ModelConfig, from_dict
 from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
 from d2vcli.models.audio2 import Data2Vec2ForPretraining, build_backbone2, build_decoder2
+from d2vcli.models.text import Data2VecTextPretrainModel, TextClassifier, TextConfig
 from d2vcli.models.vision import Data2VecVisionForImageClassification, Data2VecVisionForPretraining, VisionConfig
+from d2vcli.models.vision2 import Data2Vec2VisionForImageClassification, Data2Vec2VisionForPretraining
 from d2vcli.vocab import BLANK, Vocab
 
 
@@ -37,6 +40,8 @@ def build_model(kind: str, arch: ModelConfig | dict, vocab_size: int = 0, final_
     """
     if kind in ckpt.VISION_KINDS:
         return build_vision_model(kind, arch, vocab_size)
+    if kind in ckpt.TEXT_KINDS:
+        return build_text_model(kind, arch, vocab_size)
     if isinstance(arch, dict):
         arch = from_dict(arch, ModelConfig)
     backbone = build_backbone2(arch) if arch.version == 2 else build_backbone(arch)
@@ -68,15 +73,47 @@ def vision_arch(arch: VisionConfig | dict, path: Path | str = "checkpoint") -> V
 
 
 def build_vision_model(kind: str, arch: VisionConfig | dict, num_classes: int = 0) -> nn.Module:
-    """A fresh ViT: "vision-pretrain" (student + regression head) or "vision-cls" (classifier, `num_classes`)."""
+    """A fresh ViT: "vision-pretrain" (student + regression head, or 2.0's decoder) or "vision-cls"
+    (classifier, `num_classes`); `arch.version` picks the data2vec generation (models/vision2.py for 2)."""
     arch = vision_arch(arch)
+    v2 = arch.version == 2
     if kind == "vision-pretrain":
-        return Data2VecVisionForPretraining(arch)
+        return Data2Vec2VisionForPretraining(arch) if v2 else Data2VecVisionForPretraining(arch)
     if kind == "vision-cls":
         if num_classes < 1:
             raise ValueError("a vision-cls model needs num_classes >= 1")
-        return Data2VecVisionForImageClassification(arch, num_classes)
+        return (Data2Vec2VisionForImageClassification if v2 else Data2VecVisionForImageClassification)(arch,
+                                                                                                      num_classes)
     raise ValueError(f"unknown image model kind {kind!r}; expected one of {ckpt.VISION_KINDS}")
+
+
+def text_arch(arch: TextConfig | dict, path: Path | str = "checkpoint") -> TextConfig:
+    """A TextConfig from a checkpoint's `arch` dict (unknown or missing fields are a CheckpointError)."""
+    if isinstance(arch, TextConfig):
+        return arch
+    unknown = sorted(set(arch) - set(TextConfig.__dataclass_fields__))
+    if unknown:
+        raise ckpt.CheckpointError(f"{path}: its text architecture has unknown fields {unknown}; "
+                                   f"it was written by another d2vcli version")
+    try:
+        cfg = TextConfig(**arch)
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: its text architecture is not valid ({e})") from None
+    return cfg
+
+
+def build_text_model(kind: str, arch: TextConfig | dict, num_classes: int = 0) -> nn.Module:
+    """A fresh text encoder: "text-pretrain" (student + regression head) or "text-cls" (classifier with
+    `num_classes` outputs; 1 = a regression task)."""
+    arch = text_arch(arch)
+    if kind == "text-pretrain":
+        return Data2VecTextPretrainModel(arch)
+    if kind == "text-cls":
+        if num_classes < 1:
+            raise ValueError("a text-cls model needs num_classes >= 1")
+        return TextClassifier(arch, num_classes)
+    raise ValueError(f"unknown text model kind {kind!r}; expected one of {ckpt.TEXT_KINDS}")
 
 
 def expected_state(kind: str, arch: ModelConfig | dict, vocab_size: int = 0) -> dict:
@@ -92,7 +129,7 @@ class LoadedModel:
     vocab: Optional[Vocab]  # ctc only
     normalize: bool  # the waveform normalization the model was trained with
     state: dict  # the whole checkpoint, for callers that need more (config, teacher, source)
-    classes: Optional[list[str]] = None  # vision-cls only, in output order
+    classes: Optional[list[str]] = None  # vision-cls and text-cls only, in output order
 
 
 def load_model(path: Path, expect_kind: Optional[str] = None, trust: bool = False) -> LoadedModel:
@@ -105,9 +142,14 @@ def load_model(path: Path, expect_kind: Optional[str] = None, trust: bool = Fals
     state = ckpt.load_checkpoint(path, expect_kind=expect_kind, trust=trust)
     kind = state[ckpt.KIND_KEY]
     vocab = ckpt.vocab_of(state, path) if kind == "ctc" else None
-    classes = list(state.get(ckpt.CLASSES_KEY) or []) if kind == "vision-cls" else None
+    classes = list(state.get(ckpt.CLASSES_KEY) or []) if kind in ("vision-cls", "text-cls") else None
     if kind in ckpt.VISION_KINDS:
         model = build_vision_model(kind, vision_arch(state.get(ckpt.ARCH_KEY) or {}, path), len(classes or []))
+    elif kind in ckpt.TEXT_KINDS:
+        if kind == "text-cls" and not classes:
+            raise ckpt.CheckpointError(f"{path}: a text classifier without its class names ('{ckpt.CLASSES_KEY}'); "
+                                       f"the file is damaged or was edited")
+        model = build_text_model(kind, text_arch(state.get(ckpt.ARCH_KEY) or {}, path), len(classes or []))
     else:
         model = build_model(kind, ckpt.arch_of(state, path), len(vocab) if vocab else 0)
     missing, unexpected = model.load_state_dict(state[ckpt.MODEL_KEY], strict=False)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from d2vcli.models.encoder import DropPath  # shared with the data2vec 2.0 layers
+
 # ImageNet statistics: the BEiT repo normalizes pretraining inputs with these
 # (`--imagenet_default_mean_and_std`); its fine-tuning commands use (0.5, 0.5, 0.5) for both.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,6 +74,19 @@ class VisionConfig:
     """Per-channel mean subtracted from [0, 1] pixels before the model (ImageNet statistics)."""
     image_std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel std the pixels are divided by after the mean (ImageNet statistics)."""
+    version: int = 1
+    """data2vec version: 1 (this file's BEiT ViT) or 2 (models/vision2.py: post-LN blocks, fixed sin-cos
+    positions, only visible patches encoded, conv decoder; layer_scale_init and rel_pos_bias unused)."""
+    prenet_depth: int = 0
+    """data2vec 2.0: blocks before the `num_layers` main ones, never targets (ViT-B 2, ViT-L 0)."""
+    decoder_dim: int = 768
+    """data2vec 2.0 pretraining: channels of the 2-D conv decoder (ViT-B 768, ViT-L 1024)."""
+    decoder_layers: int = 6
+    """data2vec 2.0 pretraining: conv decoder blocks (ViT-B 6, ViT-L 3)."""
+    decoder_kernel: int = 3
+    """data2vec 2.0 pretraining: kernel of each decoder conv, odd (ViT-B 3, ViT-L 5)."""
+    decoder_groups: int = 16
+    """data2vec 2.0 pretraining: groups of each decoder conv."""
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -89,6 +104,16 @@ class VisionConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.rel_pos_bias not in ("shared", "per-layer"):
             raise ValueError(f"rel_pos_bias must be 'shared' or 'per-layer', got {self.rel_pos_bias!r}")
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {self.version!r}")
+        if self.version == 2:
+            if self.embed_dim % 4:
+                raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of 4 (the 2-D sin-cos positions)")
+            if self.embed_dim % self.decoder_groups or self.decoder_dim % self.decoder_groups:
+                raise ValueError(f"embed_dim {self.embed_dim} and decoder_dim {self.decoder_dim} must be divisible "
+                                 f"by decoder_groups {self.decoder_groups}")
+            if self.decoder_layers < 1 or self.decoder_kernel % 2 == 0:
+                raise ValueError("decoder_layers must be at least 1 and decoder_kernel odd")
 
 
 def vision_base() -> VisionConfig:
@@ -183,20 +208,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=position_bias.unsqueeze(0).to(x.dtype),
                                            dropout_p=self.attention_dropout if self.training else 0.0)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))  # (B, T, D)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a sample's residual branch with probability p, scale the rest by 1/(1-p)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
 
 
 class Mlp(nn.Module):

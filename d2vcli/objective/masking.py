@@ -19,7 +19,9 @@ the same masks on every run. (fairseq seeds one generator per row from
 hash(seed, epoch, index); one generator per batch has the same statistics.)
 
 data2vec 2.0 draws block masks instead (`compute_block_mask`, fairseq `compute_block_mask_1d`):
-centres with replacement, spans centred on them, then an exact masked count per row.
+centres with replacement, spans centred on them, then an exact masked count per row; for images
+`compute_block_mask_2d` (fairseq `compute_block_mask_2d`) does the same with square blocks on the
+patch grid, and with `inverse_mask` the blocks mark the patches the student sees.
 
 Used by the pretrain and finetune steps:
 
@@ -119,6 +121,16 @@ def compute_channel_mask(
                                 require_same_masks=True, rng=rng)
 
 
+def _exact_count(row: np.ndarray, target: int, rng: np.random.Generator) -> None:
+    """Make exactly `target` entries of the bool `row` True, in place: surplus ones cleared, a deficit
+    set, uniformly at random (fairseq's require_same_masks step, `torch.multinomial` over the row)."""
+    masked = int(row.sum())
+    if masked > target:
+        row[rng.choice(np.flatnonzero(row), masked - target, replace=False)] = False
+    elif masked < target:
+        row[rng.choice(np.flatnonzero(~row), target - masked, replace=False)] = True
+
+
 def compute_block_mask(
     shape: tuple[int, int],
     padding_mask,
@@ -153,12 +165,51 @@ def compute_block_mask(
             centres = rng.integers(0, L, int(L * (mask_prob + mask_prob_adjust) / mask_length))
             spans = centres[:, None] - mask_length // 2 + np.arange(mask_length)[None, :]
             row[np.clip(spans, 0, L - 1).reshape(-1)] = True
-        masked = int(row.sum())
-        if masked > target:
-            row[rng.choice(np.flatnonzero(row), masked - target, replace=False)] = False
-        elif masked < target:
-            row[rng.choice(np.flatnonzero(~row), target - masked, replace=False)] = True
+        _exact_count(row, target, rng)
         # fairseq's padding_mask convention (True = padding) and ours put the real frames first.
         real = np.flatnonzero(~pad[i]) if pad is not None else np.arange(all_sz)
         mask[i, real[:L]] = row
+    return mask
+
+
+def compute_block_mask_2d(
+    rows: int,
+    grid: tuple[int, int],
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    inverse_mask: bool = False,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
+    """data2vec 2.0's image mask: a (rows, H * W) bool array, True = masked, patches in row-major order.
+
+    fairseq `fairseq/data/data_utils.py::compute_block_mask_2d` (require_same_masks, non_overlapping
+    False, expand_adjcent False, mask_dropout 0), per row, with L = H * W patches:
+
+        p        = 1 - mask_prob with inverse_mask (the blocks are what stays visible), else mask_prob
+        centres  = int(L * (p + mask_prob_adjust) / mask_length**2) patches drawn from [0, L), with replacement
+        blocks   = mask_length x mask_length squares from (r - mask_length // 2, c - mask_length // 2),
+                   each coordinate clamped into the grid (a border block is cut, not moved)
+        exact    = floor(L * p) block patches: surplus ones dropped, a deficit added, uniformly at random
+        mask     = the blocks, or their complement with inverse_mask
+
+    So every row has the same count (ViT-B/16, mask_prob 0.8: 39 visible, 157 masked) and rows
+    differ in where: the recipe draws one row per clone of an image (clone_batch of them).
+    """
+    if rng is None:
+        raise ValueError("compute_block_mask_2d needs an explicit numpy Generator (np.random.default_rng(seed))")
+    H, W = grid
+    L = H * W
+    p = 1.0 - mask_prob if inverse_mask else mask_prob
+    target = int(L * p)
+    offsets = np.arange(mask_length) - mask_length // 2
+    mask = np.zeros((rows, L), dtype=bool)
+    for i in range(rows):
+        centres = rng.integers(0, L, int(L * (p + mask_prob_adjust) / mask_length**2))
+        r = np.clip(centres[:, None, None] // W + offsets[None, :, None], 0, H - 1)  # (n, k, 1)
+        c = np.clip(centres[:, None, None] % W + offsets[None, None, :], 0, W - 1)  # (n, 1, k)
+        row = np.zeros(L, dtype=bool)
+        row[(r * W + c).reshape(-1)] = True
+        _exact_count(row, target, rng)
+        mask[i] = ~row if inverse_mask else row
     return mask

@@ -69,3 +69,16 @@ def regression_loss(pred: Tensor, target: Tensor, loss_beta: float = 0.0, loss_s
         per_frame = F.smooth_l1_loss(pred, target, reduction="none", beta=loss_beta).sum(-1)
     scale = loss_scale if loss_scale is not None else 1.0 / math.sqrt(pred.shape[-1])
     return per_frame.sum() * scale
+
+
+def cls_loss(cls_pred: Tensor, targets: Tensor, clones: int, weight: float, sample_size: int,
+             loss_scale: Optional[float] = None) -> Tensor:
+    """data2vec 2.0 images' CLS term: cls_pred (A*M, D) regresses each image's mean target -> scalar (fp32).
+
+    targets (A, P, D) are the final (normalized) targets of every patch; their mean over P, repeated
+    for the M clones, is the CLS target. fairseq (`data2vec2.py`, cls_loss) sums the scaled squared
+    error over rows and channels and multiplies it by `weight` x the micro-batch's masked-patch count,
+    so after the engine divides by that count it is `weight` x a SUM over the clone rows.
+    """
+    target = targets.float().mean(1).repeat_interleave(clones, 0)  # (A*M, D)
+    return regression_loss(cls_pred, target, 0.0, loss_scale) * (weight * sample_size)
