@@ -41,8 +41,9 @@ IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 TEXTURES = ("solid", "striped", "checked", "dotted", "wavy")
 # Each shape comes with two textures and each texture with two shapes, so neither cue alone names the
-# class: shape s carries texture s and texture s + 2 (mod 5).
-PAIRS = tuple((s, TEXTURES[(i + k) % len(TEXTURES)]) for i, s in enumerate(SHAPES) for k in (0, 2))
+# class: shape s carries texture s and texture s + 2 (mod 5). Sorted by name, so a class's index here is
+# its label in the prepared manifests (classes.txt is in folder order).
+PAIRS = tuple(sorted((s, TEXTURES[(i + k) % len(TEXTURES)]) for i, s in enumerate(SHAPES) for k in (0, 2)))
 CLASSES = tuple(f"{s}-{t}" for s, t in PAIRS)
 HUE_JITTER = 0.25  # of a full turn, either way: a class's colour overlaps its neighbours'
 DARK = 0.3  # a texture's dark parts keep this share of the colour

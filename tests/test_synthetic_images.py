@@ -11,7 +11,7 @@ from PIL import Image
 from d2vcli.errors import UserError
 from d2vcli.prepare.images import image_manifest
 from d2vcli.prepare.synthetic_images import prepare_synthetic_images
-from d2vcli.synthetic_images import CLASSES, generate_image_corpus, render
+from d2vcli.synthetic_images import CLASSES, PAIRS, SHAPES, TEXTURES, generate_image_corpus, render
 from d2vcli.workspace import Workspace
 
 
@@ -66,3 +66,10 @@ def test_mean_colour_alone_is_a_weak_cue_so_shape_and_texture_must_be_seen():
 
     acc = _softmax_regression_accuracy(*mean_colours(0, 1500), *mean_colours(1, 500))
     assert 0.1 < acc < 0.3  # above chance (colour is one of the class cues), far from solved
+
+
+def test_neither_shape_nor_texture_alone_names_the_class():
+    """Every shape comes with two textures and every texture with two shapes, and the class index is the
+    prepared label (classes.txt is in folder order)."""
+    assert len(set(PAIRS)) == len(CLASSES) == 10 and list(CLASSES) == sorted(CLASSES)
+    assert sorted(s for s, _ in PAIRS) == sorted(SHAPES * 2) and sorted(t for _, t in PAIRS) == sorted(TEXTURES * 2)
