@@ -139,7 +139,8 @@ def test_step_targets_and_loss_equal_a_direct_computation(image_ws):
     batch = next(iter(build_image_loader(cfg, image_ws, CPU)))
     out = task.train_step(task.model, batch, 0)
     # The same numbers by hand: the batch's block masks, the teacher's end-of-block outputs on the
-    # unmasked image (CLS dropped), LayerNorm per layer, the top-2 average, LayerNorm, smooth L1 (beta 2) mean.
+    # unmasked image (CLS dropped), LayerNorm per layer, the average of vision-tiny's top 4 (all its blocks),
+    # LayerNorm, smooth L1 (beta 2) mean.
     rng = batch_rng(cfg.train.seed, batch.epoch, batch.index, STREAM_MASK)
     mask = torch.from_numpy(block_masks(rng, 8, (8, 8), mask_params(cfg.masking)))
     assert 0 < int(mask.sum()) <= 8 * 39
@@ -155,7 +156,8 @@ def test_step_targets_and_loss_equal_a_direct_computation(image_ws):
         def ln(t):
             return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
 
-        target = ln((ln(layers[2]) + ln(layers[3])) / 2)[mask]
+        assert cfg.objective.average_top_k_layers == 4
+        target = ln((ln(layers[0]) + ln(layers[1]) + ln(layers[2]) + ln(layers[3])) / 4)[mask]
         pred = task.model(batch.source, mask)[mask]
     expect = F.smooth_l1_loss(pred, target, beta=2.0)  # mean over every element of the masked patches
     assert out.sample_size == int(mask.sum()) * 64
