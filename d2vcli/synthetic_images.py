@@ -9,9 +9,10 @@ textures and every texture with two shapes (`PAIRS`), so neither cue alone names
 class has a **colour**, a hue centre, but every image's hue is drawn up to a quarter turn away from
 it, and the background is random: mean colour alone is a weak cue (tests/test_synthetic_images.py
 measures it), so a classifier has to see the silhouette and the pattern. The textures have a period
-of about one vision-tiny patch and turn with the shape: a masked patch inside a shape can be
-predicted from the patches around it, which is what pretraining on the unlabeled pool learns and a
-classifier trained on the small labeled split alone has too few examples for.
+of about one vision-tiny patch and turn with the shape, so a masked patch inside a shape can be
+predicted from the patches around it: masked prediction on the unlabeled pool has a pattern to
+learn that the small labeled split alone shows few examples of. How much that helps a classifier
+is measured, not assumed: docs/images.md (`benchmarks/bench_learning.py --images`).
 
 Layout (ImageFolder, so `d2v prepare images` reads it like any tree):
 
