@@ -398,6 +398,8 @@ def finetune_cmd(
                                       "instead of the student (finetune.init_from=teacher)."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Images: freeze the encoder and train a linear "
                                       "classifier on it (finetune.linear_probe=true)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Text: the labeled task under data/glue/ (RTE, SST-2, "
+                                       "AGREEMENT...; sets finetune.task); glue-base takes its GLUE schedule."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
     resume: bool = ResumeOpt,
     resume_if_exists: bool = ResumeIfExistsOpt,
@@ -405,8 +407,8 @@ def finetune_cmd(
                                "(runs code from the file): only for files you trust."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """CTC fine-tuning on letters, or image classification (presets vision-ft-*). Architecture and input
-    normalization come from the pretrained checkpoint."""
+    """CTC fine-tuning on letters, image classification (presets vision-ft-*) or sentence classification and
+    regression (presets glue-*, --task). Architecture and input normalization come from the pretrained checkpoint."""
     from d2vcli.finetune import finetune
 
     cfg = resolve_config("finetune", preset, config_file, overrides)
@@ -417,6 +419,8 @@ def finetune_cmd(
         start["init_from"] = "teacher"
     if linear_probe:
         start["linear_probe"] = True
+    if task:
+        start["task"] = task
     cfg = cfgmod.merge(cfg, {"finetune": start})
     # Prints the config summary once completed from the checkpoint (its architecture and normalize).
     result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,

@@ -88,6 +88,9 @@ class DataConfig:
         "max_tokens 8192 per GPU); train.tokens_per_update and the world size give the accumulation.")
     text_dir: Optional[str] = f(
         None, "Text: folder of the token shards (spm.model, train.bin, ...); null = <workdir>/data/text.")
+    text_sequences_per_batch: int = f(
+        32, "Text fine-tuning: labeled records per device per micro-batch; train.sequences_per_update and the "
+        "world size give the accumulation.")
 
 
 @dataclass
@@ -286,6 +289,11 @@ class TrainConfig:
         "256 blocks of 512; docs/text-data.md). Gradient accumulation is derived from this, "
         "data.text_tokens_per_batch and the world size.",
     )
+    sequences_per_update: int = f(
+        32, "Text fine-tuning: labeled records per optimizer update (fairseq's GLUE batch_size: 16 or 32 "
+        "sentences per task, docs/glue.md). Gradient accumulation is derived from this, "
+        "data.text_sequences_per_batch and the world size.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
         "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
     )
@@ -337,6 +345,11 @@ class FinetuneConfig:
     label_smoothing: float = f(0.1, "Images: label smoothing of the (mixed) targets.")
     linear_probe: bool = f(False, "Images: freeze the encoder and train only fc_norm and the linear head "
                            "(no mixup, cutmix, drop path or RandAugment).")
+    task: str = f("", "Text: the labeled task to fine-tune on, a folder of <workdir>/data/glue/ (RTE, SST-2, "
+                  "AGREEMENT...); empty = the only task there.")
+    task_schedule: bool = f(
+        False, "Text: when finetune.task is a GLUE task, take its batch, warmup, updates, lr and validation "
+        "interval from the recipe's per-task table (docs/glue.md), except values given with --set or --config.")
 
 
 @dataclass
@@ -403,6 +416,8 @@ class Config:
             problems.extend(self._vision_problems(masking=command != "finetune" and m.version == 1))
         if images and m.version == 2 and command != "finetune":
             problems.extend(self._vision2_problems())
+        if self.data.text_sequences_per_batch < 1 or self.train.sequences_per_update < 1:
+            problems.append("data.text_sequences_per_batch and train.sequences_per_update must be at least 1")
         if self.data.tokens_per_sample < 2 or self.data.text_tokens_per_batch < 1 or self.train.tokens_per_update < 1:
             problems.append("data.tokens_per_sample must be at least 2, data.text_tokens_per_batch and "
                             "train.tokens_per_update at least 1")
