@@ -771,21 +771,27 @@ def demo_cmd(
                                       "same budget and report both (what pretraining buys)."),
     version: int = typer.Option(1, "--version", min=1, max=2, help="data2vec version to pretrain: 1 "
                                 "(speech-tiny) or 2 (speech2-tiny, data2vec 2.0; runs named demo2-*)."),
-    modality: str = typer.Option("speech", "--modality", help="speech (the default) or images (synthetic images, "
-                                 "vision-tiny pretraining, vision-ft-tiny fine-tuning, top-1/top-5)."),
+    modality: str = typer.Option("speech", "--modality", help="speech (the default), images (synthetic images, "
+                                 "vision-tiny, vision-ft-tiny, top-1/top-5) or text (synthetic text, text-tiny, "
+                                 "glue-tiny on REFERENT, accuracy)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """The whole pipeline on a generated corpus, on CPU: prepare, pretrain, finetune, LM, decode, evaluate."""
+    if modality in ("images", "text") and version != 1:
+        raise UserError(f"d2v demo --modality {modality} --version {version}: the {modality} demo pretrains "
+                        "data2vec 1.0 (vision-tiny / text-tiny); drop --version.")
     if modality == "images":
-        if version != 1:
-            raise UserError(f"d2v demo --modality images --version {version}: the image demo pretrains data2vec "
-                            "1.0 (vision-tiny); drop --version.")
         from d2vcli.demo_images import ImageDemoSettings, print_image_demo, run_image_demo
 
         print_image_demo(run_image_demo(Workspace.resolve(workdir), ImageDemoSettings(compare_init=compare_init)))
         return
+    if modality == "text":
+        from d2vcli.demo_text import TextDemoSettings, print_text_demo, run_text_demo
+
+        print_text_demo(run_text_demo(Workspace.resolve(workdir), TextDemoSettings(compare_init=compare_init)))
+        return
     if modality != "speech":
-        raise UserError(f"d2v demo --modality {modality!r}: pass --modality speech (the default) or images.")
+        raise UserError(f"d2v demo --modality {modality!r}: pass --modality speech (the default), images or text.")
     from d2vcli.demo import DemoSettings, print_demo, run_demo
 
     print_demo(run_demo(Workspace.resolve(workdir), DemoSettings(compare_init=compare_init, version=version)))
