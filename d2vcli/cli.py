@@ -660,11 +660,16 @@ def evaluate_cmd(
 
     On an image classifier (vision-cls): top-1 and top-5 per image split (default the val*/test* ones),
     a confusion summary, and predictions-/confusion- files, accuracy-summary.txt and accuracy.json.
+    On a text classifier (text-cls): its task's GLUE metric per split, predictions-*.jsonl and scores.json.
     """
     from d2vcli.evaluate import evaluate, print_result
+    from d2vcli.evaluate_text import evaluate_text, is_text_classifier, print_text_result
     from d2vcli.evaluate_vision import evaluate_images, is_image_classifier, print_image_result
 
     ws = Workspace.resolve(workdir)
+    if is_text_classifier(ws, checkpoint):
+        print_text_result(evaluate_text(ws, checkpoint, _splits(splits), trust=trust, device=device))
+        return
     if is_image_classifier(ws, checkpoint, _splits(splits)):
         print_image_result(evaluate_images(ws, checkpoint, _splits(splits), trust=trust, device=device))
         return

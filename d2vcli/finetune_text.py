@@ -161,6 +161,17 @@ def workspace_tokenizer(cfg: Config, ws) -> Optional[dict]:
     return sentencepiece_entry(path) if path.is_file() else None
 
 
+def tokenizer_entry(cfg: Config, ws, state: dict, arch: TextConfig) -> Optional[dict]:
+    """The checkpoint's tokenizer, else (a run that does not carry one) the workspace's when its
+    vocabulary is the model's size."""
+    entry = state.get(ckpt.TOKENIZER_KEY)
+    if entry is None:
+        ws_entry = workspace_tokenizer(cfg, ws)
+        if ws_entry is not None and Tokenizer(ws_entry["model"], ws_entry["path"]).vocab_size == arch.vocab_size:
+            entry = ws_entry
+    return entry
+
+
 def load_start(cfg: Config, ws, num_classes: int, trust: bool = False) -> Start:
     """The architecture and weights `finetune.init` names ('scratch' = random, the config's encoder)."""
     ft = cfg.finetune
@@ -191,13 +202,14 @@ def load_start(cfg: Config, ws, num_classes: int, trust: bool = False) -> Start:
             raise TextTaskError(f"{path} is a classifier with {have} output(s) but the task has {num_classes} "
                                 f"({'regression' if num_classes == 1 else 'classes'}); fine-tune a pretrained "
                                 f"(text-pretrain) checkpoint instead, or pick the task it was trained for")
-        return Start(arch, dict(state[ckpt.MODEL_KEY]), True, state.get(ckpt.TOKENIZER_KEY),
+        return Start(arch, dict(state[ckpt.MODEL_KEY]), True, tokenizer_entry(cfg, ws, state, arch),
                      f"{path} (classifier, head included)")
+    entry = tokenizer_entry(cfg, ws, state, arch)
     if ft.init_from == "teacher":
         weights = {f"encoder.{k}": v for k, v in state[ckpt.TEACHER_KEY].items()}
     else:  # the student's encoder; fairseq's upgrade_state_dict drops the regression head
         weights = {k: v for k, v in state[ckpt.MODEL_KEY].items() if k.startswith("encoder.")}
-    return Start(arch, weights, False, state.get(ckpt.TOKENIZER_KEY), f"{path} ({ft.init_from})")
+    return Start(arch, weights, False, entry, f"{path} ({ft.init_from})")
 
 
 def check_tokens(task: dict, task_dir: Path, start: Start, records: Sequence[dict]) -> None:
