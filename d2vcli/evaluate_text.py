@@ -30,7 +30,7 @@ from d2vcli.distributed import resolve_device
 from d2vcli.errors import UserError
 from d2vcli.fileio import atomic_open, atomic_write_text
 from d2vcli.finetune_text import predict, score
-from d2vcli.interop_tokenizer import InteropError, tokenizer_of
+from d2vcli.interop_tokenizer import InteropError, entry_sha256, tokenizer_of
 from d2vcli.models.loading import load_model
 from d2vcli.text_data import glue_dir, read_task_records
 from d2vcli.ui import console, table
@@ -177,9 +177,10 @@ def evaluate_text(ws: Workspace, checkpoint: Optional[str | Path] = None, splits
     names = resolve_splits(task_dir, splits)
     entry = loaded.state.get(ckpt.TOKENIZER_KEY)
     sha = json.loads((task_dir / "task.json").read_text()).get("tokenizer_sha256")
-    if entry and entry.get("format") == "sentencepiece" and sha and sha != entry.get("sha256"):
+    if entry and sha and sha != entry_sha256(entry):
         raise TextEvalError(f"{task_dir} was tokenized with another tokenizer (sha256 {sha[:12]}) than the model's "
-                            f"({str(entry.get('sha256'))[:12]}); re-run `d2v prepare glue ... --spm` with it")
+                            f"({entry_sha256(entry)[:12]}); re-run `d2v prepare glue` with the model's tokenizer "
+                            f"(--spm PATH, or --tokenizer-from {ckpt.run_name(ws, path)})")
     try:
         decoder = tokenizer_of(entry, str(path)) if entry else None
     except InteropError:

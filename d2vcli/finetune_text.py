@@ -49,7 +49,7 @@ from d2vcli.config import Config, ConfigError
 from d2vcli.data import Batch, DataError
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
-from d2vcli.interop_tokenizer import sentencepiece_entry
+from d2vcli.interop_tokenizer import entry_sha256, sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
@@ -216,14 +216,18 @@ def check_tokens(task: dict, task_dir: Path, start: Start, records: Sequence[dic
     """The records' ids must be the model's: the same sentencepiece model, ids inside the vocabulary."""
     entry = start.tokenizer
     sha = task.get("tokenizer_sha256")
-    if entry and entry.get("format") == "sentencepiece" and sha and sha != entry.get("sha256"):
-        raise TextTaskError(f"{task_dir} was tokenized with another tokenizer (sha256 {sha[:12]}) than the "
-                            f"model's ({entry.get('path')}, {str(entry.get('sha256'))[:12]}): re-run `d2v prepare "
-                            f"glue ... --spm` with the model's sentencepiece model")
-    if entry and entry.get("format") == "hf":
-        raise TextTaskError(f"the model uses its own byte-level BPE (an HF import) but {task_dir} holds "
-                            f"sentencepiece ids from `d2v prepare glue`, which would mean other pieces to it; "
-                            f"fine-tune a model that uses the workspace's sentencepiece tokenizer")
+    if entry is not None and sha and sha != entry_sha256(entry):
+        fix = (f"`d2v prepare glue ... --tokenizer-from {start.source.split(' ')[0]}`" if entry.get("format") == "hf"
+               else f"`d2v prepare glue ... --spm` with the model's sentencepiece model ({entry.get('path')})")
+        raise TextTaskError(f"{task_dir} was tokenized with another tokenizer (sha256 {sha[:12]}) than the model's "
+                            f"({entry.get('format')}, {entry_sha256(entry)[:12]}), so its ids would mean other "
+                            f"pieces to the model: re-run {fix}")
+    if entry is None:
+        raise TextTaskError(f"{start.source} carries no tokenizer and its vocabulary ({start.arch.vocab_size} ids) "
+                            f"is not the workspace's tokenizer's, so the ids in {task_dir} would mean other pieces "
+                            f"to it (a fairseq import: its ids are fairseq's GPT-2 BPE dict.txt ones); fine-tune a "
+                            f"model pretrained on this workspace's tokenizer, or an HF import (it brings its tokenizer: "
+                            f"`d2v prepare glue DIR --tokenizer-from RUN`)")
     top = max((max(r["tokens"]) for r in records if r["tokens"]), default=0)
     if top >= start.arch.vocab_size:
         raise TextTaskError(f"{task_dir}: a record holds token id {top}, outside the model's vocabulary of "

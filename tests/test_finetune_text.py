@@ -244,3 +244,48 @@ def test_unlabeled_splits_and_foreign_tokens_are_refused(text_ws):
     finally:
         (task_dir / "unlabeled.jsonl").unlink()
         (task_dir / "foreign.jsonl").unlink()
+
+
+def test_an_hf_import_fine_tunes_on_records_tokenized_with_its_own_bpe(text_ws, tmp_path):
+    """The released-model path: `d2v import hf`, `d2v prepare glue --tokenizer-from`, fine-tune, evaluate."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Data2VecTextConfig, Data2VecTextModel, RobertaTokenizerFast
+
+    from d2vcli.evaluate_text import evaluate_text
+    from d2vcli.interop_text import import_hf
+    from d2vcli.prepare.glue import prepare_glue
+
+    src = text_ws.root / "corpus" / "synthetic-text" / "glue" / "AGREEMENT"
+    sentences = [ln.split("\t")[-2] for ln in (src / "train.tsv").read_text().splitlines()[1:]]
+    folder = tmp_path / "hf-bpe"
+    folder.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(sentences, vocab_size=300, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(folder))
+    torch.manual_seed(0)
+    Data2VecTextModel(Data2VecTextConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=130, layer_norm_eps=1e-5, type_vocab_size=1, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2)).save_pretrained(folder)
+    import_hf(folder, workspace=text_ws)
+    tsv = tmp_path / "tsv"
+    tsv.mkdir()
+    for split in ("train", "dev"):
+        (tsv / f"{split}.tsv").write_text((src / f"{split}.tsv").read_text())
+    prepare_glue(text_ws, tsv=[tsv / "train.tsv", tsv / "dev.tsv"], task_name="AGREEMENT-BPE",
+                 tokenizer_from="imported-hf-bpe")
+    peer = RobertaTokenizerFast.from_pretrained(folder)
+    record = read_task_records(text_ws.data_dir / "glue" / "AGREEMENT-BPE", "train")[0]
+    assert record["tokens"] == peer(sentences[0])["input_ids"]  # <s> pieces </s>, RoBERTa's ids
+
+    with pytest.raises(TextTaskError, match="another tokenizer.*--tokenizer-from"):
+        finetune(ft_cfg("finetune.init=imported-hf-bpe", "finetune.task=AGREEMENT"), text_ws, name="bad")
+    result = finetune(ft_cfg("finetune.init=imported-hf-bpe", "finetune.task=AGREEMENT-BPE", "train.max_updates=2"),
+                      text_ws, name="hf-ft")
+    assert result.status == "done"
+    state = ckpt.load_checkpoint(text_ws.run_dir("hf-ft") / "last.pt")
+    assert state[ckpt.TOKENIZER_KEY]["format"] == "hf"
+    rows = read_jsonl(evaluate_text(text_ws, "hf-ft").out_dir / "predictions-dev.jsonl")
+    dev = read_task_records(text_ws.data_dir / "glue" / "AGREEMENT-BPE", "dev")
+    assert rows[0]["text"] == peer.decode(dev[0]["tokens"], skip_special_tokens=True)
