@@ -301,6 +301,8 @@ def prepare_glue_cmd(
     task_name: Optional[str] = typer.Option(None, "--task-name", help="With --tsv: the task's folder name."),
     kind: str = typer.Option("classification", "--kind", help="With --tsv: classification or regression."),
     spm: Optional[Path] = typer.Option(None, "--spm", help="Tokenizer (default: <workdir>/data/text/spm.model)."),
+    tokenizer_from: Optional[str] = typer.Option(None, "--tokenizer-from", help="Tokenize with the tokenizer this "
+                                                 "text checkpoint or run carries (e.g. an imported HF model's BPE)."),
     tokens_per_sample: Optional[int] = typer.Option(None, "--tokens-per-sample", min=6, help="Longest record "
                                                     "(default: the text corpus's, else 512)."),
     workdir: Optional[Path] = WorkdirOpt,
@@ -309,7 +311,7 @@ def prepare_glue_cmd(
     from d2vcli.prepare.glue import prepare_glue
 
     _run_prepare(prepare_glue, Workspace.resolve(workdir), root, task, tsv=tsv or (), task_name=task_name,
-                 kind=kind, spm_path=spm, tokens_per_sample=tokens_per_sample)
+                 kind=kind, spm_path=spm, tokens_per_sample=tokens_per_sample, tokenizer_from=tokenizer_from)
 
 
 @prepare_app.command("synthetic-text")
@@ -660,11 +662,16 @@ def evaluate_cmd(
 
     On an image classifier (vision-cls): top-1 and top-5 per image split (default the val*/test* ones),
     a confusion summary, and predictions-/confusion- files, accuracy-summary.txt and accuracy.json.
+    On a text classifier (text-cls): its task's GLUE metric per split, predictions-*.jsonl and scores.json.
     """
     from d2vcli.evaluate import evaluate, print_result
+    from d2vcli.evaluate_text import evaluate_text, is_text_classifier, print_text_result
     from d2vcli.evaluate_vision import evaluate_images, is_image_classifier, print_image_result
 
     ws = Workspace.resolve(workdir)
+    if is_text_classifier(ws, checkpoint):
+        print_text_result(evaluate_text(ws, checkpoint, _splits(splits), trust=trust, device=device))
+        return
     if is_image_classifier(ws, checkpoint, _splits(splits)):
         print_image_result(evaluate_images(ws, checkpoint, _splits(splits), trust=trust, device=device))
         return

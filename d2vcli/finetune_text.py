@@ -49,7 +49,7 @@ from d2vcli.config import Config, ConfigError
 from d2vcli.data import Batch, DataError
 from d2vcli.distributed import DistInfo
 from d2vcli.engine import StepOutput, TrainResult
-from d2vcli.interop_tokenizer import sentencepiece_entry
+from d2vcli.interop_tokenizer import entry_sha256, sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
@@ -161,6 +161,17 @@ def workspace_tokenizer(cfg: Config, ws) -> Optional[dict]:
     return sentencepiece_entry(path) if path.is_file() else None
 
 
+def tokenizer_entry(cfg: Config, ws, state: dict, arch: TextConfig) -> Optional[dict]:
+    """The checkpoint's tokenizer, else (a run that does not carry one) the workspace's when its
+    vocabulary is the model's size."""
+    entry = state.get(ckpt.TOKENIZER_KEY)
+    if entry is None:
+        ws_entry = workspace_tokenizer(cfg, ws)
+        if ws_entry is not None and Tokenizer(ws_entry["model"], ws_entry["path"]).vocab_size == arch.vocab_size:
+            entry = ws_entry
+    return entry
+
+
 def load_start(cfg: Config, ws, num_classes: int, trust: bool = False) -> Start:
     """The architecture and weights `finetune.init` names ('scratch' = random, the config's encoder)."""
     ft = cfg.finetune
@@ -191,27 +202,32 @@ def load_start(cfg: Config, ws, num_classes: int, trust: bool = False) -> Start:
             raise TextTaskError(f"{path} is a classifier with {have} output(s) but the task has {num_classes} "
                                 f"({'regression' if num_classes == 1 else 'classes'}); fine-tune a pretrained "
                                 f"(text-pretrain) checkpoint instead, or pick the task it was trained for")
-        return Start(arch, dict(state[ckpt.MODEL_KEY]), True, state.get(ckpt.TOKENIZER_KEY),
+        return Start(arch, dict(state[ckpt.MODEL_KEY]), True, tokenizer_entry(cfg, ws, state, arch),
                      f"{path} (classifier, head included)")
+    entry = tokenizer_entry(cfg, ws, state, arch)
     if ft.init_from == "teacher":
         weights = {f"encoder.{k}": v for k, v in state[ckpt.TEACHER_KEY].items()}
     else:  # the student's encoder; fairseq's upgrade_state_dict drops the regression head
         weights = {k: v for k, v in state[ckpt.MODEL_KEY].items() if k.startswith("encoder.")}
-    return Start(arch, weights, False, state.get(ckpt.TOKENIZER_KEY), f"{path} ({ft.init_from})")
+    return Start(arch, weights, False, entry, f"{path} ({ft.init_from})")
 
 
 def check_tokens(task: dict, task_dir: Path, start: Start, records: Sequence[dict]) -> None:
     """The records' ids must be the model's: the same sentencepiece model, ids inside the vocabulary."""
     entry = start.tokenizer
     sha = task.get("tokenizer_sha256")
-    if entry and entry.get("format") == "sentencepiece" and sha and sha != entry.get("sha256"):
-        raise TextTaskError(f"{task_dir} was tokenized with another tokenizer (sha256 {sha[:12]}) than the "
-                            f"model's ({entry.get('path')}, {str(entry.get('sha256'))[:12]}): re-run `d2v prepare "
-                            f"glue ... --spm` with the model's sentencepiece model")
-    if entry and entry.get("format") == "hf":
-        raise TextTaskError(f"the model uses its own byte-level BPE (an HF import) but {task_dir} holds "
-                            f"sentencepiece ids from `d2v prepare glue`, which would mean other pieces to it; "
-                            f"fine-tune a model that uses the workspace's sentencepiece tokenizer")
+    if entry is not None and sha and sha != entry_sha256(entry):
+        fix = (f"`d2v prepare glue ... --tokenizer-from {start.source.split(' ')[0]}`" if entry.get("format") == "hf"
+               else f"`d2v prepare glue ... --spm` with the model's sentencepiece model ({entry.get('path')})")
+        raise TextTaskError(f"{task_dir} was tokenized with another tokenizer (sha256 {sha[:12]}) than the model's "
+                            f"({entry.get('format')}, {entry_sha256(entry)[:12]}), so its ids would mean other "
+                            f"pieces to the model: re-run {fix}")
+    if entry is None:
+        raise TextTaskError(f"{start.source} carries no tokenizer and its vocabulary ({start.arch.vocab_size} ids) "
+                            f"is not the workspace's tokenizer's, so the ids in {task_dir} would mean other pieces "
+                            f"to it (a fairseq import: its ids are fairseq's GPT-2 BPE dict.txt ones); fine-tune a "
+                            f"model pretrained on this workspace's tokenizer, or an HF import (it brings its tokenizer: "
+                            f"`d2v prepare glue DIR --tokenizer-from RUN`)")
     top = max((max(r["tokens"]) for r in records if r["tokens"]), default=0)
     if top >= start.arch.vocab_size:
         raise TextTaskError(f"{task_dir}: a record holds token id {top}, outside the model's vocabulary of "

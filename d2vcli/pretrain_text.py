@@ -40,6 +40,7 @@ from d2vcli import distributed, engine
 from d2vcli.config import Config, ConfigError
 from d2vcli.data import STREAM_MASK, Batch, batch_rng
 from d2vcli.engine import StepOutput, TrainResult
+from d2vcli.interop_tokenizer import sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model
 from d2vcli.models.text import TextConfig
@@ -102,8 +103,10 @@ class TextPretrainTask:
 
     kind = "text-pretrain"
 
-    def __init__(self, cfg: Config, device: torch.device, arch: TextConfig, special_ids: tuple[int, ...] = (0, 1, 2, 3)):
+    def __init__(self, cfg: Config, device: torch.device, arch: TextConfig, special_ids: tuple[int, ...] = (0, 1, 2, 3),
+                 tokenizer: Optional[dict] = None):
         self.cfg = cfg
+        self.tokenizer = tokenizer  # the checkpoint's tokenizer entry (interop_tokenizer), so the run carries it
         self.arch = arch
         self.special_ids = tuple(special_ids)
         self.masking = mask_params(cfg.masking)
@@ -162,6 +165,7 @@ class TextPretrainTask:
             ckpt.ARCH_KEY: dataclasses.asdict(self.arch),
             ckpt.NORMALIZE_KEY: False,  # no waveform to normalize
             ckpt.TEACHER_KEY: self.teacher.state_dict(),
+            ckpt.TOKENIZER_KEY: self.tokenizer,
         }
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -206,7 +210,8 @@ def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
             run = prepare_run(workspace, name, cfg, resume, info)
             torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
             specials = (tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id)
-            task = TextPretrainTask(cfg, info.device, arch, specials)
+            task = TextPretrainTask(cfg, info.device, arch, specials,
+                                    sentencepiece_entry(text_dir(workspace, cfg.data.text_dir) / "spm.model"))
             if info.is_main:
                 print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
                                      f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
