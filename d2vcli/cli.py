@@ -780,7 +780,7 @@ def demo_cmd(
                                 "(speech-tiny) or 2 (speech2-tiny, data2vec 2.0; runs named demo2-*)."),
     modality: str = typer.Option("speech", "--modality", help="speech (the default), images (synthetic images, "
                                  "vision-tiny, vision-ft-tiny, top-1/top-5) or text (synthetic text, text-tiny, "
-                                 "glue-tiny on REFERENT, accuracy)."),
+                                 "glue-tiny on AGREEMENT, MCC)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """The whole pipeline on a generated corpus, on CPU: prepare, pretrain, finetune, LM, decode, evaluate."""

@@ -19,8 +19,8 @@ from d2vcli.workspace import Workspace
 SHORT = TextDemoSettings(
     size="tiny", pretrain_updates=2, finetune_updates=4, compare_init=True, workers=1, random_init_lrs=(5e-4, 1e-3),
     pretrain_set=("text.embed_dim=32", "text.ffn_dim=64", "text.num_heads=2", "train.tokens_per_update=1024",
-                  "data.text_tokens_per_batch=1024", "schedule.warmup_updates=0"),
-    finetune_set=("schedule.warmup_updates=1", "finetune.validate_every=2", "train.save_every=2"))
+                  "data.text_tokens_per_batch=1024", "schedule.warmup_updates=0", "train.log_every=1"),
+    finetune_set=("schedule.warmup_updates=1", "finetune.validate_every=2", "train.save_every=2", "train.log_every=1"))
 
 
 def test_shortened_text_demo_end_to_end(tmp_path, capsys):
@@ -72,10 +72,14 @@ def test_shortened_text_demo_end_to_end(tmp_path, capsys):
     assert "where everything is" in printed
     assert set(result.seconds) == {"prepare", "pretrain", "finetune", "evaluate", "compare-init"}
 
-    # A re-run resumes: every run is finished, so nothing trains again and the scores are the same.
-    stamps = {p: p.stat().st_mtime_ns for p in ws.runs_dir.glob("*/last.pt")}
+    # A re-run resumes: every run is finished, so no update runs again and the scores are the same.
+    def updates() -> dict:
+        return {p.parent.name: [r["step"] for r in read_jsonl(p) if "loss" in r] for p in ws.runs_dir.glob("*/metrics.jsonl")}
+
+    before = updates()
+    assert len(before) == 4 and before[PRETRAIN_RUN] == [1, 2] and before[FINETUNE_RUN] == [1, 2, 3, 4]
     again = run_text_demo(ws, SHORT)
-    assert {p: p.stat().st_mtime_ns for p in ws.runs_dir.glob("*/last.pt")} == stamps
+    assert updates() == before
     assert again.evaluation.scores == result.evaluation.scores and again.sweep == result.sweep
 
 
