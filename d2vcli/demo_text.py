@@ -34,7 +34,7 @@ from d2vcli.finetune import finetune
 from d2vcli.finetune_text import FINETUNE_TEXT_FIELDS
 from d2vcli.prepare.synthetic_text import default_synthetic_text_dir, prepare_synthetic_text
 from d2vcli.pretrain import pretrain
-from d2vcli.text_data import glue_dir, read_task_records, text_dir
+from d2vcli.text_data import TokenBlocks, glue_dir, read_task_records, text_dir
 from d2vcli.ui import console, table
 
 COMMAND = "d2v demo --modality text"
@@ -112,13 +112,7 @@ def describe_labeled(ws, task: str) -> str:
     folder = glue_dir(ws) / task
     counts = {s: len(read_task_records(folder, s)) for s in ("train", *EVAL_SPLITS)}
     return (f"{counts['train']} labeled {task} records ('train'; dev {counts['dev']}, test {counts['test']}) "
-            f"against the unlabeled pool of {_pool_blocks(ws):,} blocks")
-
-
-def _pool_blocks(ws) -> int:
-    from d2vcli.text_data import TokenBlocks
-
-    return len(TokenBlocks(text_dir(ws), "train"))
+            f"against the unlabeled pool of {len(TokenBlocks(text_dir(ws), 'train')):,} blocks")
 
 
 def run_text_demo(ws, settings: Optional[TextDemoSettings] = None) -> TextDemoResult:
