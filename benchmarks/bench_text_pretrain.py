@@ -128,7 +128,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_case(name, device, args.steps or (12 if device == "cuda" else 6))))
         return
 
-    from d2vcli.ui import console, table
+    from rich.console import Console
+
+    from d2vcli.ui import table
+
+    console = Console(width=150, highlight=False)  # a readable table in logs and docs too
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
