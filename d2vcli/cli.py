@@ -424,6 +424,10 @@ def finetune_cmd(
     if task:
         start["task"] = task
     cfg = cfgmod.merge(cfg, {"finetune": start})
+    if cfg.modality == "text":  # a GLUE task's schedule sits between the preset and the user's settings
+        from d2vcli.finetune_text import with_task_schedule
+
+        cfg = with_task_schedule(cfg, preset, config_file, overrides or [], {"finetune": start})
     # Prints the config summary once completed from the checkpoint (its architecture and normalize).
     result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
                       resume_if_exists=resume_if_exists, trust=trust)

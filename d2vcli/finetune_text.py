@@ -21,7 +21,8 @@ RoBERTa's GLUE fine-tuning, which data2vec text uses (fairseq `examples/roberta/
 - The batch is counted in sentences per update (fairseq's `dataset.batch_size`; `engine.text_sequence_unit`).
   `finetune.task_schedule` (glue-base) takes each GLUE task's batch, warmup, updates and lr from
   `GLUE_SCHEDULES` (the data2vec 1.0 / RoBERTa configs' values; data2vec 2.0's configs differ only in
-  the lr, which the docs' sweep covers) unless the user set them.
+  the lr, which the docs' sweep covers) unless the user set them: `with_task_schedule` puts the row
+  between the preset and the user's --config/--set when the config is resolved.
 - Validation on each of data.valid_splits: the task's GLUE metric (`glue_metrics.task_scores`) as
   `<split>/<name>`, the selecting number as `<split>/primary` and `<split>/error` = 100 - primary, which
   the engine minimizes for best.pt (finetune.best_metric `dev/error`).
@@ -117,21 +118,32 @@ def glue_schedule(name: str) -> Optional[GlueSchedule]:
     return GLUE_SCHEDULES.get(key) if key else None
 
 
-def apply_task_schedule(cfg: Config, base: Config, task: str) -> Config:
-    """cfg with the GLUE task's row where cfg still holds the preset's value (`base`): --set/--config win."""
-    row = glue_schedule(task)
+def schedule_delta(row: GlueSchedule) -> dict:
+    """The config delta of one GLUE task's row: batch, warmup, updates, lr, validation once per epoch."""
+    per_epoch = math.ceil(row.max_updates / EPOCHS)
+    return {"train": {"sequences_per_update": row.batch, "max_updates": row.max_updates, "save_every": per_epoch},
+            "data": {"text_sequences_per_batch": row.batch}, "schedule": {"warmup_updates": row.warmup},
+            "optim": {"lr": row.lr}, "finetune": {"validate_every": per_epoch}}
+
+
+def with_task_schedule(cfg: Config, preset: Optional[str], config_file: Optional[Path] = None,
+                       overrides: Sequence[str] = (), flags: Optional[dict] = None) -> Config:
+    """`cfg` (resolved from `preset`, `config_file`, `overrides`, then the CLI's `flags` delta) with the GLUE
+    task's row between the preset and the user's settings, when finetune.task_schedule is on and
+    finetune.task names a GLUE task: what the user set (even to the preset's value) wins. `d2v finetune`
+    resolves its config through this; a Python caller of `finetune()` does the same."""
+    cfg = cfgmod.merge(cfg, flags or {})
+    row = glue_schedule(cfg.finetune.task)
     if row is None or not cfg.finetune.task_schedule:
         return cfg
-    per_epoch = math.ceil(row.max_updates / EPOCHS)
-    wanted = {("train", "sequences_per_update"): row.batch, ("data", "text_sequences_per_batch"): row.batch,
-              ("schedule", "warmup_updates"): row.warmup, ("train", "max_updates"): row.max_updates,
-              ("optim", "lr"): row.lr, ("finetune", "validate_every"): per_epoch,
-              ("train", "save_every"): per_epoch}
-    delta: dict = {}
-    for (section, key), value in wanted.items():
-        if getattr(getattr(cfg, section), key) == getattr(getattr(base, section), key):
-            delta.setdefault(section, {})[key] = value
-    return cfgmod.merge(cfg, delta)
+    out = cfgmod.merge(cfgmod.base_config("finetune", preset), schedule_delta(row))
+    if config_file:
+        out = cfgmod.merge(out, cfgmod.load_yaml(Path(config_file)))
+    for item in overrides:
+        out = cfgmod.merge(out, cfgmod.parse_set(item))
+    out = cfgmod.merge(out, flags or {})
+    out.validate("finetune")
+    return out
 
 
 def read_labeled(task_dir: Path, split: str, task: dict, need_labels: bool) -> list[dict]:
@@ -348,7 +360,6 @@ def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
     try:
         task_dir = resolve_task(workspace, cfg.finetune.task)
         task = read_task(task_dir)
-        cfg = apply_task_schedule(cfg, cfgmod.base_config("finetune", preset), task_dir.name)
         cfg = cfgmod.merge(cfg, {"finetune": {"task": task_dir.name}})
         check_validation(cfg)
         train_records = [r for s in cfg.data.train_splits for r in read_labeled(task_dir, s, task, True)]
