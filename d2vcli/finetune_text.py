@@ -146,9 +146,10 @@ def with_task_schedule(cfg: Config, preset: Optional[str], config_file: Optional
     return out
 
 
-def read_labeled(task_dir: Path, split: str, task: dict, need_labels: bool) -> list[dict]:
+def read_labeled(task_dir: Path, split: str) -> list[dict]:
+    """A split's records, every one labeled (training and validation need the labels)."""
     records = read_task_records(task_dir, split)
-    if need_labels and any(r["label"] is None for r in records):
+    if any(r["label"] is None for r in records):
         raise TextTaskError(f"{task_dir / (split + '.jsonl')} has records without a label (a test split?); "
                             f"train and validate on labeled splits, e.g. --set 'data.valid_splits=[dev]'")
     if not records:
@@ -362,8 +363,8 @@ def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
         task = read_task(task_dir)
         cfg = cfgmod.merge(cfg, {"finetune": {"task": task_dir.name}})
         check_validation(cfg)
-        train_records = [r for s in cfg.data.train_splits for r in read_labeled(task_dir, s, task, True)]
-        valid = {s: read_labeled(task_dir, s, task, True) for s in cfg.data.valid_splits}
+        train_records = [r for s in cfg.data.train_splits for r in read_labeled(task_dir, s)]
+        valid = {s: read_labeled(task_dir, s) for s in cfg.data.valid_splits}
         regression = task["kind"] == "regression"
         start = load_start(cfg, workspace, 1 if regression else int(task["num_classes"]), trust)
         check_tokens(task, task_dir, start, train_records + [r for v in valid.values() for r in v])
