@@ -270,12 +270,13 @@ def prepare_synthetic_images_cmd(
 def prepare_text_cmd(
     files: List[Path] = typer.Argument(..., help="UTF-8 text files: one sentence per line, an empty line between "
                                        "documents."),
-    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, max=1_000_000, help="Pieces of the sentencepiece model to train."),
+    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, max=1_000_000,
+                                   help="Pieces of the sentencepiece model to train."),
     model_type: str = typer.Option("bpe", "--model-type", help="bpe or unigram."),
     spm: Optional[Path] = typer.Option(None, "--spm", help="Use this sentencepiece .model instead of training one."),
     lowercase: bool = typer.Option(False, "--lowercase", help="Lower-case the text after NFC normalization."),
-    valid_fraction: float = typer.Option(0.01, "--valid-fraction", min=0.0, max=0.99, help="Share of documents for valid (by a hash "
-                                         "of each document's text)."),
+    valid_fraction: float = typer.Option(0.01, "--valid-fraction", min=0.0, max=0.99,
+                                         help="Share of documents for valid (by a hash of each document's text)."),
     tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, max=1_000_000,
                                           help="Block length with <s>."),
     break_mode: str = typer.Option("complete_doc", "--break-mode", help="complete_doc, complete or none "
@@ -424,6 +425,10 @@ def finetune_cmd(
     if task:
         start["task"] = task
     cfg = cfgmod.merge(cfg, {"finetune": start})
+    if cfg.modality == "text":  # a GLUE task's schedule sits between the preset and the user's settings
+        from d2vcli.finetune_text import with_task_schedule
+
+        cfg = with_task_schedule(cfg, preset, config_file, overrides or [], {"finetune": start})
     # Prints the config summary once completed from the checkpoint (its architecture and normalize).
     result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
                       resume_if_exists=resume_if_exists, trust=trust)

@@ -349,7 +349,8 @@ class FinetuneConfig:
                   "AGREEMENT...); empty = the only task there.")
     task_schedule: bool = f(
         False, "Text: when finetune.task is a GLUE task, take its batch, warmup, updates, lr and validation "
-        "interval from the recipe's per-task table (docs/glue.md), except values given with --set or --config.")
+        "interval from the recipe's per-task table (docs/glue.md), except values given with --set or --config "
+        "(applied when `d2v finetune` resolves its config: finetune_text.with_task_schedule).")
 
 
 @dataclass

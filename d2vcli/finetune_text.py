@@ -21,7 +21,8 @@ RoBERTa's GLUE fine-tuning, which data2vec text uses (fairseq `examples/roberta/
 - The batch is counted in sentences per update (fairseq's `dataset.batch_size`; `engine.text_sequence_unit`).
   `finetune.task_schedule` (glue-base) takes each GLUE task's batch, warmup, updates and lr from
   `GLUE_SCHEDULES` (the data2vec 1.0 / RoBERTa configs' values; data2vec 2.0's configs differ only in
-  the lr, which the docs' sweep covers) unless the user set them.
+  the lr, which the docs' sweep covers) unless the user set them: `with_task_schedule` puts the row
+  between the preset and the user's --config/--set when the config is resolved.
 - Validation on each of data.valid_splits: the task's GLUE metric (`glue_metrics.task_scores`) as
   `<split>/<name>`, the selecting number as `<split>/primary` and `<split>/error` = 100 - primary, which
   the engine minimizes for best.pt (finetune.best_metric `dev/error`).
@@ -117,26 +118,38 @@ def glue_schedule(name: str) -> Optional[GlueSchedule]:
     return GLUE_SCHEDULES.get(key) if key else None
 
 
-def apply_task_schedule(cfg: Config, base: Config, task: str) -> Config:
-    """cfg with the GLUE task's row where cfg still holds the preset's value (`base`): --set/--config win."""
-    row = glue_schedule(task)
+def schedule_delta(row: GlueSchedule) -> dict:
+    """The config delta of one GLUE task's row: batch, warmup, updates, lr, validation once per epoch."""
+    per_epoch = math.ceil(row.max_updates / EPOCHS)
+    return {"train": {"sequences_per_update": row.batch, "max_updates": row.max_updates, "save_every": per_epoch},
+            "data": {"text_sequences_per_batch": row.batch}, "schedule": {"warmup_updates": row.warmup},
+            "optim": {"lr": row.lr}, "finetune": {"validate_every": per_epoch}}
+
+
+def with_task_schedule(cfg: Config, preset: Optional[str], config_file: Optional[Path] = None,
+                       overrides: Sequence[str] = (), flags: Optional[dict] = None) -> Config:
+    """`cfg` (resolved from `preset`, `config_file`, `overrides`, then the CLI's `flags` delta) with the GLUE
+    task's row between the preset and the user's settings, when finetune.task_schedule is on and
+    finetune.task names a GLUE task: what the user set (even to the preset's value) wins. `d2v finetune`
+    resolves its config through this; a Python caller of `finetune()` does the same."""
+    cfg = cfgmod.merge(cfg, flags or {})
+    row = glue_schedule(cfg.finetune.task)
     if row is None or not cfg.finetune.task_schedule:
         return cfg
-    per_epoch = math.ceil(row.max_updates / EPOCHS)
-    wanted = {("train", "sequences_per_update"): row.batch, ("data", "text_sequences_per_batch"): row.batch,
-              ("schedule", "warmup_updates"): row.warmup, ("train", "max_updates"): row.max_updates,
-              ("optim", "lr"): row.lr, ("finetune", "validate_every"): per_epoch,
-              ("train", "save_every"): per_epoch}
-    delta: dict = {}
-    for (section, key), value in wanted.items():
-        if getattr(getattr(cfg, section), key) == getattr(getattr(base, section), key):
-            delta.setdefault(section, {})[key] = value
-    return cfgmod.merge(cfg, delta)
+    out = cfgmod.merge(cfgmod.base_config("finetune", preset), schedule_delta(row))
+    if config_file:
+        out = cfgmod.merge(out, cfgmod.load_yaml(Path(config_file)))
+    for item in overrides:
+        out = cfgmod.merge(out, cfgmod.parse_set(item))
+    out = cfgmod.merge(out, flags or {})
+    out.validate("finetune")
+    return out
 
 
-def read_labeled(task_dir: Path, split: str, task: dict, need_labels: bool) -> list[dict]:
+def read_labeled(task_dir: Path, split: str) -> list[dict]:
+    """A split's records, every one labeled (training and validation need the labels)."""
     records = read_task_records(task_dir, split)
-    if need_labels and any(r["label"] is None for r in records):
+    if any(r["label"] is None for r in records):
         raise TextTaskError(f"{task_dir / (split + '.jsonl')} has records without a label (a test split?); "
                             f"train and validate on labeled splits, e.g. --set 'data.valid_splits=[dev]'")
     if not records:
@@ -348,11 +361,10 @@ def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
     try:
         task_dir = resolve_task(workspace, cfg.finetune.task)
         task = read_task(task_dir)
-        cfg = apply_task_schedule(cfg, cfgmod.base_config("finetune", preset), task_dir.name)
         cfg = cfgmod.merge(cfg, {"finetune": {"task": task_dir.name}})
         check_validation(cfg)
-        train_records = [r for s in cfg.data.train_splits for r in read_labeled(task_dir, s, task, True)]
-        valid = {s: read_labeled(task_dir, s, task, True) for s in cfg.data.valid_splits}
+        train_records = [r for s in cfg.data.train_splits for r in read_labeled(task_dir, s)]
+        valid = {s: read_labeled(task_dir, s) for s in cfg.data.valid_splits}
         regression = task["kind"] == "regression"
         start = load_start(cfg, workspace, 1 if regression else int(task["num_classes"]), trust)
         check_tokens(task, task_dir, start, train_records + [r for v in valid.values() for r in v])

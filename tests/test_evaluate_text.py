@@ -136,3 +136,21 @@ def test_unlabeled_split_missing_task_and_pretrain_checkpoint_are_clear_errors(r
     with pytest.raises(TextEvalError, match="AGREEMENT.*not prepared"):
         evaluate_text(ws, "ag")
     assert (ws.decode_dir / "ag" / "scores.json").read_bytes() == before  # earlier outputs intact
+
+
+def test_the_written_predictions_are_those_of_the_exported_hf_classifier(runs, tmp_path):
+    """Peer check: `d2v export hf` of the run, loaded by transformers, predicts the same class for every record."""
+    from transformers import Data2VecTextForSequenceClassification
+
+    from d2vcli import checkpoint as ckpt
+    from d2vcli.interop_text import export_hf
+
+    export_hf(ckpt.find_checkpoint(runs, "ag"), tmp_path / "hf")
+    hf = Data2VecTextForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    rows = read_jsonl(evaluate_text(runs, "ag", splits=["dev"]).out_dir / "predictions-dev.jsonl")
+    records = read_task_records(runs.data_dir / "glue" / "AGREEMENT", "dev")
+    with torch.no_grad():
+        for row, rec in zip(rows, records):
+            logits = hf(torch.tensor([rec["tokens"]])).logits[0]
+            assert int(logits.argmax()) == row["predicted"]
+            assert hf.config.id2label[row["predicted"]] == row["prediction"]

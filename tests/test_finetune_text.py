@@ -19,8 +19,8 @@ from d2vcli.config import ConfigError
 from d2vcli.data import DataError
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import finetune
-from d2vcli.finetune_text import (GLUE_SCHEDULES, TextClassifyTask, TextTaskError, apply_task_schedule, load_start,
-                                  predict, score)
+from d2vcli.finetune_text import (GLUE_SCHEDULES, TextClassifyTask, TextTaskError, load_start, predict, score,
+                                  with_task_schedule)
 from d2vcli.models.loading import load_model
 from d2vcli.text_data import TextTaskLoader, read_task, read_task_records
 from d2vcli.workspace import Workspace
@@ -179,19 +179,43 @@ def test_resume_continues_exactly(text_ws):
 
 
 def test_the_glue_schedule_follows_the_task_and_yields_to_explicit_settings():
-    base = C.resolve("finetune", preset="glue-base")
-    rte = apply_task_schedule(base, base, "RTE")
+    def resolved(*sets, preset="glue-base", task="RTE"):
+        cfg = C.resolve("finetune", preset=preset, overrides=list(sets))
+        return with_task_schedule(cfg, preset, None, list(sets), {"finetune": {"task": task}})
+
+    rte = resolved()
     assert (rte.train.sequences_per_update, rte.schedule.warmup_updates, rte.train.max_updates, rte.optim.lr) == \
         (16, 122, 2036, 2e-5)
     assert rte.finetune.validate_every == 204 and engine.text_sequence_unit(rte).accumulation(1) == 1
-    swept = C.resolve("finetune", preset="glue-base", overrides=["optim.lr=6e-5"])
-    assert apply_task_schedule(swept, base, "rte").optim.lr == 6e-5
-    assert apply_task_schedule(swept, base, "rte").train.max_updates == 2036
-    assert apply_task_schedule(base, base, "AGREEMENT") == base  # not a GLUE task
+    assert resolved("optim.lr=6e-5").optim.lr == 6e-5 and resolved("optim.lr=6e-5").train.max_updates == 2036
+    # The sweep's 1e-5 is kept although it is also glue-base's (SST-2's) value.
+    assert resolved("optim.lr=1e-5").optim.lr == 1e-5
+    assert resolved(task="sts-b").train.max_updates == 3598  # names are matched without case or dash
+    base = C.resolve("finetune", preset="glue-base")
+    assert with_task_schedule(base, "glue-base") == base  # no task
+    assert resolved(task="AGREEMENT") == C.merge(base, {"finetune": {"task": "AGREEMENT"}})  # not a GLUE task
     tiny = C.resolve("finetune", preset="glue-tiny")
-    assert apply_task_schedule(tiny, tiny, "RTE") == tiny  # finetune.task_schedule off
+    assert resolved(preset="glue-tiny").train.max_updates == tiny.train.max_updates  # task_schedule off
     for name, row in GLUE_SCHEDULES.items():  # warmup 6 % of the updates, except QQP's 25 % (as in its file)
         assert row.warmup / row.max_updates == pytest.approx(0.25 if name == "QQP" else 0.06, abs=0.001)
+
+
+def test_the_cli_applies_the_glue_schedule(text_ws, monkeypatch):
+    import d2vcli.finetune as ft_module
+
+    seen = {}
+
+    def record(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        return engine.TrainResult("done", 0, "", None, None)
+
+    monkeypatch.setattr(ft_module, "finetune", record)
+    r = CliRunner().invoke(app, ["finetune", "--preset", "glue-base", "--task", "CoLA", "--init", "tt",
+                                 "--set", "optim.lr=1e-5", "--workdir", str(text_ws.root)])
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.train.sequences_per_update, cfg.train.max_updates, cfg.optim.lr, cfg.finetune.task) == \
+        (16, 5336, 1e-5, "CoLA")
 
 
 def test_sequences_per_update_derive_the_accumulation(text_ws):
