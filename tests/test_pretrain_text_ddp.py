@@ -27,7 +27,9 @@ from d2vcli.workspace import Workspace
 TINY_SET = ["text.embed_dim=32", "text.ffn_dim=64", "text.num_heads=2", "text.dropout=0.0",
             "text.attention_dropout=0.0", "data.text_tokens_per_batch=512", "train.tokens_per_update=1024",
             "train.max_updates=3", "train.log_every=1", "train.save_every=3", "schedule.warmup_updates=1"]
-# What the ranks all-reduce (the task's monitor metrics, such as target_std, are rank 0's micro-batch's).
+# The update's numbers. target_std / pred_std are left out: like fairseq's compute_var they pool the
+# variance over the ranks' micro-batches but average it over accumulated ones, so they differ slightly
+# (2e-4 relative here) between 2 ranks and 1 process accumulating 2 micro-batches.
 COMPARED = ("loss", "sample_size", "gnorm", "lr", "ema_decay")
 
 
