@@ -1,8 +1,8 @@
 """data2vec 2.0 text pretraining (`model.version: 2`, `modality: text`): masks, student, decoder, targets,
 loss, EMA scope, the engine, exact resume, and fine-tuning / HF export of the checkpoint.
 
-Batches come from test_pretrain_text's in-test source of random `<s> ... </s>` blocks (right-padded,
-keyed by epoch and index, resumable), so the task is tested on its own.
+Batches come from an in-test source of random `<s> ... </s>` blocks with TextBlockLoader's interface
+(right-padded, keyed by epoch and index, resumable; test_pretrain_text's), so the task is tested on its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as C
 from d2vcli import distributed, engine
-from d2vcli.data import STREAM_MASK, batch_rng
+from d2vcli.data import STREAM_MASK, Batch, DataPosition, batch_rng
 from d2vcli.fileio import read_jsonl
 from d2vcli.models.audio2 import restore_masked
 from d2vcli.models.text2 import Data2Vec2TextPretrainModel
@@ -27,9 +27,10 @@ from d2vcli.pretrain_text import text_arch
 from d2vcli.pretrain_text2 import Text2PretrainTask
 from d2vcli.run_dir import prepare_run
 from d2vcli.workspace import Workspace
-from tests.test_pretrain_text import MASK_ID, SPECIALS, VOCAB, RandomBlocks
 
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+VOCAB, MASK_ID, PAD = 60, 59, 1
+SPECIALS = (0, 1, 2, 3)
 TINY = ["text.embed_dim=32", "text.num_layers=3", "text.num_heads=4", "text.ffn_dim=64", "text.max_positions=32",
         "text.decoder_dim=32", "text.decoder_layers=2", "text.decoder_kernel=5", "text.dropout=0.0",
         "text.attention_dropout=0.0", "text.decoder_dropout=0.0", "objective.average_top_k_layers=3",
@@ -37,6 +38,49 @@ TINY = ["text.embed_dim=32", "text.num_layers=3", "text.num_heads=4", "text.ffn_
         "train.tokens_per_update=256", "train.max_updates=4", "train.log_every=1", "train.save_every=2",
         "schedule.warmup_updates=1", "optim.lr=0.002", "objective.ema_decay=0.9", "objective.ema_end_decay=0.99",
         "objective.ema_anneal_end_step=4"]
+
+
+class RandomBlocks:
+    """Random `<s> w... </s>` blocks of 8 to 32 tokens, 4 per batch (at most 128 padded tokens), 6 batches per epoch."""
+
+    def __init__(self, seed: int = 0):
+        g = np.random.default_rng(seed)
+        self.blocks = []
+        for _ in range(24):
+            n = int(g.integers(8, 33))
+            self.blocks.append(np.concatenate([[0], g.integers(4, MASK_ID, n - 2), [2]]))
+        self.position = DataPosition()
+        self.bad_files: dict = {}
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([7, epoch]).permutation(len(self.blocks))
+        return [order[i:i + 4] for i in range(0, len(order), 4)]
+
+    def local_indices(self, epoch: int, consumed: int) -> list[int]:
+        return list(range(consumed, len(self.batches(epoch))))
+
+    def make_batch(self, indices, epoch: int, index: int) -> Batch:
+        seqs = [self.blocks[i] for i in indices]
+        source = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            source[b, :len(s)] = torch.from_numpy(s)
+        pm = source.eq(PAD)
+        return Batch(source=source, padding_mask=pm if pm.any() else None, ids=[str(i) for i in indices],
+                     num_samples=int(sum(len(s) for s in seqs)), epoch=epoch, index=index)
+
+    def __iter__(self):
+        epoch, batches = self.position.epoch, self.batches(self.position.epoch)
+        for g in self.local_indices(epoch, self.position.consumed):
+            batch = self.make_batch(batches[g], epoch, g)
+            self.position = DataPosition(epoch, g + 1)
+            yield batch
+        self.position = DataPosition(epoch + 1, 0)
+
+    def state_dict(self) -> dict:
+        return self.position.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = DataPosition.from_dict(state)
 
 
 def tiny_cfg(*extra: str) -> C.Config:
