@@ -103,11 +103,6 @@ class TextPretrainTask:
 
     kind = "text-pretrain"
 
-    @property
-    def teacher_scope(self) -> str:
-        return (f"EMA of the transformer layers, embeddings copied; it reads the "
-                f"{self.cfg.objective.text_teacher_input} text")
-
     def __init__(self, cfg: Config, device: torch.device, arch: TextConfig, special_ids: tuple[int, ...] = (0, 1, 2, 3),
                  tokenizer: Optional[dict] = None):
         self.cfg = cfg
@@ -119,6 +114,12 @@ class TextPretrainTask:
         self.model = build_text_model("text-pretrain", arch).to(device)
         self.teacher = EMATeacher(self.model.encoder, copied_prefixes=COPIED_PREFIXES)
         self.find_unused_parameters = arch.layerdrop > 0
+
+    @property
+    def teacher_scope(self) -> str:
+        """What the start-up line says the teacher is (2.0 overrides it)."""
+        return (f"EMA of the transformer layers, embeddings copied; it reads the "
+                f"{self.cfg.objective.text_teacher_input} text")
 
     def mask(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(masked tokens (B, T), mask (B, T) bool) from the batch's own RNG stream."""
