@@ -218,9 +218,14 @@ def load_start(cfg: Config, ws, num_classes: int, trust: bool = False) -> Start:
         return Start(arch, dict(state[ckpt.MODEL_KEY]), True, tokenizer_entry(cfg, ws, state, arch),
                      f"{path} (classifier, head included)")
     entry = tokenizer_entry(cfg, ws, state, arch)
-    if ft.init_from == "teacher":
+    if ft.init_from == "teacher" and arch.version == 2:
+        # data2vec 2.0's teacher is the layers alone (ema_encoder_only): the embeddings are the student's.
+        weights = {k: v for k, v in state[ckpt.MODEL_KEY].items() if k.startswith("encoder.embed.")}
+        weights |= {f"encoder.layers.{k}": v for k, v in state[ckpt.TEACHER_KEY].items()}
+    elif ft.init_from == "teacher":
         weights = {f"encoder.{k}": v for k, v in state[ckpt.TEACHER_KEY].items()}
-    else:  # the student's encoder; fairseq's upgrade_state_dict drops the regression head
+    else:  # the student's encoder; fairseq's upgrade_state_dict (1.0) / the 2.0 classifier drop the
+        # regression head or the decoder
         weights = {k: v for k, v in state[ckpt.MODEL_KEY].items() if k.startswith("encoder.")}
     return Start(arch, weights, False, entry, f"{path} ({ft.init_from})")
 
