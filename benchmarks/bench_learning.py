@@ -24,6 +24,14 @@ idle-core runs (the 24 fine-tunings of the table took 37 min of wall time as 3 p
 2 cores shared with other jobs; its pretraining runs came from an earlier session). This is a
 benchmark script, not a timed test.
 
+`--text` runs the text arm instead (its own section of docs/benchmarks.md; the speech arms are left
+alone): on the synthetic text corpus (`d2v prepare synthetic-text`), per seed, `text-tiny` pretraining
+on the unlabeled pool (`--text-pretrain-updates`, the preset's 1,200 by default), then `glue-tiny` on
+the demo's task (AGREEMENT, 400 labeled sentences) from it and from random init at each rate of the
+demo's sweep (picked on dev); the task's metric (MCC) of each best.pt on test. Runs resume, so
+`--text --seeds 1`, `--seeds 2`, ... can run side by side and a last `--text` call builds the table
+from the finished runs (`--quick`: 50 pretraining and 50 fine-tuning updates). About 8 minutes of single-thread training per seed.
+
 The image arm (`--images`, `images_main`): on the synthetic image corpus (`d2v prepare synthetic-images`,
 8,000 unlabeled `pool` images, 100 labeled `train`), for each seed, `vision-tiny` pretraining on the pool
 (the image demo's 300 updates), then `vision-ft-tiny` on `train` four times: `--linear-probe` and full
@@ -63,6 +71,7 @@ from d2vcli.workspace import Workspace
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_learning: begin -->", "<!-- bench_learning: end -->"
 REPORT_SPLIT = "dev-other"
+TEXT_BEGIN, TEXT_END = "<!-- bench_learning text: begin -->", "<!-- bench_learning text: end -->"
 
 
 def labeled_split(ws: Workspace, every: int) -> str:
@@ -130,11 +139,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DOC)
     ap.add_argument("--note", default="", help="a remark for the caption, e.g. that other jobs shared the cores")
+    ap.add_argument("--text", action="store_true", help="run the text arm (text-tiny, glue-tiny) instead")
+    ap.add_argument("--text-pretrain-updates", type=int, default=0, help="text-tiny updates (0: the preset's)")
     ap.add_argument("--images", action="store_true", help="the image arm instead (its options: --images --help)")
     if "--images" in sys.argv[1:]:  # the image arm has its own options
         sys.argv.remove("--images")
         return images_main(sys.argv[1:])
     args = ap.parse_args()
+    if args.text:
+        torch.set_num_threads(args.threads)
+        write_section(args.out, TEXT_BEGIN, TEXT_END, text_arm(args))
+        return
     if args.quick:
         args.pretrain_updates, args.finetune_updates = 100, 200
         args.pretrain2_updates = min(args.pretrain2_updates, 40)
@@ -196,14 +211,80 @@ def main() -> None:
                   "training time): " + "; ".join(f"against {u} updates {', '.join(f'{r:.2f}' for r in rs)}"
                                                    for u, rs in clock.items()) + "."]
     lines += ["", END]
-    table = "\n".join(lines)
+    write_section(args.out, BEGIN, END, "\n".join(lines))
+
+
+def write_section(out: Path, begin: str, end: str, table: str) -> None:
+    """Print `table` (which starts with `begin` and ends with `end`) and put it into the page in place of
+    the section between the markers, or at its end; the rest of the page is left alone."""
     print(table)
-    page = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    if BEGIN in page and END in page:
-        page = page[:page.index(BEGIN)] + table + page[page.index(END) + len(END):]
+    page = out.read_text() if out.exists() else "# Benchmarks\n"
+    if begin in page and end in page:
+        page = page[:page.index(begin)] + table + page[page.index(end) + len(end):]
     else:
         page = page.rstrip("\n") + "\n\n" + table + "\n"
-    args.out.write_text(page)
+    out.write_text(page)
+
+
+def text_arm(args) -> str:
+    """The text arm (module docstring): its section of the page, markers included."""
+    from d2vcli.demo_text import RANDOM_INIT_LRS as TEXT_LRS, SELECT_SPLIT as TEXT_SELECT, TASK, best_dev_score
+    from d2vcli.demo_text import scratch_init as text_scratch_init
+    from d2vcli.evaluate_text import evaluate_text
+    from d2vcli.prepare.synthetic_text import prepare_synthetic_text
+
+    ws = Workspace.resolve(args.workdir)
+    prepare_synthetic_text(ws, size="demo")
+    updates = args.text_pretrain_updates or cfgmod.resolve("pretrain", preset="text-tiny").train.max_updates
+    ft_budget = ["train.max_updates=50", "finetune.validate_every=25"] if args.quick else []  # a smoke run
+    if args.quick:
+        updates = min(updates, 50)
+    arch = text_scratch_init(cfgmod.resolve("pretrain", preset="text-tiny"))
+    split = "test"
+
+    def fine_tune(name: str, init, seed: int, lr=None) -> float:
+        overrides = [f"train.seed={seed}", f"finetune.task={TASK}", f"data.valid_splits=[{TEXT_SELECT}]",
+                     f"finetune.best_metric={TEXT_SELECT}/error", *ft_budget] + ([f"optim.lr={lr}"] if lr else [])
+        cfg = cfgmod.merge(cfgmod.resolve("finetune", preset="glue-tiny", overrides=overrides),
+                           init if isinstance(init, dict) else {"finetune": {"init": init}})
+        result = finetune(cfg, ws, name=name, resume_if_exists=True, preset="glue-tiny")
+        if result.exit_code:
+            sys.exit(f"{name}: {result.message}")
+        return best_dev_score(ws.run_dir(name))
+
+    scores: dict[str, list[float]] = {"pretrained": [], "random": []}
+    picked, runs = [], []
+    for seed in args.seeds:
+        pre = f"text-pt-s{seed}-u{updates}"
+        cfg = cfgmod.resolve("pretrain", preset="text-tiny",
+                             overrides=[f"train.seed={seed}", f"train.max_updates={updates}"])
+        result = pretrain(cfg, ws, name=pre, resume_if_exists=True, preset="text-tiny")
+        if result.exit_code:
+            sys.exit(f"{pre}: {result.message}")
+        runs += [pre, f"text-ft-s{seed}-{pre}"]
+        fine_tune(runs[-1], pre, seed)
+        scores["pretrained"].append(evaluate_text(ws, runs[-1], [split]).primary(split))
+        sweep = {lr: fine_tune(f"text-ft-s{seed}-scratch-lr{lr:g}", arch, seed, lr) for lr in TEXT_LRS}
+        runs += [f"text-ft-s{seed}-scratch-lr{lr:g}" for lr in TEXT_LRS]
+        best = max(sweep, key=lambda lr: (sweep[lr] == sweep[lr], sweep[lr]))  # NaN last
+        picked.append(best)
+        scores["random"].append(evaluate_text(ws, f"text-ft-s{seed}-scratch-lr{best:g}", [split]).primary(split))
+    hours = sum(train_seconds(ws, run) for run in runs) / 3600
+    gaps = [p - r for p, r in zip(scores["pretrained"], scores["random"])]
+    budget = "50 updates (--quick)" if args.quick else "the preset's 300 updates"
+    return "\n".join([
+        TEXT_BEGIN, "## Learning, text: does pretraining pay? (`benchmarks/bench_learning.py --text`)", "",
+        f"{TASK} Matthews correlation (x 100) on its {split} split (600 sentences) of the best.pt (picked on "
+        f"{TEXT_SELECT}) of `glue-tiny` (400 labeled sentences, {budget}), mean ± std over seeds "
+        f"{', '.join(map(str, args.seeds))} (per-seed values in brackets; one run per seed and arm). Pretraining: "
+        f"`text-tiny`, {updates} updates on the unlabeled pool of `d2v prepare synthetic-text`. Random init: "
+        f"`--init scratch`, lr from {{{', '.join(f'{lr:g}' for lr in TEXT_LRS)}}} picked on {TEXT_SELECT}. "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} thread{'s' if args.threads != 1 else ''}; "
+        f"{hours:.1f} h of training in all{'; ' + args.note if args.note else ''}; {time.strftime('%Y-%m-%d')}.", "",
+        "| task | pretrained | random init (lr picked on dev) | gap (pretrained − random), per seed |",
+        "|---|---|---|---|",
+        f"| {TASK} ({split}, MCC) | {spread(scores['pretrained'])} | {spread(scores['random'])} | "
+        f"{', '.join(f'{g:+.1f}' for g in gaps)} (lrs {', '.join(f'{lr:g}' for lr in picked)}) |", "", TEXT_END])
 
 
 # --------------------------------------------------------------------------- the image arm (--images)

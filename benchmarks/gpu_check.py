@@ -21,6 +21,9 @@ tolerance and the report format):
   throughput   `d2v pretrain`'s engine on generated audio at the recipe's per-GPU batch, bf16: audio-s/s,
                peak memory, MFU (d2vcli.flops), for 1.0 base and large (and 2.0 base when the preset
                exists), eager vs torch.compile and with/without activation checkpointing
+  throughput vision / text   the same for images and text (benchmarks/gpu_checks_images_text.py):
+               vision-base (1.0) and vision2-base (images/s), text-base (tokens/s), eager, bf16, on
+               generated JPEGs / token shards; last, so a short budget skips them first
 
 Exit status: 0 when every check passed or was skipped, 1 naming the failed checks otherwise (a
 check that runs past its time budget is stopped by a watchdog and fails). Each check has a budget;
@@ -49,11 +52,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_checks_images_text  # noqa: E402
 from gpu_checks import (ROOT, TOL, CheckFailed, Skip, check_checkpointing, check_env,  # noqa: E402
                         check_fused_adamw, check_hf_encoder, check_precision, check_sdpa, check_throughput,
                         check_torchrun)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds throughput_images_text
 DEFAULT_BUDGET_S = 450.0  # the whole run; 8 minutes minus a margin for start-up and the report
 
 
@@ -68,7 +72,8 @@ class Run:
         self.start = time.monotonic()
         self.deadline = self.start + args.budget
         self.results: list[dict] = []
-        self.throughput: list[dict] = []
+        self.throughput: list[dict] = []  # speech rows (audio-s/s)
+        self.throughput_images_text: list[dict] = []  # image and text rows (images/s, tokens/s)
         self.meta: dict = {}
         self.tmp = Path(tempfile.mkdtemp(prefix="d2v-gpu-check-"))
         self.log = io.StringIO()
@@ -132,7 +137,7 @@ class Run:
             doc = {"format": FORMAT_VERSION, **self.meta, "mode": "cpu dry run" if self.cpu else "gpu",
                    "budget_s": self.args.budget, "elapsed_s": round(time.monotonic() - self.start, 1),
                    "tolerances": TOL, "checks": self.results, "throughput": self.throughput,
-                   "failed": self.failed()}
+                   "throughput_images_text": self.throughput_images_text, "failed": self.failed()}
             self.args.json.parent.mkdir(parents=True, exist_ok=True)
             self.args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
             self.args.md.write_text(render_markdown(doc))
@@ -158,6 +163,17 @@ def render_markdown(doc: dict) -> str:
             upd = f"{t['update_s']:.3f}" if t.get("update_s") else "-"
             lines.append(f"| {t['model']} | {t['variant']} | {t.get('batch', '-')} | {sps} | {upd} | {peak} | "
                          f"{t.get('gflop_per_audio_s', 0):.1f} | {mfu} | {t.get('note', '')} |")
+    if doc.get("throughput_images_text"):
+        lines += ["", "## Pretraining throughput, images and text (engine, generated inputs, bf16 on GPU)", "",
+                  "| model | variant | micro-batch | rate | s/update | peak GB | GFLOP per image/token | MFU | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t in doc["throughput_images_text"]:
+            mfu = f"{100 * t['mfu']:.1f}%" if t.get("mfu") is not None else "-"
+            peak = f"{t['peak_gb']:.1f}" if t.get("peak_gb") is not None else "-"
+            rate = f"{t['per_s']:.1f} {t['unit']}/s" if t.get("per_s") else "-"
+            upd = f"{t['update_s']:.3f}" if t.get("update_s") else "-"
+            lines.append(f"| {t['model']} | {t['variant']} | {t.get('batch', '-')} | {rate} | {upd} | {peak} | "
+                         f"{t.get('gflop_per_unit', 0):.3g} | {mfu} | {t.get('note', '')} |")
     lines += ["", "## Details", ""]
     for r in doc["checks"]:
         if r["details"]:
@@ -220,6 +236,13 @@ def main(argv=None) -> int:
             ("compile", ["train.compile=on"], False)])),
         ("compile 1.0 large", 10 if cpu else 150, check_throughput(run, "1.0 large", [
             ("compile + act. ckpt", ["train.compile=on", "train.activation_checkpointing=true"], False)])),
+        # Images and text last: the speech checks keep their budgets, these get what is left.
+        ("throughput vision 1.0 base", 20 if cpu else 45, gpu_checks_images_text.check_throughput(
+            run, "vision 1.0 base", [("eager", ["train.compile=off"])])),
+        ("throughput vision 2.0 base", 20 if cpu else 40, gpu_checks_images_text.check_throughput(
+            run, "vision 2.0 base", [("eager", ["train.compile=off"])])),
+        ("throughput text 1.0 base", 20 if cpu else 35, gpu_checks_images_text.check_throughput(
+            run, "text 1.0 base", [("eager", ["train.compile=off"])])),
     ]
     try:
         for check_name, budget, fn in checks:

@@ -236,12 +236,13 @@ def peek_kind(path: Path) -> Optional[str]:
 def make_state(kind: str, *, config: dict, arch: dict, normalize: bool, model: dict,
                teacher: Optional[dict] = None, vocab: Optional[Sequence[str]] = None,
                source: Any = None, classes: Optional[Sequence[str]] = None, task: Optional[dict] = None,
-               **training: Any) -> dict:
+               tokenizer: Optional[dict] = None, **training: Any) -> dict:
     """The one constructor of a checkpoint dict.
 
     `kind` "pretrain" carries the EMA `teacher` (may be None for a random or student-only
     model); "ctc" carries the `vocab` letters (specials excluded); "vision-cls" and "text-cls" the `classes`
-    names (one per output); "text-cls" also its labeled `task` description when known.
+    names (one per output); "text-cls" also its labeled `task` description when known; text kinds their
+    `tokenizer` entry (interop_tokenizer) when known.
     `training` holds the engine's
     resume keys (optimizer, scheduler, scaler, rng, data_position, step, engine) by their key names.
     """
@@ -261,6 +262,8 @@ def make_state(kind: str, *, config: dict, arch: dict, normalize: bool, model: d
             state[TEXT_TASK_KEY] = dict(task)
     elif teacher is not None:
         state[TEACHER_KEY] = teacher
+    if tokenizer is not None and kind in TEXT_KINDS:
+        state[TOKENIZER_KEY] = tokenizer
     if source is not None:
         state[SOURCE_KEY] = source
     unknown = set(training) - TRAINING_KEYS

@@ -270,12 +270,13 @@ def prepare_synthetic_images_cmd(
 def prepare_text_cmd(
     files: List[Path] = typer.Argument(..., help="UTF-8 text files: one sentence per line, an empty line between "
                                        "documents."),
-    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, max=1_000_000, help="Pieces of the sentencepiece model to train."),
+    vocab_size: int = typer.Option(32000, "--vocab-size", min=8, max=1_000_000,
+                                   help="Pieces of the sentencepiece model to train."),
     model_type: str = typer.Option("bpe", "--model-type", help="bpe or unigram."),
     spm: Optional[Path] = typer.Option(None, "--spm", help="Use this sentencepiece .model instead of training one."),
     lowercase: bool = typer.Option(False, "--lowercase", help="Lower-case the text after NFC normalization."),
-    valid_fraction: float = typer.Option(0.01, "--valid-fraction", min=0.0, max=0.99, help="Share of documents for valid (by a hash "
-                                         "of each document's text)."),
+    valid_fraction: float = typer.Option(0.01, "--valid-fraction", min=0.0, max=0.99,
+                                         help="Share of documents for valid (by a hash of each document's text)."),
     tokens_per_sample: int = typer.Option(512, "--tokens-per-sample", min=2, max=1_000_000,
                                           help="Block length with <s>."),
     break_mode: str = typer.Option("complete_doc", "--break-mode", help="complete_doc, complete or none "
@@ -301,6 +302,8 @@ def prepare_glue_cmd(
     task_name: Optional[str] = typer.Option(None, "--task-name", help="With --tsv: the task's folder name."),
     kind: str = typer.Option("classification", "--kind", help="With --tsv: classification or regression."),
     spm: Optional[Path] = typer.Option(None, "--spm", help="Tokenizer (default: <workdir>/data/text/spm.model)."),
+    tokenizer_from: Optional[str] = typer.Option(None, "--tokenizer-from", help="Tokenize with the tokenizer this "
+                                                 "text checkpoint or run carries (e.g. an imported HF model's BPE)."),
     tokens_per_sample: Optional[int] = typer.Option(None, "--tokens-per-sample", min=6, help="Longest record "
                                                     "(default: the text corpus's, else 512)."),
     workdir: Optional[Path] = WorkdirOpt,
@@ -309,7 +312,7 @@ def prepare_glue_cmd(
     from d2vcli.prepare.glue import prepare_glue
 
     _run_prepare(prepare_glue, Workspace.resolve(workdir), root, task, tsv=tsv or (), task_name=task_name,
-                 kind=kind, spm_path=spm, tokens_per_sample=tokens_per_sample)
+                 kind=kind, spm_path=spm, tokens_per_sample=tokens_per_sample, tokenizer_from=tokenizer_from)
 
 
 @prepare_app.command("synthetic-text")
@@ -398,6 +401,8 @@ def finetune_cmd(
                                       "instead of the student (finetune.init_from=teacher)."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Images: freeze the encoder and train a linear "
                                       "classifier on it (finetune.linear_probe=true)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Text: the labeled task under data/glue/ (RTE, SST-2, "
+                                       "AGREEMENT...; sets finetune.task); glue-base takes its GLUE schedule."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name: <workdir>/runs/NAME (default: the preset)."),
     resume: bool = ResumeOpt,
     resume_if_exists: bool = ResumeIfExistsOpt,
@@ -405,8 +410,8 @@ def finetune_cmd(
                                "(runs code from the file): only for files you trust."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
-    """CTC fine-tuning on letters, or image classification (presets vision-ft-*). Architecture and input
-    normalization come from the pretrained checkpoint."""
+    """CTC fine-tuning on letters, image classification (presets vision-ft-*) or sentence classification and
+    regression (presets glue-*, --task). Architecture and input normalization come from the pretrained checkpoint."""
     from d2vcli.finetune import finetune
 
     cfg = resolve_config("finetune", preset, config_file, overrides)
@@ -417,7 +422,13 @@ def finetune_cmd(
         start["init_from"] = "teacher"
     if linear_probe:
         start["linear_probe"] = True
+    if task:
+        start["task"] = task
     cfg = cfgmod.merge(cfg, {"finetune": start})
+    if cfg.modality == "text":  # a GLUE task's schedule sits between the preset and the user's settings
+        from d2vcli.finetune_text import with_task_schedule
+
+        cfg = with_task_schedule(cfg, preset, config_file, overrides or [], {"finetune": start})
     # Prints the config summary once completed from the checkpoint (its architecture and normalize).
     result = finetune(cfg, Workspace.resolve(workdir), name=name, resume=resume, preset=preset,
                       resume_if_exists=resume_if_exists, trust=trust)
@@ -656,11 +667,16 @@ def evaluate_cmd(
 
     On an image classifier (vision-cls): top-1 and top-5 per image split (default the val*/test* ones),
     a confusion summary, and predictions-/confusion- files, accuracy-summary.txt and accuracy.json.
+    On a text classifier (text-cls): its task's GLUE metric per split, predictions-*.jsonl and scores.json.
     """
     from d2vcli.evaluate import evaluate, print_result
+    from d2vcli.evaluate_text import evaluate_text, is_text_classifier, print_text_result
     from d2vcli.evaluate_vision import evaluate_images, is_image_classifier, print_image_result
 
     ws = Workspace.resolve(workdir)
+    if is_text_classifier(ws, checkpoint):
+        print_text_result(evaluate_text(ws, checkpoint, _splits(splits), trust=trust, device=device))
+        return
     if is_image_classifier(ws, checkpoint, _splits(splits)):
         print_image_result(evaluate_images(ws, checkpoint, _splits(splits), trust=trust, device=device))
         return
@@ -767,21 +783,27 @@ def demo_cmd(
                                       "same budget and report both (what pretraining buys)."),
     version: int = typer.Option(1, "--version", min=1, max=2, help="data2vec version to pretrain: 1 "
                                 "(speech-tiny) or 2 (speech2-tiny, data2vec 2.0; runs named demo2-*)."),
-    modality: str = typer.Option("speech", "--modality", help="speech (the default) or images (synthetic images, "
-                                 "vision-tiny pretraining, vision-ft-tiny fine-tuning, top-1/top-5)."),
+    modality: str = typer.Option("speech", "--modality", help="speech (the default), images (synthetic images, "
+                                 "vision-tiny, vision-ft-tiny, top-1/top-5) or text (synthetic text, text-tiny, "
+                                 "glue-tiny on AGREEMENT, MCC)."),
     workdir: Optional[Path] = WorkdirOpt,
 ):
     """The whole pipeline on a generated corpus, on CPU: prepare, pretrain, finetune, LM, decode, evaluate."""
+    if modality in ("images", "text") and version != 1:
+        raise UserError(f"d2v demo --modality {modality} --version {version}: the {modality} demo pretrains "
+                        "data2vec 1.0 (vision-tiny / text-tiny); drop --version.")
     if modality == "images":
-        if version != 1:
-            raise UserError(f"d2v demo --modality images --version {version}: the image demo pretrains data2vec "
-                            "1.0 (vision-tiny); drop --version.")
         from d2vcli.demo_images import ImageDemoSettings, print_image_demo, run_image_demo
 
         print_image_demo(run_image_demo(Workspace.resolve(workdir), ImageDemoSettings(compare_init=compare_init)))
         return
+    if modality == "text":
+        from d2vcli.demo_text import TextDemoSettings, print_text_demo, run_text_demo
+
+        print_text_demo(run_text_demo(Workspace.resolve(workdir), TextDemoSettings(compare_init=compare_init)))
+        return
     if modality != "speech":
-        raise UserError(f"d2v demo --modality {modality!r}: pass --modality speech (the default) or images.")
+        raise UserError(f"d2v demo --modality {modality!r}: pass --modality speech (the default), images or text.")
     from d2vcli.demo import DemoSettings, print_demo, run_demo
 
     print_demo(run_demo(Workspace.resolve(workdir), DemoSettings(compare_init=compare_init, version=version)))

@@ -88,6 +88,9 @@ class DataConfig:
         "max_tokens 8192 per GPU); train.tokens_per_update and the world size give the accumulation.")
     text_dir: Optional[str] = f(
         None, "Text: folder of the token shards (spm.model, train.bin, ...); null = <workdir>/data/text.")
+    text_sequences_per_batch: int = f(
+        32, "Text fine-tuning: labeled records per device per micro-batch; train.sequences_per_update and the "
+        "world size give the accumulation.")
 
 
 @dataclass
@@ -210,6 +213,11 @@ class TextModelConfig:
     layer_norm_eps: float = f(1e-5, "LayerNorm epsilon (fairseq 1e-5; Hugging Face's default 1e-12 differs).")
     init_std: float = f(0.02, "Std of the N(0, std) init of embeddings and Linear layers (init_bert_params).")
     pooler_dropout: float = f(0.0, "Fine-tuning: dropout inside the classification head (RoBERTa's 0.0).")
+    decoder_dim: int = f(768, "data2vec 2.0 (model.version 2): channels of the conv decoder (text base 768).")
+    decoder_layers: int = f(5, "data2vec 2.0: conv decoder blocks, Conv1d -> LayerNorm -> GELU, no residual (5).")
+    decoder_kernel: int = f(9, "data2vec 2.0: kernel of each decoder conv (text base 9).")
+    decoder_groups: int = f(1, "data2vec 2.0: groups of each decoder conv (text base 1).")
+    decoder_dropout: float = f(0.1, "data2vec 2.0: dropout on the encoder output before the decoder (0.1).")
 
 
 @dataclass
@@ -286,6 +294,11 @@ class TrainConfig:
         "256 blocks of 512; docs/text-data.md). Gradient accumulation is derived from this, "
         "data.text_tokens_per_batch and the world size.",
     )
+    sequences_per_update: int = f(
+        32, "Text fine-tuning: labeled records per optimizer update (fairseq's GLUE batch_size: 16 or 32 "
+        "sentences per task, docs/glue.md). Gradient accumulation is derived from this, "
+        "data.text_sequences_per_batch and the world size.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = f(
         "auto", "auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
     )
@@ -337,6 +350,12 @@ class FinetuneConfig:
     label_smoothing: float = f(0.1, "Images: label smoothing of the (mixed) targets.")
     linear_probe: bool = f(False, "Images: freeze the encoder and train only fc_norm and the linear head "
                            "(no mixup, cutmix, drop path or RandAugment).")
+    task: str = f("", "Text: the labeled task to fine-tune on, a folder of <workdir>/data/glue/ (RTE, SST-2, "
+                  "AGREEMENT...); empty = the only task there.")
+    task_schedule: bool = f(
+        False, "Text: when finetune.task is a GLUE task, take its batch, warmup, updates, lr and validation "
+        "interval from the recipe's per-task table (docs/glue.md), except values given with --set or --config "
+        "(applied when `d2v finetune` resolves its config: finetune_text.with_task_schedule).")
 
 
 @dataclass
@@ -403,6 +422,8 @@ class Config:
             problems.extend(self._vision_problems(masking=command != "finetune" and m.version == 1))
         if images and m.version == 2 and command != "finetune":
             problems.extend(self._vision2_problems())
+        if self.data.text_sequences_per_batch < 1 or self.train.sequences_per_update < 1:
+            problems.append("data.text_sequences_per_batch and train.sequences_per_update must be at least 1")
         if self.data.tokens_per_sample < 2 or self.data.text_tokens_per_batch < 1 or self.train.tokens_per_update < 1:
             problems.append("data.tokens_per_sample must be at least 2, data.text_tokens_per_batch and "
                             "train.tokens_per_update at least 1")
@@ -444,6 +465,14 @@ class Config:
         if min(mk.leave_unmasked_prob, mk.random_token_prob) < 0 or mk.leave_unmasked_prob + mk.random_token_prob > 1:
             problems.append("masking.leave_unmasked_prob and masking.random_token_prob must be at least 0 and sum "
                             "to at most 1")
+        if self.model.version == 2:
+            if mk.mask_length != 1:
+                problems.append(f"masking.mask_length is {mk.mask_length}, but data2vec 2.0 text masks single tokens "
+                                f"at random (MAE-style, fairseq mask_length 1): set masking.mask_length=1")
+            if t.decoder_layers < 1 or t.decoder_dim % t.decoder_groups or t.embed_dim % t.decoder_groups:
+                problems.append(f"text.decoder_layers must be at least 1 and text.embed_dim ({t.embed_dim}) and "
+                                f"text.decoder_dim ({t.decoder_dim}) divisible by text.decoder_groups "
+                                f"({t.decoder_groups})")
         return problems
 
     def _vision_problems(self, masking: bool) -> list[str]:
@@ -557,6 +586,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "vision2-tiny": ("pretrain", "vision2-tiny.yaml"),
     "text-base": ("pretrain", "text-base.yaml"),
     "text-tiny": ("pretrain", "text-tiny.yaml"),
+    "text2-base": ("pretrain", "text2-base.yaml"),
+    "text2-tiny": ("pretrain", "text2-tiny.yaml"),
     "speech2-base": ("pretrain", "speech2-base.yaml"),
     "speech2-large": ("pretrain", "speech2-large.yaml"),
     "speech2-tiny": ("pretrain", "speech2-tiny.yaml"),

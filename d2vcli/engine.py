@@ -251,6 +251,13 @@ def text_batch_unit(cfg: Config) -> BatchUnit:
                      "tokens")
 
 
+def text_sequence_unit(cfg: Config) -> BatchUnit:
+    """Labeled records per update (train.sequences_per_update, fairseq's batch_size) in micro-batches of
+    data.text_sequences_per_batch: text fine-tuning."""
+    return BatchUnit(cfg.train.sequences_per_update, cfg.data.text_sequences_per_batch, "sequences", 1.0,
+                     "sequences_per_s", "sequences")
+
+
 def describe_batch(batch_seconds: float, max_tokens: int, info: DistInfo, accumulation: int) -> str:
     """'3800 s/update = 1 GPU x 3.8M samples x 16 accumulation' (plus the exact total if it differs)."""
     text = (f"{batch_seconds:g} s/update = {info.describe()} x {max_tokens / 1e6:g}M samples x "

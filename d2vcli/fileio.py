@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, IO
 
 from d2vcli.errors import UserError
+from d2vcli.locks import hold
 
 # Temp names of other hosts, and of versions before the host and pid were in the name, cannot
 # be checked against a process table; they count as leftovers once nothing can still be writing
@@ -207,12 +208,19 @@ def build_stamped_dir(out_dir: Path | str, params: dict, what: str, build: Calla
     without a stamp is user data and never touched (FileExistsError naming `what`).
     """
     out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes generating into one folder would each remove what the other renamed into place:
+    # the second is refused with the holder's pid instead (the first one's folder is then reusable).
+    with hold(out.parent / f".{out.name}.lock", f"generating the {what} in {out}"):
+        return _build_stamped_dir(out, params, what, build)
+
+
+def _build_stamped_dir(out: Path, params: dict, what: str, build: Callable[[Path], dict]) -> dict:
     stamp = _read_stamp(out)
     if stamp is not None and stamp.get("params") == params:
         return stamp["info"]
     if out.exists() and any(out.iterdir()) and stamp is None:
         raise FileExistsError(f"{out} exists and is not a d2v {what}; pass another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         info = build(tmp)

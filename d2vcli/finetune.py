@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
-from d2vcli import distributed, engine, finetune_vision
+from d2vcli import distributed, engine, finetune_text, finetune_vision
 from d2vcli.callable_module import make_callable
 from d2vcli.config import REGULARIZATION_FIELDS, Config, ConfigError, ModelConfig
 from d2vcli.data import STREAM_MASK, AudioDataset, Batch, BatchLoader, bad_files_summary, batch_rng, read_splits
@@ -599,14 +599,15 @@ def finetune(
     Prints what the config changes; config.yaml holds it whole, with the checkpoint's architecture.
     `stop_at` saves and returns after that many updates (status "paused") without changing
     the schedule, so a run can be split into parts that together equal one uninterrupted run.
-    A config with `modality: images` trains an image classifier (`d2vcli.finetune_vision`).
+    A config with `modality: images` trains an image classifier (`d2vcli.finetune_vision`), one with
+    `modality: text` a sentence classifier or regressor (`d2vcli.finetune_text`).
     """
     if cfg.modality == "images":
         return finetune_vision.finetune(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,
                                         resume_if_exists=resume_if_exists, trust=trust)
     if cfg.modality == "text":
-        raise UserError("text fine-tuning (`modality: text`, the glue-* presets) is not in this build yet: it "
-                        "comes with d2vcli/finetune_text.py. Pretrain with `d2v pretrain --preset text-tiny` meanwhile.")
+        return finetune_text.finetune(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,
+                                      resume_if_exists=resume_if_exists, trust=trust)
     info = distributed.setup(cfg.train.device)
     try:
         name = distributed.broadcast_object(name or default_run_name("finetune", preset))

@@ -19,6 +19,24 @@ forward of the transformer (positional conv + layers; it reuses the student's co
 data2vec 2.0 update (model.version 2, M = masking.clone_batch clones, keep = 1 - mask_prob) =
 3 x conv encoder once + teacher forward (positional conv + prenet + layers on all T frames) +
 M x 3 x (positional conv on all T frames + prenet + layers on keep x T frames + decoder).
+
+Images (ViT, `vision` section; N = (H/P)^2 patches, one CLS token, so T = N + 1 tokens):
+
+    patch embedding   2 (C P^2) D N
+    each block        layer_flops(N + 1, D, F)                 the same six products and QK^T, AV
+    norm + lm_head    2 D^2 N (1.0: every patch is predicted, the loss keeps the masked ones)
+    conv decoder (2.0)  sum over blocks: 2 (C_in / g) Dd k^2 N, then 2 Dd D N, per clone, every patch
+
+data2vec 1.0 image update = 3 x (patch embedding + blocks on N + 1 + lm_head) + the teacher's
+forward (patch embedding + blocks on N + 1; an EMA of the whole model, its heads unused).
+data2vec 2.0 image update (M clones, V visible patches per clone, the mask's exact count) =
+3 x patch embedding (once per image) + M x 3 x (prenet + blocks on V + 1 + decoder) + the teacher
+(patch embedding + prenet + blocks on N + 1, once per image).
+
+Text (RoBERTa encoder, `text` section; T tokens of the padded sequence, `<s>` included): the
+embeddings are table look-ups (no FLOPs), each layer is layer_flops(T, D, F), the regression head
+(Linear D -> 2D, GELU, Linear 2D -> D) is 8 D^2 T on every position.
+data2vec 1.0 text update = 3 x (layers + head) + the teacher's forward (layers).
 """
 
 from __future__ import annotations
@@ -95,6 +113,53 @@ def update_flops(num_samples: int, model, masking) -> UpdateFlops:
     share = 1.0 - (1.0 - masking.mask_prob / masking.mask_length) ** masking.mask_length
     layers = model.num_layers * layer_flops(t, d, f) + pos_conv_flops(t, model)
     return UpdateFlops(conv, proj + 3.0 * layers + layers, 3.0 * 2.0 * d * d * t * share)
+
+
+def patch_embed_flops(vision) -> float:
+    """Forward FLOPs of the ViT patch embedding on one image."""
+    n = (vision.image_size // vision.patch_size) ** 2
+    return 2.0 * vision.in_channels * vision.patch_size ** 2 * vision.embed_dim * n
+
+
+def visible_patches(vision, masking) -> int:
+    """Patches each data2vec 2.0 clone encodes: the 2-D block mask's exact count (objective.masking)."""
+    n = (vision.image_size // vision.patch_size) ** 2
+    if masking.inverse_mask:
+        return int(n * (1.0 - masking.mask_prob))
+    return n - int(n * masking.mask_prob)
+
+
+def conv_decoder_2d_flops(vision) -> float:
+    """Forward FLOPs of the data2vec 2.0 image decoder on one clone (every patch of the grid)."""
+    n = (vision.image_size // vision.patch_size) ** 2
+    dd, k, g = vision.decoder_dim, vision.decoder_kernel, vision.decoder_groups
+    convs = sum(2.0 * ((vision.embed_dim if i == 0 else dd) / g) * dd * k * k * n for i in range(vision.decoder_layers))
+    return convs + 2.0 * dd * vision.embed_dim * n
+
+
+def vision_update_flops(vision, masking, version: int | None = None) -> UpdateFlops:
+    """One image pretraining step's FLOPs on one image (`vision` config section, `masking` section;
+    `version` is model.version, else the section's own, else 1). UpdateFlops' fields here: patch
+    embedding, transformer blocks (student x3 and teacher), head (lm_head or the conv decoder)."""
+    n = (vision.image_size // vision.patch_size) ** 2
+    d, f = vision.embed_dim, vision.ffn_dim
+    embed = patch_embed_flops(vision)
+    depth = vision.num_layers + getattr(vision, "prenet_depth", 0)
+    if (version or getattr(vision, "version", 1)) == 2:
+        m = max(1, masking.clone_batch)
+        student = m * 3.0 * depth * layer_flops(visible_patches(vision, masking) + 1, d, f)
+        teacher = depth * layer_flops(n + 1, d, f)
+        return UpdateFlops(4.0 * embed, student + teacher, m * 3.0 * conv_decoder_2d_flops(vision))
+    blocks = depth * layer_flops(n + 1, d, f)
+    return UpdateFlops(4.0 * embed, 4.0 * blocks, 3.0 * 2.0 * d * d * n)
+
+
+def text_update_flops(tokens: int, text) -> UpdateFlops:
+    """One text pretraining step's FLOPs on one sequence of `tokens` (padded length, `<s>` included).
+    UpdateFlops' fields here: embeddings (look-ups: 0), layers (student x3 and teacher), regression head."""
+    d = text.embed_dim
+    layers = text.num_layers * layer_flops(tokens, d, text.ffn_dim)
+    return UpdateFlops(0.0, 4.0 * layers, 3.0 * 8.0 * d * d * tokens)
 
 
 def flops_per_audio_second(num_samples: int, model, masking, sample_rate: int = 16_000) -> float:

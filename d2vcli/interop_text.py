@@ -298,12 +298,17 @@ def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, wor
 # --------------------------------------------------------------------------- d2v -> HF
 
 
+# What a text-pretrain state holds beside the encoder: 1.0's regression head, 2.0's conv decoder.
+PRETRAINING_HEADS = ("regression_head.", "decoder.")
+
+
 def to_hf_state(kind: str, model_state: dict, arch: TextConfig, seed: int = 0) -> dict:
-    """d2v model state -> HF state dict (the regression head stays behind; HF has none)."""
+    """d2v model state -> HF state dict (the regression head, or data2vec 2.0's conv decoder, stays behind:
+    HF has neither; the 2.0 encoder is 1.0's post-LN RoBERTa layers, docs/text.md)."""
     key_map = HF_CLS_MAP if kind == "text-cls" else HF_MODEL_MAP
     out, unmatched = {}, []
     for key, value in model_state.items():
-        if kind == "text-pretrain" and key.startswith("regression_head."):
+        if kind == "text-pretrain" and key.startswith(PRETRAINING_HEADS):
             continue
         hf = key_map.from_d2v(key)
         if hf is None:

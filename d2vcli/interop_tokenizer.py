@@ -126,9 +126,11 @@ class HFBPETokenizer:
     """RoBERTa's byte-level BPE from an imported model's files, with text_data.Tokenizer's interface
     (encode gives the pieces' ids, no `<s>`/`</s>`; the caller adds them as for sentencepiece)."""
 
-    def __init__(self, entry: dict):
+    def __init__(self, entry: dict, source: str = "checkpoint"):
         tk = _tokenizers()
         files = entry["files"]
+        self.source = source
+        self._sha256 = entry_sha256(entry)
         if "tokenizer.json" in files:
             self._tok = tk.Tokenizer.from_str(files["tokenizer.json"])
             self._tok.post_processor = None  # specials are added by the caller
@@ -151,6 +153,17 @@ class HFBPETokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def sha256(self) -> str:
+        """What `d2v prepare glue` records in task.json, so fine-tuning can check the ids are this tokenizer's."""
+        return self._sha256
+
+
+def entry_sha256(entry: dict) -> str:
+    """A tokenizer entry's identity: the sentencepiece model's sha256, or that of the HF files' canonical JSON."""
+    if entry.get("format") == "sentencepiece":
+        return hashlib.sha256(entry["model"]).hexdigest()
+    return hashlib.sha256(json.dumps(entry.get("files") or {}, sort_keys=True).encode()).hexdigest()
+
 
 def _merges(text: str) -> list[tuple[str, str]]:
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#version")]
@@ -164,7 +177,7 @@ def tokenizer_of(entry: Optional[dict], source: str = "checkpoint"):
     if entry.get("format") == "sentencepiece":
         return Tokenizer(entry["model"], entry.get("path", source))
     if entry.get("format") == "hf":
-        return HFBPETokenizer(entry)
+        return HFBPETokenizer(entry, source)
     raise InteropError(f"{source}: unknown tokenizer format {entry.get('format')!r}")
 
 

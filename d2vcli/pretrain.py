@@ -8,6 +8,7 @@
     d2v pretrain --preset vision-tiny                       # images: d2vcli.pretrain_vision
     d2v pretrain --preset vision2-tiny                      # data2vec 2.0 images: d2vcli.pretrain_vision2
     d2v pretrain --preset text-tiny                         # text: d2vcli.pretrain_text
+    d2v pretrain --preset text2-tiny                        # data2vec 2.0 text: d2vcli.pretrain_text2
 
 Python: `pretrain(cfg, workspace, name=..., resume=...) -> engine.TrainResult`.
 
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
-from d2vcli import distributed, engine, pretrain_text, pretrain_vision, pretrain_vision2
+from d2vcli import distributed, engine, pretrain_text, pretrain_text2, pretrain_vision, pretrain_vision2
 from d2vcli.callable_module import make_callable
 from d2vcli.config import Config
 from d2vcli.data import STREAM_MASK, STREAM_MASK_NOISE, AudioDataset, Batch, BatchLoader, batch_rng, read_splits
@@ -317,11 +318,13 @@ def pretrain(
     returns after that many updates (status "paused") without changing the schedule,
     so a run can be split into parts that together equal one uninterrupted run.
     A config with `modality: images` trains the ViT (`d2vcli.pretrain_vision`; with `model.version: 2`
-    data2vec 2.0's, `d2vcli.pretrain_vision2`), `modality: text` the text encoder (`d2vcli.pretrain_text`).
+    data2vec 2.0's, `d2vcli.pretrain_vision2`), `modality: text` the text encoder (`d2vcli.pretrain_text`;
+    with `model.version: 2` `d2vcli.pretrain_text2`).
     """
     if cfg.modality == "text":
-        return pretrain_text.pretrain(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,
-                                      resume_if_exists=resume_if_exists)
+        run = pretrain_text2.pretrain if cfg.model.version == 2 else pretrain_text.pretrain
+        return run(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,
+                   resume_if_exists=resume_if_exists)
     if cfg.modality == "images":
         run = pretrain_vision2.pretrain if cfg.model.version == 2 else pretrain_vision.pretrain
         return run(cfg, workspace, name=name, resume=resume, preset=preset, stop_at=stop_at,

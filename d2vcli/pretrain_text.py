@@ -40,6 +40,7 @@ from d2vcli import distributed, engine
 from d2vcli.config import Config, ConfigError
 from d2vcli.data import STREAM_MASK, Batch, batch_rng
 from d2vcli.engine import StepOutput, TrainResult
+from d2vcli.interop_tokenizer import sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model
 from d2vcli.models.text import TextConfig
@@ -85,7 +86,7 @@ def text_arch(cfg: Config, vocab_size: int, mask_id: int) -> TextConfig:
                           f"set text.vocab_size=0 (the tokenizer's) or prepare the corpus with that vocabulary")
     if t.mask_id >= 0 and t.mask_id != mask_id:
         raise ConfigError(f"text.mask_id is {t.mask_id} but the tokenizer's <mask> is {mask_id}; set text.mask_id=-1")
-    values = dataclasses.asdict(t) | {"vocab_size": vocab_size, "mask_id": mask_id}
+    values = dataclasses.asdict(t) | {"vocab_size": vocab_size, "mask_id": mask_id, "version": cfg.model.version}
     arch = TextConfig(**values)
     try:
         arch.validate()
@@ -102,8 +103,10 @@ class TextPretrainTask:
 
     kind = "text-pretrain"
 
-    def __init__(self, cfg: Config, device: torch.device, arch: TextConfig, special_ids: tuple[int, ...] = (0, 1, 2, 3)):
+    def __init__(self, cfg: Config, device: torch.device, arch: TextConfig, special_ids: tuple[int, ...] = (0, 1, 2, 3),
+                 tokenizer: Optional[dict] = None):
         self.cfg = cfg
+        self.tokenizer = tokenizer  # the checkpoint's tokenizer entry (interop_tokenizer), so the run carries it
         self.arch = arch
         self.special_ids = tuple(special_ids)
         self.masking = mask_params(cfg.masking)
@@ -111,6 +114,12 @@ class TextPretrainTask:
         self.model = build_text_model("text-pretrain", arch).to(device)
         self.teacher = EMATeacher(self.model.encoder, copied_prefixes=COPIED_PREFIXES)
         self.find_unused_parameters = arch.layerdrop > 0
+
+    @property
+    def teacher_scope(self) -> str:
+        """What the start-up line says the teacher is (2.0 overrides it)."""
+        return (f"EMA of the transformer layers, embeddings copied; it reads the "
+                f"{self.cfg.objective.text_teacher_input} text")
 
     def mask(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(masked tokens (B, T), mask (B, T) bool) from the batch's own RNG stream."""
@@ -162,6 +171,7 @@ class TextPretrainTask:
             ckpt.ARCH_KEY: dataclasses.asdict(self.arch),
             ckpt.NORMALIZE_KEY: False,  # no waveform to normalize
             ckpt.TEACHER_KEY: self.teacher.state_dict(),
+            ckpt.TOKENIZER_KEY: self.tokenizer,
         }
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -191,8 +201,10 @@ def build_text_loader(cfg: Config, workspace, info: distributed.DistInfo) -> tup
 
 
 def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = False, preset: Optional[str] = None,
-             stop_at: Optional[int] = None, resume_if_exists: bool = False) -> TrainResult:
-    """Run (or resume) data2vec text pretraining in <workdir>/runs/<name>; as `d2vcli.pretrain.pretrain`."""
+             stop_at: Optional[int] = None, resume_if_exists: bool = False, make_task=None) -> TrainResult:
+    """Run (or resume) data2vec text pretraining in <workdir>/runs/<name>; as `d2vcli.pretrain.pretrain`.
+
+    `make_task` builds the task with TextPretrainTask's arguments (`pretrain_text2` passes 2.0's)."""
     if cfg.data.tokens_per_sample > cfg.text.max_positions:
         raise ConfigError(f"data.tokens_per_sample ({cfg.data.tokens_per_sample}) is longer than the encoder's "
                           f"text.max_positions ({cfg.text.max_positions}); lower one or raise the other")
@@ -206,13 +218,15 @@ def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
             run = prepare_run(workspace, name, cfg, resume, info)
             torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
             specials = (tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id)
-            task = TextPretrainTask(cfg, info.device, arch, specials)
+            task = (make_task or TextPretrainTask)(cfg, info.device, arch, specials,
+                                                   sentencepiece_entry(text_dir(workspace, cfg.data.text_dir)
+                                                                       / "spm.model"))
             if info.is_main:
                 print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
                                      f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
                 console.print(f"model: {parameter_count(task.model):,} parameters ({arch.num_layers} x "
-                              f"{arch.embed_dim}, {arch.vocab_size:,} tokens; teacher: EMA of the transformer "
-                              f"layers, embeddings copied; it reads the {cfg.objective.text_teacher_input} text)")
+                              f"{arch.embed_dim}, {arch.vocab_size:,} tokens, data2vec {arch.version}.0; teacher: "
+                              f"{task.teacher_scope})")
             return engine.train(cfg, task, loader, run, info, description="pretrain", stop_at=stop_at,
                                 batch=engine.text_batch_unit(cfg))
     finally:

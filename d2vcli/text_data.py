@@ -292,7 +292,8 @@ class TextBlockLoader(_PositionedLoader):
         self.pad_id = PAD
         longest = int(blocks.sizes.max()) + 1 if len(blocks) else 0
         if tokens_per_sample is not None and longest > tokens_per_sample:
-            raise DataError(f"{blocks.text_dir}: blocks of up to {longest} tokens (with <s>) but data.tokens_per_sample "
+            raise DataError(f"{blocks.text_dir}: blocks of up to {longest} tokens (with <s>) but "
+                            f"data.tokens_per_sample "
                             f"is {tokens_per_sample}; re-run `d2v prepare text --tokens-per-sample "
                             f"{tokens_per_sample}` or raise data.tokens_per_sample")
         if longest > tokens_per_batch:
@@ -344,7 +345,8 @@ def read_task_records(task_dir: Path | str, split: str) -> list[dict]:
     rows = read_jsonl(path)
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or "tokens" not in r or "label" not in r:
-            raise DataError(f"{path}: line {i} is not a text task record (id, tokens, label); re-run `d2v prepare glue`")
+            raise DataError(f"{path}: line {i} is not a text task record (id, tokens, label); re-run "
+                            f"`d2v prepare glue`")
     return rows
 
 

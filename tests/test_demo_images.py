@@ -66,7 +66,7 @@ def test_shortened_image_demo_end_to_end(tmp_path, capsys):
 
 def test_demo_modality_is_checked(tmp_path):
     runner = CliRunner()
-    bad = runner.invoke(app, ["demo", "--modality", "text", "--workdir", str(tmp_path)])
-    assert bad.exit_code == 2 and "--modality speech (the default) or images" in bad.output
+    bad = runner.invoke(app, ["demo", "--modality", "video", "--workdir", str(tmp_path)])
+    assert bad.exit_code == 2 and "--modality speech (the default), images or text" in bad.output
     v2 = runner.invoke(app, ["demo", "--modality", "images", "--version", "2", "--workdir", str(tmp_path)])
     assert v2.exit_code == 2 and "drop --version" in v2.output

@@ -40,7 +40,7 @@ def test_cpu_dry_run_runs_every_check_and_writes_both_reports(tmp_path):
                  "throughput 1.0 base", "throughput 1.0 large"):
         assert status[name] == "pass", (name, [c for c in doc["checks"] if c["name"] == name])
     assert status["compile 1.0 base"] == "skipped"  # CUDA only, reported as such
-    assert doc["mode"] == "cpu dry run" and doc["failed"] == [] and doc["format"] == 1
+    assert doc["mode"] == "cpu dry run" and doc["failed"] == [] and doc["format"] == 2
     details = {c["name"]: c["details"] for c in doc["checks"]}
     precision = details["precision"]["1.0 base"]
     assert precision["bf16"]["loss_rel"] < doc["tolerances"]["loss_bf16"] and "skipped on CPU" in precision["fp16"]
@@ -48,8 +48,21 @@ def test_cpu_dry_run_runs_every_check_and_writes_both_reports(tmp_path):
     rows = doc["throughput"]
     assert {r["variant"] for r in rows} >= {"eager", "eager + act. ckpt"}
     assert all(r["audio_s_per_s"] > 0 and r["gflop_per_audio_s"] > 0 and r["mfu"] is None for r in rows)
+    # Images and text: each case ran the real pretraining on generated inputs and reports its rate and FLOPs.
+    for name in ("throughput vision 1.0 base", "throughput vision 2.0 base", "throughput text 1.0 base"):
+        assert status[name] == "pass", (name, [c for c in doc["checks"] if c["name"] == name])
+    other = {r["model"]: r for r in doc["throughput_images_text"]}
+    assert set(other) == {"vision 1.0 base (vision-tiny)", "vision 2.0 base (vision2-tiny)",
+                          "text 1.0 base (text-tiny)"}
+    assert [other[m]["unit"] for m in sorted(other)] == ["tokens", "images", "images"]
+    assert all(r["per_s"] > 0 and r["gflop_per_unit"] > 0 and r["mfu"] is None and r["update_s"] > 0
+               for r in other.values())
+    assert other["vision 2.0 base (vision2-tiny)"]["batch"] == "4 images x 4 clones"
+    assert [c["name"] for c in doc["checks"]][-3:] == ["throughput vision 1.0 base", "throughput vision 2.0 base",
+                                                       "throughput text 1.0 base"]  # last: skipped first
     page = (tmp_path / "report.md").read_text()
     assert "| torchrun | pass |" in page and "## Pretraining throughput" in page
+    assert "## Pretraining throughput, images and text" in page and "images/s" in page and "tokens/s" in page
     assert "all checks passed or skipped" in page
 
 

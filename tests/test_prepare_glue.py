@@ -63,7 +63,8 @@ def write_glue(root, rng):
     tsv(root / "MRPC/test.tsv", ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"],
         [[i, 1, 2, s(), s()] for i in range(2)])
     tsv(root / "STS-B/test.tsv", ["index", "genre", "filename", "year", "old_index", "source1", "source2",
-                                  "sentence1", "sentence2"], [[i, "g", "f", "y", i, "n", "n", s(), s()] for i in range(2)])
+                                  "sentence1", "sentence2"],
+        [[i, "g", "f", "y", i, "n", "n", s(), s()] for i in range(2)])
     tsv(root / "QQP/test.tsv", ["id", "question1", "question2"], [[i, s(), s()] for i in range(2)])
     tsv(root / "QNLI/test.tsv", ["index", "question", "sentence"], [[i, s(), s()] for i in range(2)])
     tsv(root / "RTE/test.tsv", ["index", "sentence1", "sentence2"], [[i, s(), s()] for i in range(2)])
@@ -101,7 +102,8 @@ def test_every_glue_task_layout(ws, tmp_path):
         assert (task["kind"], task["num_classes"], task["metric"]) == (kind, n, metric)
         train = read_jsonl(out / "train.jsonl")
         assert [r["label"] for r in train] == [label(i) for i in range(4)], name
-        assert all(r["label"] is None for r in read_jsonl(out / "test.jsonl")) and len(read_jsonl(out / "test.jsonl")) == 2
+        test = read_jsonl(out / "test.jsonl")
+        assert all(r["label"] is None for r in test) and len(test) == 2
         pair = GLUE_TASKS[name].sentence2 is not None
         for r in train:
             assert r["tokens"][0] == 0 and r["tokens"][-1] == 2

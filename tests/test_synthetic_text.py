@@ -140,3 +140,18 @@ def test_word_ngrams_do_not_solve_the_tasks(task):
     x = CountVectorizer(ngram_range=(1, 3), token_pattern=r"[^ ]+").fit(joined[:400])
     model = LogisticRegression(max_iter=2000).fit(x.transform(joined[:400]), [r[-1] for r in train])
     assert model.score(x.transform(joined[400:]), [r[-1] for r in test]) < 0.6
+
+
+def test_a_second_generation_into_the_same_folder_is_refused_and_the_first_corpus_stays(tmp_path):
+    from d2vcli.locks import LockError, hold
+
+    out = tmp_path / "corpus"
+    first = generate_text_corpus(out, "tiny", seed=3)
+    before = files(out)
+    # Another process generating there holds the folder's lock: this one is refused with its pid,
+    # instead of removing what the other is about to rename into place (it was a FileNotFoundError).
+    with hold(tmp_path / ".corpus.lock", "generating the synthetic text corpus"):
+        with pytest.raises(LockError, match=r"is locked by pid \d+"):
+            generate_text_corpus(out, "tiny", seed=4)
+    assert files(out) == before
+    assert generate_text_corpus(out, "tiny", seed=3) == first

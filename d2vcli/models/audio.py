@@ -114,8 +114,16 @@ class ConvBlock(nn.Module):
         self.norm = Fp32LayerNorm(out_channels, eps=CONV_LN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, 1, L) channels-last -> (B, C, 1, L')
-        x = F.conv2d(x, self.conv.weight.unsqueeze(2), stride=(1, self.stride))
-        x = x.permute(0, 2, 3, 1)  # (B, 1, L', C): a view, contiguous in channels-last memory
+        if x.shape[1] == 1:
+            # On the raw waveform the conv is a (k -> C) matmul over strided windows, written straight
+            # into channels-last order; oneDNN's conv of one input channel also returned channels-first
+            # memory, which cost a full-size copy and a slow strided LayerNorm (about 14 % of a base
+            # encoder forward on CPU, benchmarks/bench_encoder.py).
+            windows = x[:, 0, 0, :].unfold(-1, self.conv.kernel_size[0], self.stride)  # (B, L', k)
+            x = (windows @ self.conv.weight[:, 0, :].t()).unsqueeze(1)  # (B, 1, L', C)
+        else:
+            x = F.conv2d(x, self.conv.weight.unsqueeze(2), stride=(1, self.stride))
+            x = x.permute(0, 2, 3, 1)  # (B, 1, L', C): a view, contiguous in channels-last memory
         x = F.gelu(self.norm(x))
         return x.permute(0, 3, 1, 2)
 

@@ -217,19 +217,30 @@ class Data2Vec2Audio(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Kept frames back in place, noise at the masked ones, `layers` grouped conv blocks, Linear(dim -> D).
+    """Kept frames back in place, noise at the masked ones, `layers` grouped conv blocks, a projection to D.
 
     Each block is Conv1d(k, groups) -> LayerNorm (no affine) -> GELU (1.0's positional conv block),
-    with a residual when its input and output widths match: the first block narrows D to `dim` and
-    has none (fairseq `Decoder1d`, base: 4 blocks of 384 channels, kernel 7, 16 groups).
+    with a residual when its input and output widths match and `residual` is on: the first block
+    narrows D to `dim` and has none (fairseq `Decoder1d`, base audio: 4 blocks of 384 channels,
+    kernel 7, 16 groups). `projection_layers` 1 is one Linear(dim -> D) (audio); 2 is
+    Linear(dim -> ratio x dim) -> GELU -> Linear(-> D) (fairseq `projection_layers`, `projection_ratio`:
+    data2vec 2.0 text, whose 5 blocks of 768 channels, kernel 9, 1 group have no residual at all).
     """
 
-    def __init__(self, embed_dim: int, dim: int, layers: int, kernel: int, groups: int, input_dropout: float):
+    def __init__(self, embed_dim: int, dim: int, layers: int, kernel: int, groups: int, input_dropout: float,
+                 residual: bool = True, projection_layers: int = 1, projection_ratio: float = 2.0):
         super().__init__()
         self.input_dropout = input_dropout
+        self.residual = residual
         self.blocks = nn.ModuleList(PosConvBlock(embed_dim if i == 0 else dim, kernel, groups, out_dim=dim)
                                     for i in range(layers))
-        self.proj = nn.Linear(dim, embed_dim)
+        if projection_layers == 1:
+            self.proj = nn.Linear(dim, embed_dim)
+        else:  # an nn.Sequential: keys proj.0, proj.2 ... like fairseq's
+            hidden, widths = int(dim * projection_ratio), []
+            for i in range(projection_layers - 1):
+                widths += [nn.Linear(dim if i == 0 else hidden, hidden), nn.GELU()]
+            self.proj = nn.Sequential(*widths, nn.Linear(hidden, embed_dim))
 
     def forward(self, x: Tensor, time_mask: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """x (N, T_k, D) encoder output at the kept frames (time order), time_mask (N, T) -> (N, T, D).
@@ -242,7 +253,7 @@ class ConvDecoder(nn.Module):
         residual = h
         for block in self.blocks:
             h = block(h)
-            if residual.shape[1] == h.shape[1]:
+            if self.residual and residual.shape[1] == h.shape[1]:
                 h = h + residual
             residual = h
         return self.proj(h[:, :, 0, :].transpose(1, 2))  # (N, T, D)

@@ -26,6 +26,7 @@ from d2vcli.config import ModelConfig, from_dict
 from d2vcli.models.audio import Data2VecForCTC, Data2VecForPretraining, build_backbone
 from d2vcli.models.audio2 import Data2Vec2ForPretraining, build_backbone2, build_decoder2
 from d2vcli.models.text import Data2VecTextPretrainModel, TextClassifier, TextConfig
+from d2vcli.models.text2 import Data2Vec2TextPretrainModel
 from d2vcli.models.vision import Data2VecVisionForImageClassification, Data2VecVisionForPretraining, VisionConfig
 from d2vcli.models.vision2 import Data2Vec2VisionForImageClassification, Data2Vec2VisionForPretraining
 from d2vcli.vocab import BLANK, Vocab
@@ -104,11 +105,12 @@ def text_arch(arch: TextConfig | dict, path: Path | str = "checkpoint") -> TextC
 
 
 def build_text_model(kind: str, arch: TextConfig | dict, num_classes: int = 0) -> nn.Module:
-    """A fresh text encoder: "text-pretrain" (student + regression head) or "text-cls" (classifier with
-    `num_classes` outputs; 1 = a regression task)."""
+    """A fresh text encoder: "text-pretrain" (student + regression head, or with `arch.version` 2 the
+    2.0 student + conv decoder, models/text2.py) or "text-cls" (classifier with `num_classes` outputs;
+    1 = a regression task; the encoder is the same for both versions)."""
     arch = text_arch(arch)
     if kind == "text-pretrain":
-        return Data2VecTextPretrainModel(arch)
+        return Data2Vec2TextPretrainModel(arch) if arch.version == 2 else Data2VecTextPretrainModel(arch)
     if kind == "text-cls":
         if num_classes < 1:
             raise ValueError("a text-cls model needs num_classes >= 1")

@@ -66,6 +66,19 @@ class TextConfig:
     """Std of the N(0, std) init of embeddings and Linear layers (fairseq `init_bert_params`: 0.02)."""
     pooler_dropout: float = 0.0
     """Dropout inside the classification head (fairseq RoBERTa `pooler_dropout` 0.0)."""
+    version: int = 1
+    """data2vec generation the pretraining model is built for: 1 (regression head on every token) or 2
+    (only the kept tokens encoded, a conv decoder; models/text2.py). The encoder is the same for both."""
+    decoder_dim: int = 768
+    """data2vec 2.0: channels of the conv decoder (fairseq Decoder1d `decoder_dim`, text base 768)."""
+    decoder_layers: int = 5
+    """data2vec 2.0: conv decoder blocks (text base 5)."""
+    decoder_kernel: int = 9
+    """data2vec 2.0: kernel of each decoder conv (text base 9, padding 4)."""
+    decoder_groups: int = 1
+    """data2vec 2.0: groups of each decoder conv (text base 1: full convolutions)."""
+    decoder_dropout: float = 0.1
+    """data2vec 2.0: dropout on the encoder output before the decoder (`input_dropout` 0.1)."""
 
     @property
     def position_rows(self) -> int:
@@ -81,6 +94,12 @@ class TextConfig:
             raise ValueError(f"pad_id and mask_id are both {self.pad_id}")
         if self.max_positions < 2:
             raise ValueError(f"max_positions must be at least 2, got {self.max_positions}")
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {self.version}")
+        if self.version == 2 and (self.decoder_layers < 1 or self.decoder_dim % self.decoder_groups
+                                  or self.embed_dim % self.decoder_groups):
+            raise ValueError(f"the decoder needs at least 1 layer and embed_dim {self.embed_dim} and decoder_dim "
+                             f"{self.decoder_dim} divisible by decoder_groups {self.decoder_groups}")
 
 
 def text_base() -> TextConfig:

@@ -213,3 +213,23 @@ def compute_block_mask_2d(
         _exact_count(row, target, rng)
         mask[i] = ~row if inverse_mask else row
     return mask
+
+
+def compute_random_mask(rows: int, length: int, mask_prob: float, rng: Optional[np.random.Generator] = None
+                        ) -> np.ndarray:
+    """MAE-style random masking (data2vec 2.0 text, `mask_length: 1`): (rows, length) bool, True = masked.
+
+    fairseq `examples/data2vec/models/modalities/base.py::random_masking`: per row, uniform noise
+    argsorted, the first int(length * (1 - mask_prob)) positions kept (266 of 512 at 0.48), the
+    other length - keep masked. Padding is not looked at, as in the recipe: padded positions can be
+    masked (and then scored), which with full 512-token blocks (`sample_break_mode: none`) is rare.
+    """
+    if rng is None:
+        raise ValueError("compute_random_mask needs an explicit numpy Generator (np.random.default_rng(seed))")
+    if not 0 <= mask_prob < 1:
+        raise MaskingError(f"masking.mask_prob must be in [0, 1), got {mask_prob}")
+    keep = int(length * (1 - mask_prob))
+    order = np.argsort(rng.random((rows, length)), axis=1)  # (rows, length) a random permutation per row
+    mask = np.ones((rows, length), dtype=bool)
+    np.put_along_axis(mask, order[:, :keep], False, axis=1)
+    return mask

@@ -11,7 +11,8 @@ synthetic-text` writes). `--tsv` files need a header naming `sentence` (or `sent
 `sentence2`, and `label` (a test file may lack it); the split is the file's name (train, dev, test).
 
 Every sentence is tokenized with the workspace's tokenizer (`data/text/spm.model` from `d2v prepare
-text`, or --spm) in RoBERTa's format: `<s> a </s>` or `<s> a </s></s> b </s>`, truncated to
+text`, or --spm; or, with --tokenizer-from RUN, the tokenizer a text checkpoint carries, e.g. an imported
+HF model's byte-level BPE) in RoBERTa's format: `<s> a </s>` or `<s> a </s></s> b </s>`, truncated to
 tokens_per_sample by cutting the longer sentence first (truncations are counted). Outputs, per
 task under `data/glue/<TASK>/`: `<split>.jsonl` records {"id", "tokens", "label"} (label null on
 test splits), `task.json` (name, kind, num_classes, label_names, metric, per-split counts, the
@@ -32,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from d2vcli import checkpoint as ckpt
 from d2vcli.fileio import atomic_write_jsonl, atomic_write_text, remove_stale_temps
+from d2vcli.interop_tokenizer import InteropError, tokenizer_of
 from d2vcli.locks import hold
 from d2vcli.prepare.result import PrepareError
 from d2vcli.prepare.text import normalize_line
@@ -80,8 +83,9 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("QQP", "classification", ("not_duplicate", "duplicate"), "acc_and_f1", "question1", "question2",
              "is_duplicate", _STD, id_column="id"),
     GlueTask("MNLI", "classification", ("entailment", "neutral", "contradiction"), "acc", "sentence1", "sentence2",
-             "gold_label", (("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv"),
-                            ("test", "test_matched.tsv"), ("test_mismatched", "test_mismatched.tsv")),
+             "gold_label", (("train", "train.tsv"), ("dev", "dev_matched.tsv"),
+                            ("dev_mismatched", "dev_mismatched.tsv"), ("test", "test_matched.tsv"),
+                            ("test_mismatched", "test_mismatched.tsv")),
              id_column="index"),
     GlueTask("QNLI", "classification", ("entailment", "not_entailment"), "acc", "question", "sentence", "label", _STD,
              id_column="index"),
@@ -397,6 +401,27 @@ def find_tasks(root: Path, task: Optional[str]) -> list[_TaskSource]:
     return sources
 
 
+def checkpoint_tokenizer(ws: Workspace, ref: str):
+    """The tokenizer a text checkpoint carries (`--tokenizer-from RUN`: e.g. an imported HF model's
+    byte-level BPE), so the records' ids are that model's."""
+    try:
+        path = ckpt.find_checkpoint(ws, ref)
+    except FileNotFoundError as e:
+        raise PrepareError(f"--tokenizer-from: {e}") from None
+    try:
+        entry = ckpt.load_checkpoint(path).get(ckpt.TOKENIZER_KEY)
+        if not entry:
+            raise PrepareError(f"--tokenizer-from {ref}: {path} carries no tokenizer (a fairseq import has none); "
+                               f"pass --spm PATH, or import the HF release, which brings its tokenizer files")
+        tok = tokenizer_of(entry, str(path))
+    except (InteropError, ckpt.CheckpointError) as e:
+        raise PrepareError(f"--tokenizer-from {ref}: {e}") from None
+    if (tok.bos_id, tok.eos_id) != (BOS, EOS):
+        raise PrepareError(f"--tokenizer-from {ref}: its <s>/</s> ids are {tok.bos_id}/{tok.eos_id}, not RoBERTa's "
+                           f"{BOS}/{EOS}, which the records use")
+    return tok
+
+
 def load_workspace_tokenizer(ws: Workspace, spm_path: Optional[Path | str]) -> Tokenizer:
     path = Path(spm_path) if spm_path else text_dir(ws) / "spm.model"
     if not path.is_file():
@@ -417,7 +442,8 @@ def _text_meta(ws: Workspace) -> dict:
 
 def prepare_glue(ws: Workspace, root: Optional[Path | str] = None, task: Optional[str] = None,
                  tsv: Sequence[Path | str] = (), task_name: Optional[str] = None, kind: str = "classification",
-                 spm_path: Optional[Path | str] = None, tokens_per_sample: Optional[int] = None) -> GluePrepareSummary:
+                 spm_path: Optional[Path | str] = None, tokens_per_sample: Optional[int] = None,
+                 tokenizer_from: Optional[str] = None) -> GluePrepareSummary:
     """Records and task.json for GLUE tasks under root, or for --tsv files (see the module docstring)."""
     if (root is None) == (not tsv):
         raise PrepareError("pass either the GLUE folder (DIR) or --tsv FILE ... --task-name NAME, not both")
@@ -442,7 +468,9 @@ def prepare_glue(ws: Workspace, root: Optional[Path | str] = None, task: Optiona
     tokens_per_sample = tokens_per_sample or int(meta.get("tokens_per_sample", 512))
     if tokens_per_sample < 6:
         raise PrepareError(f"--tokens-per-sample {tokens_per_sample}: a pair needs at least 6 (4 special tokens)")
-    tok = load_workspace_tokenizer(ws, spm_path)
+    if tokenizer_from and spm_path:
+        raise PrepareError("pass --spm PATH or --tokenizer-from RUN, not both")
+    tok = checkpoint_tokenizer(ws, tokenizer_from) if tokenizer_from else load_workspace_tokenizer(ws, spm_path)
     # The text corpus's lower-casing applies when this is its tokenizer (the model saw only lower case).
     lowercase = bool(meta.get("tokenizer_sha256") == tok.sha256() and meta.get("normalization", {}).get("lowercase"))
     summaries: list[GlueSplitSummary] = []

@@ -264,7 +264,8 @@ def _write_split(out: Path, split: str, blocks: list[np.ndarray], dtype: np.dtyp
 def prepare_text(ws: Workspace, files: Sequence[Path | str], vocab_size: int = 32000, model_type: str = "bpe",
                  spm_path: Optional[Path | str] = None, lowercase: bool = False, valid_fraction: float = 0.01,
                  tokens_per_sample: int = 512, break_mode: str = "complete_doc", workers: int = 0,
-                 out_dir: Optional[Path | str] = None, command: str = "text", force: bool = False) -> TextPrepareSummary:
+                 out_dir: Optional[Path | str] = None, command: str = "text",
+                 force: bool = False) -> TextPrepareSummary:
     """Tokenizer and token shards for `files` under data/text/ (see the module docstring)."""
     if not files:
         raise PrepareError("no text files given: pass one or more UTF-8 text files")
@@ -392,7 +393,8 @@ def _build(out: Path, paths: list[Path], opts: dict, fingerprint: str, spm_src: 
         "mask_id": tok.mask_id, "special_ids": {"bos": tok.bos_id, "pad": tok.pad_id, "eos": tok.eos_id,
                                                 "unk": tok.unk_id, "mask": tok.mask_id},
         "tokenizer": tokenizer_note, "tokenizer_path": str(out / "spm.model"), "tokenizer_sha256": tok.sha256(),
-        "normalization": {"unicode": "NFC", "control_chars": "removed", "tabs": "space", "lowercase": opts["lowercase"]},
+        "normalization": {"unicode": "NFC", "control_chars": "removed", "tabs": "space",
+                          "lowercase": opts["lowercase"]},
         "tokens_per_sample": opts["tokens_per_sample"], "break_mode": opts["break_mode"],
         "valid_fraction": opts["valid_fraction"], "splits": {s.split: asdict(s) for s in summaries},
         "problems": dict(problems), "inputs": per_file, "files": files,
