@@ -60,7 +60,7 @@ from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_model
 from d2vcli.objective.masking import compute_block_mask, compute_mask_indices
 from d2vcli.objective.monitors import (Guard, collapse_reason, compute_std, layer_variance_ratio,
-                                      position_explained_share, time_varying_share)
+                                      position_explained_share, spread_guards, time_varying_share)
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
@@ -93,10 +93,7 @@ TARGET_FIXES = (
 def collapse_guards(obj: cfgmod.ObjectiveConfig) -> list[Guard]:
     """The pretraining stop rules with this config's thresholds."""
     return [
-        Guard("target_std", "objective.min_target_std", obj.min_target_std, below=True,
-              meaning="the teacher's targets are nearly constant across frames.", fixes=SPREAD_FIXES),
-        Guard("pred_std", "objective.min_pred_std", obj.min_pred_std, below=True,
-              meaning="the student's predictions are nearly constant across frames.", fixes=SPREAD_FIXES),
+        *spread_guards(obj.min_target_std, obj.min_pred_std, "frames", SPREAD_FIXES),
         Guard("conv_time_share", "objective.min_conv_time_share", obj.min_conv_time_share, below=True,
               meaning="the shared conv encoder outputs nearly the same vector at every frame of an utterance, "
               "so neither student nor teacher sees the audio any more.",

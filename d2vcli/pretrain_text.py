@@ -44,7 +44,7 @@ from d2vcli.interop_tokenizer import sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model
 from d2vcli.models.text import TextConfig
-from d2vcli.objective.monitors import Guard, collapse_reason, compute_std
+from d2vcli.objective.monitors import Guard, collapse_reason, compute_std, spread_guards
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.objective.text_masking import TextMaskParams, mask_tokens
@@ -64,12 +64,7 @@ SPREAD_FIXES = (
 
 def collapse_guards(obj: cfgmod.ObjectiveConfig) -> list[Guard]:
     """The text pretraining stop rules: the spread of targets and predictions (fairseq's compute_var guards)."""
-    return [
-        Guard("target_std", "objective.min_target_std", obj.min_target_std, below=True,
-              meaning="the teacher's targets are nearly constant across tokens.", fixes=SPREAD_FIXES),
-        Guard("pred_std", "objective.min_pred_std", obj.min_pred_std, below=True,
-              meaning="the student's predictions are nearly constant across tokens.", fixes=SPREAD_FIXES),
-    ]
+    return spread_guards(obj.min_target_std, obj.min_pred_std, "tokens", SPREAD_FIXES)
 
 
 def mask_params(m: cfgmod.MaskingConfig) -> TextMaskParams:

@@ -40,7 +40,7 @@ from d2vcli.image_data import ImageBatchLoader, pretrain_transform, read_image_m
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.objective.image_masking import BlockMaskParams, block_masks
-from d2vcli.objective.monitors import Guard, collapse_reason, compute_std
+from d2vcli.objective.monitors import Guard, collapse_reason, compute_std, spread_guards
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher, ema_decay_at
 from d2vcli.prepare.images import image_manifest, images_dir
@@ -56,12 +56,7 @@ SPREAD_FIXES = (
 
 def collapse_guards(obj: cfgmod.ObjectiveConfig) -> list[Guard]:
     """The image pretraining stop rules: the spread of targets and predictions (fairseq's compute_var guards)."""
-    return [
-        Guard("target_std", "objective.min_target_std", obj.min_target_std, below=True,
-              meaning="the teacher's targets are nearly constant across patches.", fixes=SPREAD_FIXES),
-        Guard("pred_std", "objective.min_pred_std", obj.min_pred_std, below=True,
-              meaning="the student's predictions are nearly constant across patches.", fixes=SPREAD_FIXES),
-    ]
+    return spread_guards(obj.min_target_std, obj.min_pred_std, "patches", SPREAD_FIXES)
 
 
 def mask_params(m: cfgmod.MaskingConfig) -> BlockMaskParams:

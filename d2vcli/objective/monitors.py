@@ -160,6 +160,17 @@ class Guard:
         return value < self.threshold if self.below else value > self.threshold
 
 
+def spread_guards(min_target_std: float, min_pred_std: float, positions: str, fixes: Sequence[str]) -> list[Guard]:
+    """fairseq's compute_var stop rules, which every modality has: the targets' or the predictions'
+    spread across `positions` (frames, patches, tokens) fell below the threshold."""
+    return [
+        Guard("target_std", "objective.min_target_std", min_target_std, below=True,
+              meaning=f"the teacher's targets are nearly constant across {positions}.", fixes=fixes),
+        Guard("pred_std", "objective.min_pred_std", min_pred_std, below=True,
+              meaning=f"the student's predictions are nearly constant across {positions}.", fixes=fixes),
+    ]
+
+
 def collapse_reason(step: int, metrics: Mapping[str, float], *, check_after: int,
                     guards: Sequence[Guard]) -> Optional[str]:
     """The message that stops training when a guard trips (from update `check_after` on), else None.
