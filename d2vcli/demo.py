@@ -108,6 +108,28 @@ def stop(what: str, result, run_dir: Path, command: str = "d2v demo") -> None:
     raise SystemExit(result.exit_code)
 
 
+class Laps:
+    """Wall seconds per demo stage: `laps("name")` ends the stage that began at the previous call."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._clock = now - self._clock, now
+
+
+def pretrain_stage(ws, preset: str, run: str, overrides, updates: Optional[int],
+                   command: str = "d2v demo") -> cfgmod.Config:
+    """A demo's pretraining run (resumed when it exists); stops the demo with the run's message on failure."""
+    pcfg = cfgmod.resolve("pretrain", preset=preset, overrides=list(overrides) + updates_set(updates))
+    result = pretrain(pcfg, ws, name=run, resume_if_exists=True, preset=preset)
+    if result.exit_code:
+        stop("pretraining", result, ws.run_dir(run), command)
+    return pcfg
+
+
 def write_labeled_subset(ws, every: int) -> str:
     """data/train-labeled.jsonl: every `every`-th utterance of train (by id, so every speaker is in it).
     Returns a one-line description (utterances and minutes against the whole split)."""
@@ -161,14 +183,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     preset = PRETRAIN_PRESETS[settings.version]
     pretrain_run, finetune_run, scratch_run = run_names(settings.version)
     total = 6
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = now - clock
-        clock = now
+    lap = Laps()
 
     stage(1, total, "prepare the synthetic corpus")
     summary = prepare_synthetic(ws, size=settings.size)
@@ -176,11 +191,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
     lap("prepare")
 
     stage(2, total, f"data2vec {settings.version}.0 pretraining ({preset})")
-    pcfg = cfgmod.resolve("pretrain", preset=preset,
-                          overrides=list(settings.pretrain_set) + updates_set(settings.pretrain_updates))
-    result = pretrain(pcfg, ws, name=pretrain_run, resume_if_exists=True, preset=preset)
-    if result.exit_code:
-        stop("pretraining", result, ws.run_dir(pretrain_run))
+    pcfg = pretrain_stage(ws, preset, pretrain_run, settings.pretrain_set, settings.pretrain_updates)
     lap("pretrain")
 
     stage(3, total, "CTC fine-tuning from the pretrained model on a labeled subset (finetune-tiny)")
@@ -225,7 +236,7 @@ def run_demo(ws, settings: Optional[DemoSettings] = None) -> DemoResult:
         artefacts["report (open in a browser)"] = write_report(ws, finetune_run)
     except UserError as e:  # matplotlib is an optional extra: the demo's results stand without the page
         console.print(f"no report page: {e}", markup=False)
-    return DemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, seconds, artefacts, settings.version)
+    return DemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, lap.seconds, artefacts, settings.version)
 
 
 def print_demo(result: DemoResult) -> None:

@@ -19,20 +19,18 @@ are shared.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from d2vcli import config as cfgmod
-from d2vcli.demo import stage, stop, updates_set
+from d2vcli.demo import Laps, pretrain_stage, stage, stop, updates_set
 from d2vcli.evaluate_vision import ImageEvalResult, evaluate_images
 from d2vcli.finetune import finetune
 from d2vcli.finetune_vision import FINETUNE_VISION_FIELDS
 from d2vcli.image_data import read_image_manifest
 from d2vcli.prepare.images import image_manifest
 from d2vcli.prepare.synthetic_images import default_synthetic_images_dir, prepare_synthetic_images
-from d2vcli.pretrain import pretrain
 from d2vcli.ui import console, table
 
 COMMAND = "d2v demo --modality images"
@@ -92,14 +90,7 @@ def run_image_demo(ws, settings: Optional[ImageDemoSettings] = None) -> ImageDem
     """Run the four stages (and the random-init arm with compare_init) in `ws`."""
     settings = settings or ImageDemoSettings()
     total = 4
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
+    lap = Laps()
 
     stage(1, total, "prepare the synthetic image corpus")
     summary = prepare_synthetic_images(ws, size=settings.size, workers=settings.workers)
@@ -107,11 +98,8 @@ def run_image_demo(ws, settings: Optional[ImageDemoSettings] = None) -> ImageDem
     lap("prepare")
 
     stage(2, total, f"data2vec 1.0 pretraining of the ViT on the unlabeled pool ({PRETRAIN_PRESET})")
-    pcfg = cfgmod.resolve("pretrain", preset=PRETRAIN_PRESET,
-                          overrides=list(settings.pretrain_set) + updates_set(settings.pretrain_updates))
-    result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume_if_exists=True, preset=PRETRAIN_PRESET)
-    if result.exit_code:
-        stop("pretraining", result, ws.run_dir(PRETRAIN_RUN), COMMAND)
+    pcfg = pretrain_stage(ws, PRETRAIN_PRESET, PRETRAIN_RUN, settings.pretrain_set, settings.pretrain_updates,
+                          COMMAND)
     lap("pretrain")
 
     stage(3, total, f"classification fine-tuning from the pretrained ViT on the labeled split ({FINETUNE_PRESET})")
@@ -143,7 +131,7 @@ def run_image_demo(ws, settings: Optional[ImageDemoSettings] = None) -> ImageDem
     if scratch is not None:
         artefacts["random-init model"] = ws.run_dir(SCRATCH_RUN) / "best.pt"
         artefacts["random-init predictions"] = scratch.out_dir
-    return ImageDemoResult(ws.root, evaluation, scratch, labeled, seconds, artefacts)
+    return ImageDemoResult(ws.root, evaluation, scratch, labeled, lap.seconds, artefacts)
 
 
 def print_image_demo(result: ImageDemoResult) -> None:

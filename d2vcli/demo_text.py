@@ -21,19 +21,17 @@ finished runs. The speech demo is `d2vcli/demo.py`; its stage helpers are shared
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from d2vcli import config as cfgmod
-from d2vcli.demo import stage, stop, updates_set
+from d2vcli.demo import Laps, pretrain_stage, stage, stop, updates_set
 from d2vcli.evaluate_text import TextEvalResult, evaluate_text
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import finetune
 from d2vcli.finetune_text import FINETUNE_TEXT_FIELDS
 from d2vcli.prepare.synthetic_text import default_synthetic_text_dir, prepare_synthetic_text
-from d2vcli.pretrain import pretrain
 from d2vcli.text_data import TokenBlocks, glue_dir, read_task_records, text_dir
 from d2vcli.ui import console, table
 
@@ -119,14 +117,7 @@ def run_text_demo(ws, settings: Optional[TextDemoSettings] = None) -> TextDemoRe
     """Run the four stages (and the random-init sweep with compare_init) in `ws`."""
     settings = settings or TextDemoSettings()
     total = 4
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
+    lap = Laps()
 
     stage(1, total, "prepare the synthetic text corpus")
     summary = prepare_synthetic_text(ws, size=settings.size, workers=settings.workers)
@@ -134,11 +125,8 @@ def run_text_demo(ws, settings: Optional[TextDemoSettings] = None) -> TextDemoRe
     lap("prepare")
 
     stage(2, total, f"data2vec 1.0 pretraining of the text encoder on the unlabeled pool ({PRETRAIN_PRESET})")
-    pcfg = cfgmod.resolve("pretrain", preset=PRETRAIN_PRESET,
-                          overrides=list(settings.pretrain_set) + updates_set(settings.pretrain_updates))
-    result = pretrain(pcfg, ws, name=PRETRAIN_RUN, resume_if_exists=True, preset=PRETRAIN_PRESET)
-    if result.exit_code:
-        stop("pretraining", result, ws.run_dir(PRETRAIN_RUN), COMMAND)
+    pcfg = pretrain_stage(ws, PRETRAIN_PRESET, PRETRAIN_RUN, settings.pretrain_set, settings.pretrain_updates,
+                          COMMAND)
     lap("pretrain")
 
     stage(3, total, f"{settings.task} fine-tuning from the pretrained encoder ({FINETUNE_PRESET})")
@@ -172,7 +160,7 @@ def run_text_demo(ws, settings: Optional[TextDemoSettings] = None) -> TextDemoRe
     if scratch is not None:
         artefacts["random-init model"] = scratch.checkpoint
         artefacts["random-init predictions"] = scratch.out_dir
-    return TextDemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, seconds, artefacts)
+    return TextDemoResult(ws.root, evaluation, scratch, sweep, best_lr, labeled, lap.seconds, artefacts)
 
 
 def print_text_demo(result: TextDemoResult) -> None:
