@@ -147,8 +147,6 @@ def hf_config(kind: str, arch: TextConfig, classes: Optional[list[str]] = None, 
 
 # --------------------------------------------------------------------------- HF -> d2v
 
-TextImportResult = ModelImportResult  # what import_hf and the fairseq text imports return
-
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -255,7 +253,7 @@ def teacher_state(model_state: dict) -> dict:
 
 
 def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, workspace: Optional[Workspace] = None,
-              force: bool = False, dict_path: Optional[Path] = None) -> TextImportResult:
+              force: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import hf` for a data2vec-text folder: a text-pretrain or text-cls d2v checkpoint."""
     folder = Path(folder)
     if dict_path is not None:

@@ -222,8 +222,6 @@ def preprocessor_config(arch: VisionConfig) -> dict:
 
 # --------------------------------------------------------------------------- import
 
-VisionImportResult = ModelImportResult  # what import_hf and import_beit return
-
 
 def _read_json(path: Path) -> dict:
     try:
@@ -292,7 +290,7 @@ def convert_hf(folder: Path, trust: bool = False) -> tuple[dict, list[str]]:
 
 
 def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, workspace: Optional[Workspace] = None,
-              force: bool = False, dict_path: Optional[Path] = None) -> VisionImportResult:
+              force: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import hf` for a data2vec-vision folder: write it as a d2v checkpoint (vision-pretrain or vision-cls)."""
     folder = Path(folder)
     if dict_path is not None:
@@ -419,7 +417,7 @@ def convert_beit(raw, source: Path, use_ema: bool = False) -> tuple[dict, list[s
 
 
 def import_beit(raw, path: Path, out: Optional[Path] = None, workspace: Optional[Workspace] = None,
-                force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None) -> VisionImportResult:
+                force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import fairseq` for a data2vec_vision file (`interop.import_fairseq` hands the loaded file here)."""
     path = Path(path)
     if dict_path is not None:

@@ -6,8 +6,7 @@
         run.resume_from                                          # the checkpoint to continue, or None
 
     with opened_run(workspace, cfg, info, "pretrain", name, preset, resume, resume_if_exists) as run:
-        ...                                                      # the same four steps, then the seed
-
+        ...                      # the same for a training command: its default name, then torch seeded
 
 Rules, kept in one place: an existing run with checkpoints is only continued with `--resume`
 (`RunDirError` otherwise); `--resume` continues from last.pt, else the newest step-N.pt, and is an
