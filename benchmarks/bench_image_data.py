@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 from d2vcli.data import Batch
+from engine_bench import RandomBatches, peak_mem_gb, train_rows
 
 # config -> (preset, images per update = per micro-batch)
 CASES = {"tiny": ("vision-tiny", 64), "base": ("vision-base", 8)}
@@ -79,47 +79,23 @@ def bench_data(workers: list[int], images: int, sizes: list[int], batch: int) ->
 # ----------------------------------------------------------------------------- pretraining
 
 
-class RandomImageLoader:
-    """Duck-types image_data.ImageBatchLoader for the engine: fixed-size random images, an endless epoch."""
+def random_images(batch: int, size: int) -> RandomBatches:
+    """Fixed-size random images, endless (in place of image_data.ImageBatchLoader)."""
 
-    def __init__(self, batch: int, size: int):
-        self.batch, self.size = batch, size
-        self.index = 0
-        self.position = type("P", (), {"epoch": 1, "consumed": 0})()
-        self.bad_files: dict[str, str] = {}
+    def make(g: torch.Generator, index: int) -> Batch:
+        source = torch.randn(batch, 3, size, size, generator=g)
+        return Batch(source=source, padding_mask=None, ids=[str(i) for i in range(batch)], num_samples=batch,
+                     target=torch.zeros(batch, dtype=torch.long), epoch=1, index=index)
 
-    def local_indices(self, epoch, consumed):
-        return [0]
-
-    def batches(self, epoch):
-        return [0]
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(0)
-        while True:
-            source = torch.randn(self.batch, 3, self.size, self.size, generator=g)
-            self.index += 1
-            self.position.consumed = self.index
-            yield Batch(source=source, padding_mask=None, ids=[str(i) for i in range(self.batch)],
-                        num_samples=self.batch, target=torch.zeros(self.batch, dtype=torch.long), epoch=1,
-                        index=self.index)
-
-    def state_dict(self):
-        return {"epoch": 1, "consumed": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["consumed"]
+    return RandomBatches(make)
 
 
 def run_case(name: str, steps: int) -> dict:
     from d2vcli import config as C
     from d2vcli import engine
     from d2vcli.distributed import DistInfo
-    from d2vcli.fileio import read_jsonl
     from d2vcli.models.audio import parameter_count
     from d2vcli.pretrain_vision import VisionPretrainTask
-    from d2vcli.run_dir import prepare_run
-    from d2vcli.workspace import Workspace
 
     preset, batch = CASES[name]
     cfg = C.resolve("pretrain", preset=preset, overrides=[
@@ -128,19 +104,13 @@ def run_case(name: str, steps: int) -> dict:
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(0)
     task = VisionPretrainTask(cfg, torch.device("cpu"))
-    loader = RandomImageLoader(batch, cfg.vision.image_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = prepare_run(Workspace.resolve(tmp), "bench", cfg, False, info)
-        os.environ["D2V_PROGRESS"] = "0"
-        result = engine.train(cfg, task, loader, run, info, description=f"bench {name}",
-                              batch=engine.image_batch_unit(cfg))
-        rows = read_jsonl(run.metrics_path)
-    assert result.status == "done", result.message
+    rows, _ = train_rows(cfg, task, random_images(batch, cfg.vision.image_size), info, f"bench {name}",
+                         batch=engine.image_batch_unit(cfg))
     rows = [r for r in rows if "images_per_s" in r]  # the update records
     speeds = [r["images_per_s"] for r in rows[2:]] or [rows[-1]["images_per_s"]]
     return {"config": name, "preset": preset, "params_m": parameter_count(task.model) / 1e6,
             "image_size": cfg.vision.image_size, "batch": batch, "images_per_s": statistics.median(speeds),
-            "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_mem_gb": peak_mem_gb("cpu"),
             "threads": torch.get_num_threads()}
 
 

@@ -34,12 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +43,7 @@ import torch
 
 from d2vcli.data import Batch
 from d2vcli.flops import flops_per_audio_second, peak_flops
+from engine_bench import RandomBatches, peak_mem_gb, train_rows, worker_result
 
 
 # (preset, samples per crop, max_tokens) per device.
@@ -86,48 +83,23 @@ class ForwardTimer:
         module.register_forward_hook(post)
 
 
-class RandomAudioLoader:
-    """Duck-types data.BatchLoader for the engine: fixed-size random batches, an endless epoch."""
+def random_audio(batch: int, samples: int, pin: bool) -> RandomBatches:
+    """Fixed-size random crops, endless (in place of data.BatchLoader); pinned for a CUDA run."""
 
-    def __init__(self, batch: int, samples: int, pin: bool):
-        self.batch, self.samples, self.pin = batch, samples, pin
-        self.index = 0
-        self.position = type("P", (), {"epoch": 1, "consumed": 0})()
-        self.bad_files: dict[str, str] = {}  # random audio never fails to read
+    def make(g: torch.Generator, index: int) -> Batch:
+        source = torch.randn(batch, samples, generator=g)
+        if pin:
+            source = source.pin_memory()
+        return Batch(source=source, padding_mask=None, ids=[], num_samples=source.numel(), epoch=1, index=index)
 
-    def local_indices(self, epoch, consumed):
-        return [0]
-
-    def batches(self, epoch):
-        return [0]
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(0)
-        while True:
-            source = torch.randn(self.batch, self.samples, generator=g)
-            if self.pin:
-                source = source.pin_memory()
-            self.index += 1
-            self.position.consumed = self.index
-            yield Batch(source=source, padding_mask=None, ids=[], num_samples=source.numel(), epoch=1,
-                        index=self.index)
-
-    def state_dict(self):
-        return {"epoch": 1, "consumed": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["consumed"]
+    return RandomBatches(make)
 
 
 def run_case(name: str, device: str, steps: int) -> dict:
     from d2vcli import config as C
-    from d2vcli import engine
     from d2vcli.distributed import DistInfo
-    from d2vcli.fileio import read_jsonl
     from d2vcli.models.audio import parameter_count
     from d2vcli.pretrain import make_task
-    from d2vcli.run_dir import prepare_run
-    from d2vcli.workspace import Workspace
 
     preset, samples, max_tokens = CASES[(name, device)]
     batch = max_tokens // samples
@@ -149,18 +121,8 @@ def run_case(name: str, device: str, steps: int) -> dict:
     conv_calls, teacher_calls = [0], [0]
     task.model.backbone.feature_extractor.register_forward_hook(lambda *a: conv_calls.__setitem__(0, conv_calls[0] + 1))
     task.teacher.module.register_forward_hook(lambda *a: teacher_calls.__setitem__(0, teacher_calls[0] + 1))
-    loader = RandomAudioLoader(batch, samples, pin=device == "cuda")
-    with tempfile.TemporaryDirectory() as tmp:
-        ws = Workspace.resolve(tmp)
-        run = prepare_run(ws, "bench", cfg, False, info)
-        os.environ["D2V_PROGRESS"] = "0"
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        result = engine.train(cfg, task, loader, run, info, description=f"bench {name}")
-        train_s = time.perf_counter() - started
-        rows = read_jsonl(run.metrics_path)
-    assert result.status == "done", result.message
+    loader = random_audio(batch, samples, pin=device == "cuda")
+    rows, train_s = train_rows(cfg, task, loader, info, f"bench {name}")
     micro = loader.index
     speeds = [r["audio_s_per_s"] for r in rows[2:]] or [rows[-1]["audio_s_per_s"]]
     audio_per_s = statistics.median(speeds)
@@ -189,13 +151,10 @@ def run_case(name: str, device: str, steps: int) -> dict:
         "version": cfg.model.version, "clones": cfg.masking.clone_batch if v2 else 1,
         "share": {k: v / train_s for k, v in timer.total.items()},
     }
-    if device == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        peak = peak_flops(out["device"])
-        if peak:
-            out["mfu"] = audio_per_s * flops_per_audio_second(samples, cfg.model, cfg.masking) / peak
-    else:
-        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["peak_mem_gb"] = peak_mem_gb(device)
+    peak = peak_flops(out["device"]) if device == "cuda" else None
+    if peak:
+        out["mfu"] = audio_per_s * flops_per_audio_second(samples, cfg.model, cfg.masking) / peak
     return out
 
 
@@ -229,12 +188,9 @@ def main() -> None:
             for threads in (thread_counts if device == "cpu" else thread_counts[:1]):
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, device, "--steps",
                        str(args.steps), "--threads", str(threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    console.print(f"[red]{name} on {device} failed[/]\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-                    continue
-                results.append(json.loads(lines[-1][7:]))
+                result = worker_result(cmd, f"{name} on {device}", console)
+                if result is not None:
+                    results.append(result)
     by_name = {(r["config"], r["device"], r.get("threads")): r for r in results}
 
     def vs_1_0(r: dict) -> str:  # 2.0's unique audio-s/s over 1.0's of the same size, same run and threads

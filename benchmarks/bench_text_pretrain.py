@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from d2vcli.data import Batch
+from engine_bench import RandomBatches, peak_mem_gb, train_rows, worker_result
 
 # (preset, block length, blocks per micro-batch, vocabulary) per device.
 CASES = {
@@ -37,47 +34,23 @@ CASES = {
 }
 
 
-class RandomBlockLoader:
-    """Duck-types text_data.TextBlockLoader for the engine: fixed-size random `<s> ... </s>` blocks, endless."""
+def random_blocks(blocks: int, length: int, vocab: int) -> RandomBatches:
+    """Fixed-size random `<s> ... </s>` blocks, endless (in place of text_data.TextBlockLoader)."""
 
-    def __init__(self, blocks: int, length: int, vocab: int):
-        self.blocks, self.length, self.vocab = blocks, length, vocab
-        self.index = 0
-        self.position = type("P", (), {"epoch": 1, "consumed": 0})()
-        self.bad_files: dict[str, str] = {}
+    def make(g: torch.Generator, index: int) -> Batch:
+        source = torch.randint(5, vocab - 1, (blocks, length), generator=g)
+        source[:, 0], source[:, -1] = 0, 2
+        return Batch(source=source, padding_mask=None, ids=[], num_samples=source.numel(), epoch=1, index=index)
 
-    def local_indices(self, epoch, consumed):
-        return [0]
-
-    def batches(self, epoch):
-        return [0]
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(0)
-        while True:
-            source = torch.randint(5, self.vocab - 1, (self.blocks, self.length), generator=g)
-            source[:, 0], source[:, -1] = 0, 2
-            self.index += 1
-            self.position.consumed = self.index
-            yield Batch(source=source, padding_mask=None, ids=[], num_samples=source.numel(), epoch=1,
-                        index=self.index)
-
-    def state_dict(self):
-        return {"epoch": 1, "consumed": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["consumed"]
+    return RandomBatches(make)
 
 
 def run_case(name: str, device: str, steps: int) -> dict:
     from d2vcli import config as C
     from d2vcli import engine
     from d2vcli.distributed import DistInfo
-    from d2vcli.fileio import read_jsonl
     from d2vcli.models.audio import parameter_count
     from d2vcli.pretrain_text import TextPretrainTask, text_arch
-    from d2vcli.run_dir import prepare_run
-    from d2vcli.workspace import Workspace
 
     preset, length, blocks, vocab = CASES[(name, device)]
     tokens = length * blocks
@@ -91,25 +64,14 @@ def run_case(name: str, device: str, steps: int) -> dict:
     info = DistInfo(0, 1, 0, dev)
     torch.manual_seed(0)
     task = TextPretrainTask(cfg, dev, text_arch(cfg, vocab, vocab - 1))
-    loader = RandomBlockLoader(blocks, length, vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = prepare_run(Workspace.resolve(tmp), "bench", cfg, False, info)
-        os.environ["D2V_PROGRESS"] = "0"
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = engine.train(cfg, task, loader, run, info, description=f"bench text {name}",
-                              batch=engine.text_batch_unit(cfg))
-        rows = read_jsonl(run.metrics_path)
-    assert result.status == "done", result.message
+    rows, _ = train_rows(cfg, task, random_blocks(blocks, length, vocab), info, f"bench text {name}",
+                         batch=engine.text_batch_unit(cfg))
     speeds = [r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r] or [rows[-1]["tokens_per_s"]]
     out = {"config": name, "preset": preset, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
            "params_m": parameter_count(task.model) / 1e6, "micro_batch": f"{blocks} x {length}",
            "tokens_per_s": statistics.median(speeds), "threads": torch.get_num_threads()}
     out["update_s"] = tokens / out["tokens_per_s"]
-    if device == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["peak_mem_gb"] = peak_mem_gb(device)
     return out
 
 
@@ -144,12 +106,9 @@ def main() -> None:
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, device, "--steps", str(args.steps),
                    "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                console.print(f"[red]{name} on {device} failed[/]\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-                continue
-            results.append(json.loads(lines[-1][7:]))
+            result = worker_result(cmd, f"{name} on {device}", console)
+            if result is not None:
+                results.append(result)
     rows = [(r["preset"], f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"],
              f"{r['params_m']:.1f}M", r["micro_batch"], f"{r['tokens_per_s']:,.0f}", f"{r['update_s']:.3f}",
              f"{r['peak_mem_gb']:.2f}") for r in results]

@@ -54,9 +54,9 @@ from d2vcli.interop_tokenizer import entry_sha256, sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
-from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
+from d2vcli.run_dir import check_best_split, opened_run, print_run_config
 from d2vcli.text_data import TextTaskLoader, Tokenizer, glue_dir, read_task, read_task_records, text_dir
-from d2vcli.ui import console, print_config_summary
+from d2vcli.ui import console
 
 # Fields of the text section that fine-tuning takes from the config, not from the checkpoint.
 FINETUNE_TEXT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "pooler_dropout")
@@ -349,16 +349,6 @@ class TextClassifyTask:
 # ----------------------------------------------------------------------------- entry point
 
 
-def check_validation(cfg: Config) -> None:
-    """best_metric must name a valid split, or best.pt would never be written."""
-    split = cfg.finetune.best_metric.split("/")[0]
-    if cfg.finetune.best_metric and split not in cfg.data.valid_splits:
-        example = cfg.data.valid_splits[0] if cfg.data.valid_splits else "dev"
-        raise ConfigError(f"finetune.best_metric {cfg.finetune.best_metric!r} names split {split!r}, which is "
-                          f"not in data.valid_splits {list(cfg.data.valid_splits)}; use e.g. "
-                          f"--set finetune.best_metric={example}/error")
-
-
 def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = False, preset: Optional[str] = None,
              stop_at: Optional[int] = None, resume_if_exists: bool = False, trust: bool = False) -> TrainResult:
     """Run (or resume) text classification in <workdir>/runs/<name>; as `d2vcli.finetune.finetune`."""
@@ -367,21 +357,16 @@ def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
         task_dir = resolve_task(workspace, cfg.finetune.task)
         task = read_task(task_dir)
         cfg = cfgmod.merge(cfg, {"finetune": {"task": task_dir.name}})
-        check_validation(cfg)
+        check_best_split(cfg, "dev")
         train_records = [r for s in cfg.data.train_splits for r in read_labeled(task_dir, s)]
         valid = {s: read_labeled(task_dir, s) for s in cfg.data.valid_splits}
         regression = task["kind"] == "regression"
         start = load_start(cfg, workspace, 1 if regression else int(task["num_classes"]), trust)
         check_tokens(task, task_dir, start, train_records + [r for v in valid.values() for r in v])
-        name = distributed.broadcast_object(name or default_run_name("finetune", preset))
-        with run_lock(workspace, name, info):
-            resume = resume_wanted(workspace, name, resume, resume_if_exists)
-            run = prepare_run(workspace, name, cfg, resume, info)
-            torch.manual_seed(cfg.train.seed)  # the same head on every rank
+        with opened_run(workspace, cfg, info, "finetune", name, preset, resume, resume_if_exists) as run:
             model_task = TextClassifyTask(cfg, start, task, valid, info)
             if info.is_main:
-                print_config_summary(cfg, cfgmod.base_config("finetune", preset), "finetune config",
-                                     f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+                print_run_config(cfg, "finetune", preset, run)
                 a = start.arch
                 console.print(f"model: {parameter_count(model_task.model):,} parameters ({a.num_layers} x "
                               f"{a.embed_dim}); task {task_dir.name} ({task['kind']}, {model_task.num_classes} "

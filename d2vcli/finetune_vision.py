@@ -52,8 +52,8 @@ from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.models.vision import VisionConfig
 from d2vcli.pretrain_vision import check_image_manifests
 from d2vcli.prepare.images import classes_path, image_manifest
-from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
-from d2vcli.ui import console, print_config_summary
+from d2vcli.run_dir import check_best_split, opened_run, print_run_config
+from d2vcli.ui import console
 
 STREAM_MIX = 4  # batch_rng stream of mixup/cutmix (0-2 data.py's, 3 image_data's augmentation)
 RANDOM_ERASING = 0.25  # the recipe's --reprob
@@ -254,40 +254,25 @@ class VisionClassifyTask:
 # ----------------------------------------------------------------------------- entry point
 
 
-def check_validation(cfg: Config) -> None:
-    """best_metric must name a valid split, or best.pt would never be written."""
-    split = cfg.finetune.best_metric.split("/")[0]
-    if cfg.finetune.best_metric and split not in cfg.data.valid_splits:
-        example = cfg.data.valid_splits[0] if cfg.data.valid_splits else "val"
-        raise ConfigError(f"finetune.best_metric {cfg.finetune.best_metric!r} names split {split!r}, which is "
-                          f"not in data.valid_splits {list(cfg.data.valid_splits)}; use e.g. "
-                          f"--set finetune.best_metric={example}/error")
-
-
 def finetune(cfg: Config, workspace, name: Optional[str] = None, resume: bool = False, preset: Optional[str] = None,
              stop_at: Optional[int] = None, resume_if_exists: bool = False, trust: bool = False) -> TrainResult:
     """Run (or resume) image classification in <workdir>/runs/<name>; as `d2vcli.finetune.finetune`."""
     info = distributed.setup(cfg.train.device)
     try:
         check_image_manifests(workspace, tuple(cfg.data.train_splits) + tuple(cfg.data.valid_splits))
-        check_validation(cfg)
+        check_best_split(cfg, "val")
         if cfg.finetune.linear_probe:  # a linear classifier on fixed features: no regularization of the encoder
             cfg = cfgmod.merge(cfg, {"vision": {"drop_path": 0.0, "attention_dropout": 0.0, "dropout": 0.0}})
         start = load_start(cfg, workspace, trust)
         classes = read_classes(workspace)
-        name = distributed.broadcast_object(name or default_run_name("finetune", preset))
-        with run_lock(workspace, name, info):
-            resume = resume_wanted(workspace, name, resume, resume_if_exists)
-            run = prepare_run(workspace, name, cfg, resume, info)
-            torch.manual_seed(cfg.train.seed)  # the same head on every rank
+        with opened_run(workspace, cfg, info, "finetune", name, preset, resume, resume_if_exists) as run:
             a = start.arch
             valid = {s: ImageDataset(image_manifest(workspace, s), eval_transform(a.image_size, a.image_mean,
                                                                                  a.image_std))
                      for s in cfg.data.valid_splits}
             task = VisionClassifyTask(cfg, start, classes, valid, info)
             if info.is_main:
-                print_config_summary(cfg, cfgmod.base_config("finetune", preset), "finetune config",
-                                     f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+                print_run_config(cfg, "finetune", preset, run)
                 what = "linear probe, encoder frozen" if cfg.finetune.linear_probe else "fine-tuning"
                 console.print(f"model: {parameter_count(task.model):,} parameters "
                               f"({parameter_count(task.model, trainable_only=True):,} trained; {what}), "

@@ -24,8 +24,9 @@ from typing import Any, Optional
 import torch
 
 from d2vcli import checkpoint as ck
-from d2vcli.interop_keys import InteropError, KeyMap, check_state_dict, fairseq_cfg, rename, section
-from d2vcli.interop_text import TextImportResult, default_import_path, save_import, teacher_state
+from d2vcli.interop_keys import (InteropError, KeyMap, ModelImportResult, check_state_dict, default_import_path,
+                                 fairseq_cfg, rename, save_model_import, section)
+from d2vcli.interop_text import teacher_state
 from d2vcli.models.loading import build_text_model
 from d2vcli.models.text import TextConfig
 from d2vcli.workspace import Workspace
@@ -255,7 +256,7 @@ def convert_fairseq_text(raw: dict, source: Path, use_ema: bool = False) -> tupl
 
 def import_fairseq_text(raw: dict, path: Path, out: Optional[Path] = None, workspace: Optional[Workspace] = None,
                         force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None
-                        ) -> TextImportResult:
+                        ) -> ModelImportResult:
     """`d2v import fairseq` for a data2vec text file (`interop.import_fairseq` hands the loaded file here)."""
     path = Path(path)
     if dict_path is not None:
@@ -263,4 +264,4 @@ def import_fairseq_text(raw: dict, path: Path, out: Optional[Path] = None, works
                            f"models; drop it")
     state, notes = convert_fairseq_text(raw, path, use_ema=use_ema)
     out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), path)
-    return save_import(state, out, force, notes)
+    return save_model_import(state, out, force, notes)

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from safetensors.torch import save
 
 from d2vcli import checkpoint as ck
 from d2vcli import config as cfgmod
-from d2vcli.fileio import refuse_overwrite
+from d2vcli.fileio import atomic_open, atomic_write_text, claim_output_dir, refuse_overwrite
 from d2vcli.vocab import SPECIALS, Vocab
 from d2vcli.workspace import Workspace
 
@@ -188,6 +190,50 @@ def default_import_path(workspace: Workspace, source: Path) -> Path:
     source = Path(source)
     name = source.resolve().name if source.is_dir() else source.stem
     return workspace.run_dir(f"imported-{name}") / "last.pt"
+
+
+# ----------------------------------------------------------------------------- images and text
+
+
+@dataclass
+class ModelImportResult:
+    """What an image or text import wrote (`d2v import` prints it)."""
+
+    path: Path
+    kind: str
+    arch: dict
+    num_classes: int
+    num_parameters: int
+    notes: list[str] = field(default_factory=list)
+    normalize: bool = False  # the audio field; images and text are normalized by their own front ends
+    tokenizer: Optional[str] = None  # text: what the checkpoint carries, "sentencepiece", "hf" or None
+
+
+def save_model_import(state: dict, out: Path, force: bool, notes: list[str]) -> ModelImportResult:
+    """Write an imported image or text checkpoint to `out`; an existing file is replaced only with `force`."""
+    refuse_overwrite([out], force, "the import")
+    ck.save_checkpoint(out, state)
+    entry = state.get(ck.TOKENIZER_KEY)
+    return ModelImportResult(
+        path=out, kind=state[ck.KIND_KEY], arch=state[ck.ARCH_KEY], num_classes=len(state.get(ck.CLASSES_KEY) or []),
+        num_parameters=sum(v.numel() for v in state[ck.MODEL_KEY].values()), notes=notes,
+        tokenizer=entry.get("format") if entry else None,
+    )
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "config.json")
+
+
+def write_hf_folder(out_dir: Path, files: tuple[str, ...], force: bool, weights: dict, config: dict) -> list[Path]:
+    """The two files every exported Hugging Face folder has, model.safetensors and config.json, after
+    claiming `out_dir` for all of `files` (the caller writes the rest; existing ones need `force`)."""
+    out_dir = Path(out_dir)
+    claim_output_dir(out_dir, files, force, "d2v export hf")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / "model.safetensors", "wb") as fh:
+        fh.write(save(weights, metadata={"format": "pt"}))  # transformers rejects files without "format"
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return [out_dir / name for name in HF_WEIGHT_FILES]
 
 
 def vocab_for(num_outputs: int, dict_path: Optional[Path], source: Path) -> tuple[Vocab, list[str]]:

@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save
 
 from d2vcli import checkpoint as ck
 from d2vcli import interop_tokenizer as toks
-from d2vcli.fileio import atomic_open, atomic_write_text, claim_output_dir, refuse_overwrite
 from d2vcli.interop_hf import read_hf_weights
-from d2vcli.interop_keys import InteropError, KeyMap, check_state_dict, rename
+from d2vcli.interop_keys import (HF_WEIGHT_FILES, InteropError, KeyMap, ModelImportResult, check_state_dict,
+                                 default_import_path, rename, save_model_import, write_hf_folder)
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
 from d2vcli.workspace import Workspace
@@ -150,18 +148,6 @@ def hf_config(kind: str, arch: TextConfig, classes: Optional[list[str]] = None, 
 # --------------------------------------------------------------------------- HF -> d2v
 
 
-@dataclass
-class TextImportResult:
-    path: Path
-    kind: str
-    arch: dict
-    num_classes: int
-    num_parameters: int
-    notes: list[str] = field(default_factory=list)
-    normalize: bool = False  # the audio field
-    tokenizer: Optional[str] = None  # what the checkpoint carries: "sentencepiece", "hf" or None
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise InteropError(f"{path} not found: a save_pretrained folder has a config.json")
@@ -266,25 +252,8 @@ def teacher_state(model_state: dict) -> dict:
     return {k[len("encoder."):]: v.clone() for k, v in model_state.items() if k.startswith("encoder.")}
 
 
-def default_import_path(workspace: Workspace, source: Path) -> Path:
-    source = Path(source)
-    name = source.resolve().name if source.is_dir() else source.stem
-    return workspace.run_dir(f"imported-{name}") / ck.LAST
-
-
-def save_import(state: dict, out: Path, force: bool, notes: list[str]) -> TextImportResult:
-    refuse_overwrite([out], force, "the import")
-    ck.save_checkpoint(out, state)
-    entry = state.get(TOKENIZER_KEY)
-    return TextImportResult(
-        path=out, kind=state[ck.KIND_KEY], arch=state[ck.ARCH_KEY], num_classes=len(state.get(ck.CLASSES_KEY) or []),
-        num_parameters=sum(v.numel() for v in state[ck.MODEL_KEY].values()), notes=notes,
-        tokenizer=entry.get("format") if entry else None,
-    )
-
-
 def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, workspace: Optional[Workspace] = None,
-              force: bool = False, dict_path: Optional[Path] = None) -> TextImportResult:
+              force: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import hf` for a data2vec-text folder: a text-pretrain or text-cls d2v checkpoint."""
     folder = Path(folder)
     if dict_path is not None:
@@ -292,7 +261,7 @@ def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, wor
                            f"CTC models; drop it (the tokenizer comes from the folder)")
     state, notes = convert_hf(folder, trust=trust)
     out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
-    return save_import(state, out, force, notes)
+    return save_model_import(state, out, force, notes)
 
 
 # --------------------------------------------------------------------------- d2v -> HF
@@ -326,7 +295,6 @@ def to_hf_state(kind: str, model_state: dict, arch: TextConfig, seed: int = 0) -
     return out
 
 
-HF_WEIGHT_FILES = ("model.safetensors", "config.json")
 
 
 def is_text_checkpoint(path: Path) -> bool:
@@ -379,14 +347,8 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
                 f"{arch.vocab_size}: not the model's tokenizer")
         bos, eos, unk = sp.bos_id, sp.eos_id, sp.unk_id
     weights = to_hf_state(kind, state[ck.MODEL_KEY], arch)
-    out_dir = Path(out_dir)
-    claim_output_dir(out_dir, HF_WEIGHT_FILES + toks.HF_TOKENIZER_FILES, force, "d2v export hf")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out_dir / "model.safetensors", "wb") as fh:
-        fh.write(save(weights, metadata={"format": "pt"}))
-    atomic_write_text(out_dir / "config.json",
-                      json.dumps(hf_config(kind, arch, classes, bos, eos), indent=2) + "\n")
-    written = [out_dir / name for name in HF_WEIGHT_FILES]
+    written = write_hf_folder(out_dir, HF_WEIGHT_FILES + toks.HF_TOKENIZER_FILES, force, weights,
+                              hf_config(kind, arch, classes, bos, eos))
     if entry is not None:
         written += toks.write_hf_tokenizer(entry, out_dir, bos_id=bos, pad_id=arch.pad_id, eos_id=eos,
                                            unk_id=unk, mask_id=arch.mask_id, max_length=arch.max_positions)

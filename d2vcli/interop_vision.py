@@ -22,17 +22,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save
 
 from d2vcli import checkpoint as ck
-from d2vcli.fileio import atomic_open, atomic_write_text, claim_output_dir, refuse_overwrite
+from d2vcli.fileio import atomic_write_text
 from d2vcli.interop_hf import read_hf_weights
-from d2vcli.interop_keys import InteropError, check_state_dict
+from d2vcli.interop_keys import (HF_WEIGHT_FILES, InteropError, ModelImportResult, check_state_dict,
+                                 default_import_path, save_model_import, write_hf_folder)
 from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.models.vision import VisionConfig
 from d2vcli.workspace import Workspace
@@ -224,17 +223,6 @@ def preprocessor_config(arch: VisionConfig) -> dict:
 # --------------------------------------------------------------------------- import
 
 
-@dataclass
-class VisionImportResult:
-    path: Path
-    kind: str
-    arch: dict
-    num_classes: int
-    num_parameters: int
-    notes: list[str] = field(default_factory=list)
-    normalize: bool = False  # the audio field; images are normalized by arch.image_mean/image_std
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -301,13 +289,8 @@ def convert_hf(folder: Path, trust: bool = False) -> tuple[dict, list[str]]:
     return state, notes
 
 
-def default_import_path(workspace: Workspace, source: Path) -> Path:
-    """runs/imported-<name>/last.pt, like the audio imports."""
-    return workspace.run_dir(f"imported-{Path(source).resolve().name}") / ck.LAST
-
-
 def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, workspace: Optional[Workspace] = None,
-              force: bool = False, dict_path: Optional[Path] = None) -> VisionImportResult:
+              force: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import hf` for a data2vec-vision folder: write it as a d2v checkpoint (vision-pretrain or vision-cls)."""
     folder = Path(folder)
     if dict_path is not None:
@@ -315,7 +298,7 @@ def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, wor
                            f"CTC models; drop it (class names come from config.json's id2label)")
     state, notes = convert_hf(folder, trust=trust)
     out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
-    return _save_import(state, out, force, notes)
+    return save_model_import(state, out, force, notes)
 
 
 # --------------------------------------------------------------------------- the BEiT repo's files
@@ -434,7 +417,7 @@ def convert_beit(raw, source: Path, use_ema: bool = False) -> tuple[dict, list[s
 
 
 def import_beit(raw, path: Path, out: Optional[Path] = None, workspace: Optional[Workspace] = None,
-                force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None) -> VisionImportResult:
+                force: bool = False, use_ema: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import fairseq` for a data2vec_vision file (`interop.import_fairseq` hands the loaded file here)."""
     path = Path(path)
     if dict_path is not None:
@@ -443,21 +426,12 @@ def import_beit(raw, path: Path, out: Optional[Path] = None, workspace: Optional
     state, notes = convert_beit(raw, path, use_ema=use_ema)
     if out is None:
         out = (workspace or Workspace.resolve()).run_dir(f"imported-{path.stem}") / ck.LAST
-    return _save_import(state, Path(out), force, notes)
-
-
-def _save_import(state: dict, out: Path, force: bool, notes: list[str]) -> VisionImportResult:
-    refuse_overwrite([out], force, "the import")
-    ck.save_checkpoint(out, state)
-    return VisionImportResult(
-        path=out, kind=state[ck.KIND_KEY], arch=state[ck.ARCH_KEY], num_classes=len(state.get(ck.CLASSES_KEY, [])),
-        num_parameters=sum(v.numel() for v in state[ck.MODEL_KEY].values()), notes=notes,
-    )
+    return save_model_import(state, Path(out), force, notes)
 
 
 # --------------------------------------------------------------------------- export
 
-HF_EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
+HF_EXPORT_FILES = HF_WEIGHT_FILES + ("preprocessor_config.json",)
 
 
 def is_vision_checkpoint(path: Path) -> bool:
@@ -482,11 +456,7 @@ def export_hf(checkpoint: Path, out_dir: Path, trust: bool = False, force: bool 
     classes = list(state.get(ck.CLASSES_KEY) or [])
     check_state_dict(state[ck.MODEL_KEY], build_vision_model(kind, arch, len(classes)).state_dict(), str(checkpoint))
     weights = to_hf_state(kind, state[ck.MODEL_KEY])
-    out_dir = Path(out_dir)
-    claim_output_dir(out_dir, HF_EXPORT_FILES, force, "d2v export hf")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out_dir / "model.safetensors", "wb") as fh:
-        fh.write(save(weights, metadata={"format": "pt"}))
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(kind, arch, classes), indent=2) + "\n")
-    atomic_write_text(out_dir / "preprocessor_config.json", json.dumps(preprocessor_config(arch), indent=2) + "\n")
-    return [out_dir / name for name in HF_EXPORT_FILES]
+    written = write_hf_folder(out_dir, HF_EXPORT_FILES, force, weights, hf_config(kind, arch, classes))
+    preprocessor = Path(out_dir) / "preprocessor_config.json"
+    atomic_write_text(preprocessor, json.dumps(preprocessor_config(arch), indent=2) + "\n")
+    return written + [preprocessor]

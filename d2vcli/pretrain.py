@@ -62,9 +62,9 @@ from d2vcli.objective.masking import compute_block_mask, compute_mask_indices
 from d2vcli.objective.monitors import (Guard, collapse_reason, compute_std, layer_variance_ratio,
                                       position_explained_share, spread_guards, time_varying_share)
 from d2vcli.objective.targets import build_targets, regression_loss
-from d2vcli.objective.teacher import EMATeacher, ema_decay_at
-from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
-from d2vcli.ui import console, print_config_summary
+from d2vcli.objective.teacher import EMATeacher
+from d2vcli.run_dir import opened_run, print_run_config
+from d2vcli.ui import console
 
 # Teacher parameters copied from the student rather than averaged: the positional conv of the
 # audio transformer (fairseq `ema_layers_only`, the recipe's setting).
@@ -165,9 +165,7 @@ class PretrainTask:
         return metrics
 
     def after_update(self, step: int) -> dict:
-        decay = ema_decay_at(step, self.cfg.objective)
-        self.teacher.step(decay)
-        return {"ema_decay": decay}
+        return self.teacher.scheduled_step(step, self.cfg.objective)
 
     def validate(self, model: nn.Module, step: int) -> None:
         return None  # the fairseq recipe disables validation during pretraining
@@ -329,15 +327,10 @@ def pretrain(
     info = distributed.setup(cfg.train.device)
     try:
         check_manifests(workspace, cfg.data.train_splits)
-        name = distributed.broadcast_object(name or default_run_name("pretrain", preset))
-        with run_lock(workspace, name, info):
-            resume = resume_wanted(workspace, name, resume, resume_if_exists)
-            run = prepare_run(workspace, name, cfg, resume, info)
-            torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
+        with opened_run(workspace, cfg, info, "pretrain", name, preset, resume, resume_if_exists) as run:
             task = make_task(cfg, info.device)
             if info.is_main:
-                print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
-                                     f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+                print_run_config(cfg, "pretrain", preset, run)
                 console.print(f"model: {parameter_count(task.model):,} parameters "
                               f"({cfg.model.num_layers} x {cfg.model.embed_dim}, data2vec {cfg.model.version}.0, "
                               f"teacher: EMA of the {'context encoder' if cfg.model.version == 2 else 'transformer'})")

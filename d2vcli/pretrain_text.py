@@ -46,11 +46,11 @@ from d2vcli.models.loading import build_text_model
 from d2vcli.models.text import TextConfig
 from d2vcli.objective.monitors import Guard, collapse_reason, compute_std, spread_guards
 from d2vcli.objective.targets import build_targets, regression_loss
-from d2vcli.objective.teacher import EMATeacher, ema_decay_at
+from d2vcli.objective.teacher import EMATeacher
 from d2vcli.objective.text_masking import TextMaskParams, mask_tokens
-from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
+from d2vcli.run_dir import opened_run, print_run_config
 from d2vcli.text_data import TextBlockLoader, TokenBlocks, Tokenizer, text_dir
-from d2vcli.ui import console, print_config_summary
+from d2vcli.ui import console
 
 # The embedding parts the teacher copies instead of averaging (fairseq `ema_transformer_layers_only`).
 COPIED_PREFIXES = ("embed.",)
@@ -150,9 +150,7 @@ class TextPretrainTask:
         return StepOutput(loss=loss, sample_size=pred.shape[0], metrics=metrics)
 
     def after_update(self, step: int) -> dict:
-        decay = ema_decay_at(step, self.cfg.objective)
-        self.teacher.step(decay)
-        return {"ema_decay": decay}
+        return self.teacher.scheduled_step(step, self.cfg.objective)
 
     def validate(self, model: nn.Module, step: int) -> None:
         return None  # the recipe does not validate during pretraining
@@ -207,18 +205,13 @@ def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
     try:
         loader, tokenizer = build_text_loader(cfg, workspace, info)
         arch = text_arch(cfg, tokenizer.vocab_size, tokenizer.mask_id)
-        name = distributed.broadcast_object(name or default_run_name("pretrain", preset))
-        with run_lock(workspace, name, info):
-            resume = resume_wanted(workspace, name, resume, resume_if_exists)
-            run = prepare_run(workspace, name, cfg, resume, info)
-            torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
+        with opened_run(workspace, cfg, info, "pretrain", name, preset, resume, resume_if_exists) as run:
             specials = (tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id)
             task = (make_task or TextPretrainTask)(cfg, info.device, arch, specials,
                                                    sentencepiece_entry(text_dir(workspace, cfg.data.text_dir)
                                                                        / "spm.model"))
             if info.is_main:
-                print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
-                                     f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+                print_run_config(cfg, "pretrain", preset, run)
                 console.print(f"model: {parameter_count(task.model):,} parameters ({arch.num_layers} x "
                               f"{arch.embed_dim}, {arch.vocab_size:,} tokens, data2vec {arch.version}.0; teacher: "
                               f"{task.teacher_scope})")

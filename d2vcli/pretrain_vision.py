@@ -42,10 +42,10 @@ from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.objective.image_masking import BlockMaskParams, block_masks
 from d2vcli.objective.monitors import Guard, collapse_reason, compute_std, spread_guards
 from d2vcli.objective.targets import build_targets, regression_loss
-from d2vcli.objective.teacher import EMATeacher, ema_decay_at
+from d2vcli.objective.teacher import EMATeacher
 from d2vcli.prepare.images import image_manifest, images_dir
-from d2vcli.run_dir import default_run_name, prepare_run, resume_wanted, run_lock
-from d2vcli.ui import console, print_config_summary
+from d2vcli.run_dir import opened_run, print_run_config
+from d2vcli.ui import console
 
 SPREAD_FIXES = (
     "learning rate too high for the batch: lower optim.lr (e.g. halve it) or lengthen schedule.warmup_updates;",
@@ -107,9 +107,7 @@ class VisionPretrainTask:
         return StepOutput(loss=loss, sample_size=pred.numel(), metrics=metrics)
 
     def after_update(self, step: int) -> dict:
-        decay = ema_decay_at(step, self.cfg.objective)
-        self.teacher.step(decay)
-        return {"ema_decay": decay}
+        return self.teacher.scheduled_step(step, self.cfg.objective)
 
     def validate(self, model: nn.Module, step: int) -> None:
         return None  # the recipe does not validate during pretraining
@@ -168,15 +166,10 @@ def pretrain(cfg: Config, workspace, name: Optional[str] = None, resume: bool = 
     info = distributed.setup(cfg.train.device)
     try:
         check_image_manifests(workspace, cfg.data.train_splits)
-        name = distributed.broadcast_object(name or default_run_name("pretrain", preset))
-        with run_lock(workspace, name, info):
-            resume = resume_wanted(workspace, name, resume, resume_if_exists)
-            run = prepare_run(workspace, name, cfg, resume, info)
-            torch.manual_seed(cfg.train.seed)  # the same initial weights (and teacher) on every rank
+        with opened_run(workspace, cfg, info, "pretrain", name, preset, resume, resume_if_exists) as run:
             task = (make_task or VisionPretrainTask)(cfg, info.device)
             if info.is_main:
-                print_config_summary(cfg, cfgmod.base_config("pretrain", preset), "pretrain config",
-                                     f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+                print_run_config(cfg, "pretrain", preset, run)
                 a = task.arch
                 console.print(f"model: {parameter_count(task.model):,} parameters (ViT {a.num_layers} x "
                               f"{a.embed_dim}, {a.grid[0]}x{a.grid[1]} patches of {a.patch_size} px; teacher: "

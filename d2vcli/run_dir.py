@@ -5,6 +5,9 @@
         run = prepare_run(workspace, name, cfg, resume, info)   # creates the directory, writes config.yaml
         run.resume_from                                          # the checkpoint to continue, or None
 
+    with opened_run(workspace, cfg, info, "pretrain", name, preset, resume, resume_if_exists) as run:
+        ...                      # the same for a training command: its default name, then torch seeded
+
 Rules, kept in one place: an existing run with checkpoints is only continued with `--resume`
 (`RunDirError` otherwise); `--resume` continues from last.pt, else the newest step-N.pt, and is an
 error when the run has no checkpoint (the message lists the runs there are), while
@@ -23,13 +26,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed, locks
 from d2vcli.config import Config, ConfigError
 from d2vcli.distributed import DistInfo
 from d2vcli.metrics_log import require_loggers
-from d2vcli.ui import console
+from d2vcli.ui import console, print_config_summary
 
 
 class RunDirError(ConfigError):
@@ -139,6 +144,38 @@ def prepare_run(workspace, name: str, cfg: Config, resume: bool, info: DistInfo)
         cfgmod.save(cfg, config_path)
     distributed.barrier()
     return Run(name=name, dir=run_dir, resume_from=resume_from)
+
+
+@contextlib.contextmanager
+def opened_run(workspace, cfg: Config, info: DistInfo, command: str, name: Optional[str], preset: Optional[str],
+               resume: bool, resume_if_exists: bool) -> Iterator[Run]:
+    """The run of a training command, held (`run_lock`) while the block runs: its name (the default
+    `default_run_name`, the same on every rank), the resume decision, the prepared directory; then
+    `train.seed` seeds torch, so every rank builds the same initial weights (and head, and teacher)."""
+    name = distributed.broadcast_object(name or default_run_name(command, preset))
+    with run_lock(workspace, name, info):
+        resume = resume_wanted(workspace, name, resume, resume_if_exists)
+        run = prepare_run(workspace, name, cfg, resume, info)
+        torch.manual_seed(cfg.train.seed)
+        yield run
+
+
+def print_run_config(cfg: Config, command: str, preset: Optional[str], run: Run) -> None:
+    """The start-up table of the settings that differ from the preset (or the defaults), and where
+    config.yaml was saved; rank 0 calls it."""
+    print_config_summary(cfg, cfgmod.base_config(command, preset), f"{command} config",
+                         f"preset {preset}" if preset else "the defaults", run.dir / "config.yaml")
+
+
+def check_best_split(cfg: Config, example_split: str) -> None:
+    """finetune.best_metric must name a valid split, or best.pt would never be written; the message
+    suggests `example_split` (the modality's usual validation split) when data.valid_splits is empty."""
+    split = cfg.finetune.best_metric.split("/")[0]
+    if cfg.finetune.best_metric and split not in cfg.data.valid_splits:
+        example = cfg.data.valid_splits[0] if cfg.data.valid_splits else example_split
+        raise ConfigError(f"finetune.best_metric {cfg.finetune.best_metric!r} names split {split!r}, which is "
+                          f"not in data.valid_splits {list(cfg.data.valid_splits)}; use e.g. "
+                          f"--set finetune.best_metric={example}/error")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

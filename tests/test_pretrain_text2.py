@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as C
-from d2vcli import distributed, engine
-from d2vcli.data import STREAM_MASK, Batch, DataPosition, batch_rng
+from d2vcli import engine
+from d2vcli.data import STREAM_MASK, batch_rng
 from d2vcli.fileio import read_jsonl
 from d2vcli.models.audio2 import restore_masked
 from d2vcli.models.text2 import Data2Vec2TextPretrainModel
@@ -27,10 +27,9 @@ from d2vcli.pretrain_text import text_arch
 from d2vcli.pretrain_text2 import Text2PretrainTask
 from d2vcli.run_dir import prepare_run
 from d2vcli.workspace import Workspace
+from pretrain_text_helpers import (CPU, MASK_ID, SPECIALS, VOCAB, RandomBlocks, assert_resume_is_exact,
+                                   direct_ffn_outputs)
 
-CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
-VOCAB, MASK_ID, PAD = 60, 59, 1
-SPECIALS = (0, 1, 2, 3)
 TINY = ["text.embed_dim=32", "text.num_layers=3", "text.num_heads=4", "text.ffn_dim=64", "text.max_positions=32",
         "text.decoder_dim=32", "text.decoder_layers=2", "text.decoder_kernel=5", "text.dropout=0.0",
         "text.attention_dropout=0.0", "text.decoder_dropout=0.0", "objective.average_top_k_layers=3",
@@ -38,49 +37,6 @@ TINY = ["text.embed_dim=32", "text.num_layers=3", "text.num_heads=4", "text.ffn_
         "train.tokens_per_update=256", "train.max_updates=4", "train.log_every=1", "train.save_every=2",
         "schedule.warmup_updates=1", "optim.lr=0.002", "objective.ema_decay=0.9", "objective.ema_end_decay=0.99",
         "objective.ema_anneal_end_step=4"]
-
-
-class RandomBlocks:
-    """Random `<s> w... </s>` blocks of 8 to 32 tokens, 4 per batch (at most 128 padded tokens), 6 batches per epoch."""
-
-    def __init__(self, seed: int = 0):
-        g = np.random.default_rng(seed)
-        self.blocks = []
-        for _ in range(24):
-            n = int(g.integers(8, 33))
-            self.blocks.append(np.concatenate([[0], g.integers(4, MASK_ID, n - 2), [2]]))
-        self.position = DataPosition()
-        self.bad_files: dict = {}
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        order = np.random.default_rng([7, epoch]).permutation(len(self.blocks))
-        return [order[i:i + 4] for i in range(0, len(order), 4)]
-
-    def local_indices(self, epoch: int, consumed: int) -> list[int]:
-        return list(range(consumed, len(self.batches(epoch))))
-
-    def make_batch(self, indices, epoch: int, index: int) -> Batch:
-        seqs = [self.blocks[i] for i in indices]
-        source = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            source[b, :len(s)] = torch.from_numpy(s)
-        pm = source.eq(PAD)
-        return Batch(source=source, padding_mask=pm if pm.any() else None, ids=[str(i) for i in indices],
-                     num_samples=int(sum(len(s) for s in seqs)), epoch=epoch, index=index)
-
-    def __iter__(self):
-        epoch, batches = self.position.epoch, self.batches(self.position.epoch)
-        for g in self.local_indices(epoch, self.position.consumed):
-            batch = self.make_batch(batches[g], epoch, g)
-            self.position = DataPosition(epoch, g + 1)
-            yield batch
-        self.position = DataPosition(epoch + 1, 0)
-
-    def state_dict(self) -> dict:
-        return self.position.to_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = DataPosition.from_dict(state)
 
 
 def tiny_cfg(*extra: str) -> C.Config:
@@ -209,17 +165,6 @@ def test_the_decoder_has_no_residual_a_two_layer_projection_and_predicts_every_p
 # ----------------------------------------------------------------------------- targets, loss, teacher
 
 
-def direct_ffn_outputs(layers, x, padding_mask):
-    """The post-LN layers' FFN outputs recomputed from their parts (eval mode, no dropout)."""
-    outs = []
-    for layer in layers:
-        h = layer.self_attn_norm(x + layer.self_attn(x, padding_mask))
-        f = layer.fc2(F.gelu(layer.fc1(h)))
-        x = layer.final_norm(h + f)
-        outs.append(f)
-    return outs
-
-
 def test_step_targets_and_loss_equal_a_direct_computation():
     cfg = tiny_cfg()
     task = make_task(cfg)
@@ -286,27 +231,8 @@ def test_one_update_steps_an_ema_of_the_layers_only(tmp_path):
 
 
 def test_resume_reproduces_the_straight_run_exactly(tmp_path):
-    ws = Workspace.resolve(tmp_path / "ws")
     cfg = tiny_cfg("text.dropout=0.1", "text.decoder_dropout=0.1")  # dropout on: its RNG must resume too
-
-    def run(name: str, resume: bool = False, stop_at=None):
-        task = make_task(cfg)
-        result = engine.train(cfg, task, RandomBlocks(), prepare_run(ws, name, cfg, resume, CPU), CPU,
-                              stop_at=stop_at, batch=engine.text_batch_unit(cfg))
-        return task, result
-
-    straight, result = run("straight")
-    assert result.status == "done" and result.step == 4
-    assert run("split", stop_at=2)[1].status == "paused"
-    second, done = run("split", resume=True)
-    assert done.status == "done" and done.step == 4
-    for name, value in straight.model.state_dict().items():
-        torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)
-    for name, value in straight.teacher.state_dict().items():
-        torch.testing.assert_close(second.teacher.state_dict()[name], value, rtol=0, atol=0)
-    losses = [[r["loss"] for r in read_jsonl(ws.run_dir(n) / "metrics.jsonl") if "loss" in r]
-              for n in ("straight", "split")]
-    assert losses[0] == losses[1]
+    assert_resume_is_exact(Workspace.resolve(tmp_path / "ws"), cfg, make_task)
 
 
 # ----------------------------------------------------------------------------- the checkpoint downstream

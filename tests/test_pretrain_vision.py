@@ -26,6 +26,7 @@ from d2vcli.pretrain import pretrain
 from d2vcli.pretrain_vision import VisionPretrainTask, build_image_loader, mask_params
 from d2vcli.run_dir import prepare_run
 from d2vcli.schedule import build_optimizer
+from pretrain_vision_helpers import assert_resume_matches, losses, synthetic_image_ws
 
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -38,19 +39,9 @@ def tiny_cfg(*extra: str) -> C.Config:
     return C.resolve("pretrain", preset="vision-tiny", overrides=TINY_SET + list(extra))
 
 
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def image_ws(tmp_path_factory):
-    """A workspace with the tiny synthetic image corpus prepared (pool of 100, train/val/test of 30)."""
-    from d2vcli.prepare.synthetic_images import prepare_synthetic_images
-    from d2vcli.workspace import Workspace
-
-    ws = Workspace.resolve(tmp_path_factory.mktemp("images") / "ws")
-    prepare_synthetic_images(ws, size="tiny", workers=1)
-    return ws
+    return synthetic_image_ws(tmp_path_factory, "images")
 
 
 @pytest.fixture(scope="module")
@@ -223,15 +214,7 @@ def test_short_run_loss_falls_and_the_checkpoint_loads(straight_run):
 
 
 def test_resume_reproduces_the_straight_run_exactly(straight_run, image_ws):
-    first = pretrain(tiny_cfg(), image_ws, name="vision-split", stop_at=5)
-    assert first.status == "paused" and first.step == 5
-    second = pretrain(tiny_cfg(), image_ws, name="vision-split", resume=True)
-    assert second.status == "done" and second.step == 12
-    assert losses(first.run_dir) == pytest.approx(losses(straight_run.run_dir), rel=1e-6, abs=1e-7)
-    a, b = ckpt.load_checkpoint(second.checkpoint), ckpt.load_checkpoint(straight_run.checkpoint)
-    for key in (ckpt.MODEL_KEY, ckpt.TEACHER_KEY):
-        for name in b[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6)
+    assert_resume_matches(straight_run, image_ws, tiny_cfg(), "vision-split", stop_at=5)  # 12 updates
 
 
 def test_two_processes_match_one_process_with_accumulation(image_ws):

@@ -28,6 +28,7 @@ from d2vcli.pretrain import pretrain
 from d2vcli.pretrain_vision import build_image_loader
 from d2vcli.pretrain_vision2 import Vision2PretrainTask
 from d2vcli.run_dir import prepare_run
+from pretrain_vision_helpers import assert_resume_matches, losses, synthetic_image_ws
 
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
 TINY_SET = ["data.images_per_batch=8", "train.images_per_update=16", "train.max_updates=6", "train.log_every=1",
@@ -40,18 +41,9 @@ def tiny_cfg(*extra: str) -> C.Config:
     return C.resolve("pretrain", preset="vision2-tiny", overrides=TINY_SET + list(extra))
 
 
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def image_ws(tmp_path_factory):
-    from d2vcli.prepare.synthetic_images import prepare_synthetic_images
-    from d2vcli.workspace import Workspace
-
-    ws = Workspace.resolve(tmp_path_factory.mktemp("images2") / "ws")
-    prepare_synthetic_images(ws, size="tiny", workers=1)
-    return ws
+    return synthetic_image_ws(tmp_path_factory, "images2")
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +237,7 @@ def test_short_run_learns_and_resume_reproduces_it_exactly(straight_run, image_w
     assert {"target_std", "pred_std", "cls_loss", "masked_share", "ema_decay"} <= set(rows[0])
     loaded = load_model(straight_run.checkpoint, expect_kind="vision-pretrain")
     assert type(loaded.model).__name__ == "Data2Vec2VisionForPretraining"
-    first = pretrain(tiny_cfg(), image_ws, name="v2-split", stop_at=2)
-    assert first.status == "paused" and first.step == 2
-    second = pretrain(tiny_cfg(), image_ws, name="v2-split", resume=True)
-    assert second.status == "done" and second.step == 6
-    assert losses(first.run_dir) == pytest.approx(curve, rel=1e-6, abs=1e-7)
-    a, b = ckpt.load_checkpoint(second.checkpoint), ckpt.load_checkpoint(straight_run.checkpoint)
-    for key in (ckpt.MODEL_KEY, ckpt.TEACHER_KEY):
-        for name in b[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6)
+    assert_resume_matches(straight_run, image_ws, tiny_cfg(), "v2-split", stop_at=2)  # 6 updates
 
 
 def test_finetune_from_a_vision2_checkpoint(straight_run, image_ws, tmp_path):

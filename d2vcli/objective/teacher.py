@@ -78,6 +78,12 @@ class EMATeacher:
         if self._copy_t:
             torch._foreach_copy_(self._copy_t, [s.detach() for s in self._copy_s])
 
+    def scheduled_step(self, step: int, objective: EMASchedule) -> dict:
+        """A pretraining task's `after_update`: one step at `ema_decay_at(step)`, and the decay for the log."""
+        decay = ema_decay_at(step, objective)
+        self.step(decay)
+        return {"ema_decay": decay}
+
     @torch.no_grad()
     def layer_results(self, features: Tensor, padding_mask: Optional[Tensor]) -> list[Tensor]:
         """features (B, T, D) unmasked student features -> output of every layer, each (B, T, D)."""
