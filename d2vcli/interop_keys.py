@@ -158,6 +158,16 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def remove_replaced_run(out: Path, force: bool, notes: list[str]) -> None:
+    """A forced import into a run's last.pt replaces the run: its best.pt and step-N.pt go too, or best.pt
+    would win over the new last.pt wherever a run name is resolved."""
+    if force and out.name == ck.LAST:
+        for stale in [out.parent / ck.BEST] + [p for _, p in ck.step_checkpoints(out.parent)]:
+            if stale.exists():
+                stale.unlink()
+                notes.append(f"removed {stale} (a checkpoint of the replaced run)")
+
+
 def write_import(state: dict, out: Optional[Path], workspace: Optional[Workspace], source: Path,
            notes: list[str], force: bool = False) -> ImportResult:
     """Save to `out`, or into a run directory of the workspace (with its config.yaml, like any run).
@@ -170,11 +180,7 @@ def write_import(state: dict, out: Optional[Path], workspace: Optional[Workspace
     config_path = out.parent / "config.yaml"
     with_config = in_run_dir or config_path.exists()  # a run directory: keep its config matching
     refuse_overwrite([out] + ([config_path] if with_config else []), force, "the import")
-    if force and out.name == ck.LAST:
-        for stale in [out.parent / ck.BEST] + [p for _, p in ck.step_checkpoints(out.parent)]:
-            if stale.exists():
-                stale.unlink()
-                notes.append(f"removed {stale} (a checkpoint of the replaced run)")
+    remove_replaced_run(out, force, notes)
     ck.save_checkpoint(out, state)
     if with_config:
         cfgmod.save(cfgmod.from_dict(state[ck.CONFIG_KEY]), config_path)
@@ -212,6 +218,7 @@ class ModelImportResult:
 def save_model_import(state: dict, out: Path, force: bool, notes: list[str]) -> ModelImportResult:
     """Write an imported image or text checkpoint to `out`; an existing file is replaced only with `force`."""
     refuse_overwrite([out], force, "the import")
+    remove_replaced_run(out, force, notes)
     ck.save_checkpoint(out, state)
     entry = state.get(ck.TOKENIZER_KEY)
     return ModelImportResult(

@@ -471,3 +471,17 @@ def test_export_refuses_a_foreign_tokenizer_and_a_non_empty_folder(tmp_path, spm
     with pytest.raises(InteropError, match="not the model's tokenizer"):
         interop_text.export_hf(tmp_path / "m.pt", tmp_path / "out2", tokenizer=other / "o.model")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_forced_import_into_a_run_replaces_the_whole_run(hf_pretrained, tmp_path):
+    folder, _ = hf_pretrained
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    last = run / ck.LAST
+    interop_text.import_hf(folder, out=last)
+    # The run had trained on: its best.pt would otherwise win over the newly imported last.pt.
+    for name in (ck.BEST, "step-100.pt"):
+        (run / name).write_bytes(last.read_bytes())
+    result = interop_text.import_hf(folder, out=last, force=True)
+    assert last.exists() and not (run / ck.BEST).exists() and not (run / "step-100.pt").exists()
+    assert any("removed" in n and ck.BEST in n for n in result.notes)
