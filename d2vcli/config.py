@@ -250,6 +250,10 @@ class ObjectiveConfig:
     text_teacher_input: Literal["unmasked", "masked-only"] = f(
         "unmasked", "Text: what the EMA teacher reads: the unmasked sequence (the paper) or only the masked "
         "tokens, the others as padding (the released fairseq code, issue #4881; docs/text.md).")
+    teacher_ema_embeddings: bool = f(
+        False, "Text: average the embeddings (tokens, positions, their LayerNorm) into the teacher like its layers "
+        "instead of copying the student's every step (the recipe copies them, fairseq ema_transformer_layers_only; "
+        "text-tiny averages them: docs/text.md).")
 
 
 @dataclass

@@ -14,7 +14,8 @@ fairseq's `examples/data2vec/models/data2vec_text.py` with `config/text/pretrain
    through its regression head; the masked positions are scored.
 3. The teacher (`EMATeacher`) is an EMA of the encoder's transformer layers; the token and position
    embeddings and the embedding LayerNorm are copied from the student every step
-   (`ema_transformer_layers_only`). It runs in eval mode on the **unmasked** sequence, as the paper
+   (`ema_transformer_layers_only`; `objective.teacher_ema_embeddings` averages them too, as text-tiny
+   does: docs/text.md). It runs in eval mode on the **unmasked** sequence, as the paper
    says (the released code feeds it only the masked tokens, fairseq issue #4881:
    `objective.text_teacher_input: masked-only` reproduces that).
 4. Targets (`build_targets`): the FFN outputs of the top 10 of 12 layers, each layer-normed (no
@@ -23,7 +24,8 @@ fairseq's `examples/data2vec/models/data2vec_text.py` with `config/text/pretrain
    the masked tokens; sample_size = masked tokens, so the engine's division gives the recipe's mean
    over masked tokens of the summed smooth L1, over micro-batches and ranks.
 6. `after_update`: one EMA step at `ema_decay_at(step)` (0.999 -> 0.9999 over 300k updates).
-7. Monitors: target and prediction std every update; the guards stop a collapsed run.
+7. Monitors: target and prediction std every update, and on log steps the share of the targets'
+   variance that token position explains (`target_position_share`); the guards stop a collapsed run.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from d2vcli.interop_tokenizer import sentencepiece_entry
 from d2vcli.models.audio import parameter_count
 from d2vcli.models.loading import build_text_model
 from d2vcli.models.text import TextConfig
-from d2vcli.objective.monitors import Guard, collapse_reason, compute_std, spread_guards
+from d2vcli.objective.monitors import Guard, collapse_reason, compute_std, position_explained_share, spread_guards
 from d2vcli.objective.targets import build_targets, regression_loss
 from d2vcli.objective.teacher import EMATeacher
 from d2vcli.objective.text_masking import TextMaskParams, mask_tokens
@@ -62,9 +64,22 @@ SPREAD_FIXES = (
 )
 
 
+POSITION_FIXES = (
+    "the teacher copies the student's embeddings every step, so a student that grows its position embeddings "
+    "makes the targets positional at once: set objective.teacher_ema_embeddings=true (text-tiny does);",
+    "a teacher that follows the student fast feeds the drift back: raise objective.ema_decay / ema_end_decay;",
+)
+
+
 def collapse_guards(obj: cfgmod.ObjectiveConfig) -> list[Guard]:
-    """The text pretraining stop rules: the spread of targets and predictions (fairseq's compute_var guards)."""
-    return spread_guards(obj.min_target_std, obj.min_pred_std, "tokens", SPREAD_FIXES)
+    """The text pretraining stop rules: the spread of targets and predictions (fairseq's compute_var guards)
+    and, on log steps, the share of the targets' variance that token position alone explains."""
+    return [
+        *spread_guards(obj.min_target_std, obj.min_pred_std, "tokens", SPREAD_FIXES),
+        Guard("target_position_share", "objective.max_position_share", obj.max_position_share, below=False,
+              meaning="the targets mostly encode where a token is, not which token or what surrounds it, so "
+              "the student can lower the loss from the position alone.", fixes=POSITION_FIXES),
+    ]
 
 
 def mask_params(m: cfgmod.MaskingConfig) -> TextMaskParams:
@@ -107,14 +122,16 @@ class TextPretrainTask:
         self.masking = mask_params(cfg.masking)
         self.masking.validate()
         self.model = build_text_model("text-pretrain", arch).to(device)
-        self.teacher = EMATeacher(self.model.encoder, copied_prefixes=COPIED_PREFIXES)
+        copied = () if cfg.objective.teacher_ema_embeddings else COPIED_PREFIXES
+        self.teacher = EMATeacher(self.model.encoder, copied_prefixes=copied)
         self.find_unused_parameters = arch.layerdrop > 0
 
     @property
     def teacher_scope(self) -> str:
         """What the start-up line says the teacher is (2.0 overrides it)."""
-        return (f"EMA of the transformer layers, embeddings copied; it reads the "
-                f"{self.cfg.objective.text_teacher_input} text")
+        scope = ("EMA of the whole encoder" if self.cfg.objective.teacher_ema_embeddings
+                 else "EMA of the transformer layers, embeddings copied")
+        return f"{scope}; it reads the {self.cfg.objective.text_teacher_input} text"
 
     def mask(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(masked tokens (B, T), mask (B, T) bool) from the batch's own RNG stream."""
@@ -142,11 +159,17 @@ class TextPretrainTask:
         tokens, padding_mask = batch.source, batch.padding_mask  # (B, T), (B, T) | None
         masked, mask = self.mask(batch)
         pred = model(masked, padding_mask)[mask]  # (N_masked, D)
-        target = self.targets(*self.teacher_input(tokens, padding_mask, mask))[mask]  # (N_masked, D)
+        teacher_tokens, teacher_pad = self.teacher_input(tokens, padding_mask, mask)
+        full_target = self.targets(teacher_tokens, teacher_pad)  # (B, T, D)
+        target = full_target[mask]  # (N_masked, D)
         loss = regression_loss(pred, target, obj.loss_beta, obj.loss_scale)
         real = mask.numel() if padding_mask is None else int((~padding_mask).sum())
         metrics = {"target_std": compute_std(target), "pred_std": compute_std(pred),
                    "masked_share": mask.sum().float() / max(real, 1)}
+        if (step + 1) % max(1, self.cfg.train.log_every) == 0:  # the update this step makes is logged
+            # Over the positions the teacher read as text (masked-only: the masked ones).
+            read = teacher_tokens.eq(self.arch.pad_id)
+            metrics["target_position_share"] = position_explained_share(full_target, read if read.any() else None)
         return StepOutput(loss=loss, sample_size=pred.shape[0], metrics=metrics)
 
     def after_update(self, step: int) -> dict:

@@ -257,3 +257,35 @@ def test_the_text_section_has_exactly_the_models_fields_with_its_defaults():
     tokenizer_fields = {"vocab_size", "mask_id"}  # 0 / -1: taken from the corpus's tokenizer
     assert {k: v for k, v in section.items() if k not in tokenizer_fields} == \
         {k: v for k, v in base.items() if k not in tokenizer_fields}
+
+
+def test_teacher_ema_embeddings_averages_the_embeddings_like_the_layers(tmp_path):
+    cfg = tiny_cfg("train.max_updates=1", "schedule.warmup_updates=0", "objective.teacher_ema_embeddings=true")
+    task = make_task(cfg)
+    init = {k: v.clone() for k, v in task.model.encoder.state_dict().items()}
+    run = prepare_run(Workspace.resolve(tmp_path / "ws"), "text-ema-all", cfg, False, CPU)
+    result = engine.train(cfg, task, RandomBlocks(), run, CPU, batch=engine.text_batch_unit(cfg))
+    assert result.status == "done" and result.step == 1
+    student, teacher = task.model.encoder.state_dict(), task.teacher.state_dict()
+    d = ema_decay_at(1, cfg.objective)
+    for name in teacher:  # the embeddings included: nothing is copied
+        assert not torch.equal(teacher[name], student[name]), name
+        torch.testing.assert_close(teacher[name], d * init[name] + (1 - d) * student[name])
+    assert "EMA of the whole encoder" in task.teacher_scope
+
+
+def test_targets_that_only_encode_position_trip_the_position_guard():
+    cfg = tiny_cfg("objective.collapse_check_after=0", "objective.max_position_share=0.8", "objective.min_pred_std=0")
+    task = make_task(cfg)
+    loader = RandomBlocks()
+    batch = loader.make_batch(loader.batches(0)[0], 0, 0)
+    healthy = task.train_step(task.model, batch, step=0).metrics  # log_every 1: every step is a log step
+    assert 0 <= float(healthy["target_position_share"]) < 0.8
+    assert task.stop_reason(0, {k: float(v) for k, v in healthy.items()}) is None
+    with torch.no_grad():  # a teacher blind to the tokens: its targets are a function of position alone
+        task.teacher.module.embed.embed_tokens.weight.zero_()
+    collapsed = {k: float(v) for k, v in task.train_step(task.model, batch, step=0).metrics.items()}
+    assert collapsed["target_position_share"] > 0.95
+    message = task.stop_reason(0, collapsed)
+    assert "target_position_share" in message and "objective.max_position_share 0.8" in message
+    assert "objective.teacher_ema_embeddings=true" in message
