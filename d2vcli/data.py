@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -365,6 +365,37 @@ class DataPosition:
         return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]))
 
 
+class EpochShare:
+    """An epoch's global batches, made once per epoch by `plan(epoch)`, and one rank's share of them.
+
+    Every loader (audio, images, text) cuts its epochs this way: the plan is keyed by (seed, epoch), so
+    every rank sees the same global batches, and rank r reads every world_size-th one from `consumed` on.
+    With `drop_uneven` the batches left after an even share per rank are skipped (DDP ranks must take
+    as many steps); evaluation keeps them.
+    """
+
+    def __init__(self, plan: Callable[[int], list[np.ndarray]], rank: int = 0, world_size: int = 1,
+                 drop_uneven: bool = True):
+        self.plan, self.rank, self.world_size, self.drop_uneven = plan, rank, world_size, drop_uneven
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.plan(epoch))
+        return self._cache[1]
+
+    def local_indices(self, epoch: int, consumed: int) -> list[int]:
+        """Global indices this rank reads in `epoch`, starting after `consumed` global batches."""
+        remaining = max(0, len(self.batches(epoch)) - consumed)
+        if self.drop_uneven:
+            remaining -= remaining % self.world_size
+        return list(range(consumed + self.rank, consumed + remaining, self.world_size))
+
+    def position_after(self, epoch: int, index: int) -> DataPosition:
+        """The position once global batch `index` is handed over: a checkpoint taken then resumes right after it."""
+        return DataPosition(epoch, index - self.rank + self.world_size)
+
+
 class _EpochBatches(torch.utils.data.Dataset):
     """Map-style view of one rank's share of an epoch: item i is a collated batch.
 
@@ -428,14 +459,13 @@ class BatchLoader:
             self.sizes = np.where(self.exact_sizes <= max_tokens,
                                   round_to_buckets(np.minimum(self.exact_sizes, fits.max()), self.buckets, collate),
                                   self.exact_sizes)
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.share = EpochShare(lambda epoch: epoch_batches(self.sizes, self.max_tokens, self.seed, epoch, self.shuffle),
+                                rank, world_size, drop_uneven)
 
     # -- the epoch's batches
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, epoch_batches(self.sizes, self.max_tokens, self.seed, epoch, self.shuffle))
-        return self._cache[1]
+        return self.share.batches(epoch)
 
     def bucketing_cost(self, epoch: int = 1) -> str:
         """One line for the run's start: the buckets, the batch shapes and what rounding costs in `epoch`."""
@@ -458,12 +488,7 @@ class BatchLoader:
                 f"(exact lengths: {100 * (1 - real / padded_exact):.1f}%)")
 
     def local_indices(self, epoch: int, consumed: int) -> list[int]:
-        """Global indices this rank reads in `epoch`, starting after `consumed` global batches."""
-        n = len(self.batches(epoch))
-        remaining = max(0, n - consumed)
-        if self.drop_uneven:
-            remaining -= remaining % self.world_size
-        return list(range(consumed + self.rank, consumed + remaining, self.world_size))
+        return self.share.local_indices(epoch, consumed)
 
     def __len__(self) -> int:
         """Batches this rank yields in a whole epoch (the current one)."""
@@ -533,7 +558,7 @@ class BatchLoader:
             # Counted when handed over, not when a worker prefetched it: a checkpoint taken now
             # resumes exactly after this batch.
             # Global count: this rank's batch and the ones the other ranks took beside it.
-            self.position = DataPosition(epoch, batch.index - self.rank + self.world_size)
+            self.position = self.share.position_after(epoch, batch.index)
             yield batch
         self.position = DataPosition(epoch + 1, 0)
 

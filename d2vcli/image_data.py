@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from d2vcli.data import Batch, DataError, DataPosition, identity, ignore_stop_signals, batch_rng
+from d2vcli.data import Batch, DataError, DataPosition, EpochShare, identity, ignore_stop_signals, batch_rng
 from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
 from d2vcli.models.vision import IMAGENET_MEAN, IMAGENET_STD
@@ -132,22 +132,20 @@ class ImageBatchLoader:
         self.max_bad_files = max_bad_files
         self.position = DataPosition()
         self.bad_files: dict[str, str] = {}
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.share = EpochShare(self._plan, rank, world_size)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches: a permutation keyed by (seed, epoch), full batches only."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+        n = len(order) // self.images_per_batch
+        return [order[i * self.images_per_batch:(i + 1) * self.images_per_batch] for i in range(n)]
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's global batches: a permutation keyed by (seed, epoch), full batches only."""
-        if self._cache is None or self._cache[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
-            n = len(order) // self.images_per_batch
-            self._cache = (epoch, [order[i * self.images_per_batch:(i + 1) * self.images_per_batch]
-                                   for i in range(n)])
-        return self._cache[1]
+        return self.share.batches(epoch)
 
     def local_indices(self, epoch: int, consumed: int) -> list[int]:
         """Global batch indices this rank reads in `epoch` after `consumed` (an even share per rank)."""
-        remaining = max(0, len(self.batches(epoch)) - consumed)
-        remaining -= remaining % self.world_size
-        return list(range(consumed + self.rank, consumed + remaining, self.world_size))
+        return self.share.local_indices(epoch, consumed)
 
     def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
         """Decode and augment the batch's images; runs in DataLoader workers."""
@@ -199,7 +197,7 @@ class ImageBatchLoader:
             if not batch.ids:
                 continue
             # Counted when handed over: a checkpoint taken now resumes right after this batch.
-            self.position = DataPosition(epoch, batch.index - self.rank + self.world_size)
+            self.position = self.share.position_after(epoch, batch.index)
             yield batch
         self.position = DataPosition(epoch + 1, 0)
 

@@ -27,13 +27,13 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
-from d2vcli.data import Batch, DataError, DataPosition
+from d2vcli.data import Batch, DataError, DataPosition, EpochShare
 from d2vcli.errors import UserError
 from d2vcli.fileio import read_jsonl
 from d2vcli.workspace import Workspace
@@ -212,41 +212,30 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 class _PositionedLoader:
-    """What both loaders share: global batches per epoch, a rank's share, and the resumable position."""
+    """What both text loaders share: the epoch's batches from `plan(epoch)` (an index array per batch),
+    collated by `collate(indices, epoch, index)`, a rank's share (data.EpochShare) and the resumable position."""
 
-    seed: int
-    rank: int
-    world_size: int
-
-    def __init__(self):
+    def __init__(self, plan: Callable[[int], list[np.ndarray]], collate: Callable[[np.ndarray, int, int], Batch],
+                 seed: int, rank: int, world_size: int):
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.share = EpochShare(plan, rank, world_size)
+        self.make_batch = collate
         self.position = DataPosition()
         self.bad_files: dict[str, str] = {}  # the engine's BatchSource field; token shards have no unreadable files
-        self._cache: tuple[int, list[np.ndarray]] | None = None
-
-    def make_batches(self, epoch: int) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
-        raise NotImplementedError
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self.make_batches(epoch))
-        return self._cache[1]
+        return self.share.batches(epoch)
 
     def local_indices(self, epoch: int, consumed: int) -> list[int]:
         """Global batch indices this rank reads in `epoch` after `consumed` (an even share per rank)."""
-        remaining = max(0, len(self.batches(epoch)) - consumed)
-        remaining -= remaining % self.world_size
-        return list(range(consumed + self.rank, consumed + remaining, self.world_size))
+        return self.share.local_indices(epoch, consumed)
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, consumed = self.position.epoch, self.position.consumed
         batches = self.batches(epoch)
         for g in self.local_indices(epoch, consumed):
             batch = self.make_batch(batches[g], epoch, g)
-            # Counted when handed over: a checkpoint taken now resumes right after this batch.
-            self.position = DataPosition(epoch, g - self.rank + self.world_size)
+            self.position = self.share.position_after(epoch, g)
             yield batch
         self.position = DataPosition(epoch + 1, 0)
 
@@ -285,9 +274,8 @@ class TextBlockLoader(_PositionedLoader):
 
     def __init__(self, blocks: TokenBlocks, tokenizer_or_bos: Tokenizer | int, tokens_per_batch: int, seed: int, *,
                  tokens_per_sample: Optional[int] = None, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.blocks, self.tokens_per_batch, self.seed = blocks, tokens_per_batch, seed
-        self.rank, self.world_size = rank, world_size
+        super().__init__(self._plan, self._collate, seed, rank, world_size)
+        self.blocks, self.tokens_per_batch = blocks, tokens_per_batch
         self.bos_id = tokenizer_or_bos if isinstance(tokenizer_or_bos, int) else tokenizer_or_bos.bos_id
         self.pad_id = PAD
         longest = int(blocks.sizes.max()) + 1 if len(blocks) else 0
@@ -302,14 +290,14 @@ class TextBlockLoader(_PositionedLoader):
         if not len(blocks):
             raise DataError(f"{blocks.text_dir}: split '{blocks.split}' has no blocks; prepare more text")
 
-    def make_batches(self, epoch: int) -> list[np.ndarray]:
+    def _plan(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(len(self.blocks))
         order = perm[np.argsort(self.blocks.sizes[perm], kind="stable")]
         groups = group_by_tokens(self.blocks.sizes + 1, order, self.tokens_per_batch)
         return [groups[i] for i in rng.permutation(len(groups))]
 
-    def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
+    def _collate(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
         seqs = [np.concatenate([[self.bos_id], self.blocks[int(i)]]) for i in indices]
         source, padding_mask = pad_sequences(seqs, self.pad_id)
         return Batch(source=source, padding_mask=padding_mask, ids=[str(int(i)) for i in indices],
@@ -363,23 +351,23 @@ class TextTaskLoader(_PositionedLoader):
     def __init__(self, records: list[dict], batch_size: int, seed: int, *, regression: bool = False,
                  shuffle: bool = True, pad_id: int = PAD, rank: int = 0, world_size: int = 1,
                  max_tokens: Optional[int] = None):
-        super().__init__()
+        super().__init__(self._plan, self._collate, seed, rank, world_size)
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1 (got {batch_size})")
-        self.records, self.batch_size, self.seed, self.regression = records, batch_size, seed, regression
-        self.shuffle, self.pad_id, self.rank, self.world_size = shuffle, pad_id, rank, world_size
+        self.records, self.batch_size, self.regression = records, batch_size, regression
+        self.shuffle, self.pad_id = shuffle, pad_id
         if max_tokens is not None:
             longest = max((len(r["tokens"]) for r in records), default=0)
             if longest > max_tokens:
                 raise DataError(f"a record has {longest} tokens but the model takes at most {max_tokens}; re-run "
                                 f"`d2v prepare glue ... --tokens-per-sample {max_tokens}`")
 
-    def make_batches(self, epoch: int) -> list[np.ndarray]:
+    def _plan(self, epoch: int) -> list[np.ndarray]:
         n = len(self.records)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
 
-    def make_batch(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
+    def _collate(self, indices: np.ndarray, epoch: int, index: int) -> Batch:
         rows = [self.records[int(i)] for i in indices]
         source, padding_mask = pad_sequences([r["tokens"] for r in rows], self.pad_id)
         if self.regression:
