@@ -228,6 +228,29 @@ def save_model_import(state: dict, out: Path, force: bool, notes: list[str]) -> 
     )
 
 
+def hf_encoder_fields(arch) -> dict:
+    """The config.json fields every BERT-style Hugging Face encoder shares (Data2VecText, Data2VecVision),
+    from an architecture with embed_dim, num_layers, num_heads, ffn_dim, dropouts, init_std, layer_norm_eps."""
+    return {
+        "hidden_size": arch.embed_dim,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "intermediate_size": arch.ffn_dim,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": arch.dropout,
+        "attention_probs_dropout_prob": arch.attention_dropout,
+        "initializer_range": arch.init_std,
+        "layer_norm_eps": arch.layer_norm_eps,
+    }
+
+
+def hf_label_fields(classes) -> dict:
+    """id2label / label2id / num_labels of a classifier's config.json."""
+    names = list(classes or [])
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)},
+            "num_labels": len(names)}
+
+
 HF_WEIGHT_FILES = ("model.safetensors", "config.json")
 
 

@@ -34,7 +34,8 @@ from d2vcli import checkpoint as ck
 from d2vcli import interop_tokenizer as toks
 from d2vcli.interop_hf import read_hf_weights
 from d2vcli.interop_keys import (HF_WEIGHT_FILES, InteropError, KeyMap, ModelImportResult, check_state_dict,
-                                 default_import_path, rename, save_model_import, write_hf_folder)
+                                 default_import_path, hf_encoder_fields, hf_label_fields, rename, save_model_import,
+                                 write_hf_folder)
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
 from d2vcli.workspace import Workspace
@@ -118,17 +119,9 @@ def hf_config(kind: str, arch: TextConfig, classes: Optional[list[str]] = None, 
         "model_type": HF_MODEL_TYPE,
         "dtype": "float32",
         "vocab_size": arch.vocab_size,
-        "hidden_size": arch.embed_dim,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_heads,
-        "intermediate_size": arch.ffn_dim,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": arch.dropout,
-        "attention_probs_dropout_prob": arch.attention_dropout,
+        **hf_encoder_fields(arch),  # layer_norm_eps: fairseq's 1e-5 (HF's default 1e-12 would change every output)
         "max_position_embeddings": arch.position_rows,  # 514 for 512 tokens: positions start after <pad>
         "type_vocab_size": 1,
-        "initializer_range": arch.init_std,
-        "layer_norm_eps": arch.layer_norm_eps,  # fairseq 1e-5 (HF's default 1e-12 would change every output)
         "pad_token_id": arch.pad_id,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -137,11 +130,8 @@ def hf_config(kind: str, arch: TextConfig, classes: Optional[list[str]] = None, 
         "use_cache": False,
     }
     if kind == "text-cls":
-        names = list(classes or [])
-        cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
-        cfg["label2id"] = {n: i for i, n in enumerate(names)}
-        cfg["num_labels"] = len(names)
-        cfg["problem_type"] = "regression" if len(names) == 1 else "single_label_classification"
+        cfg |= hf_label_fields(classes)
+        cfg["problem_type"] = "regression" if cfg["num_labels"] == 1 else "single_label_classification"
     return cfg
 
 

@@ -31,7 +31,8 @@ from d2vcli import checkpoint as ck
 from d2vcli.fileio import atomic_write_text
 from d2vcli.interop_hf import read_hf_weights
 from d2vcli.interop_keys import (HF_WEIGHT_FILES, InteropError, ModelImportResult, check_state_dict,
-                                 default_import_path, save_model_import, write_hf_folder)
+                                 default_import_path, hf_encoder_fields, hf_label_fields, save_model_import,
+                                 write_hf_folder)
 from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.models.vision import VisionConfig
 from d2vcli.workspace import Workspace
@@ -183,15 +184,7 @@ def hf_config(kind: str, arch: VisionConfig, classes: Optional[list[str]] = None
         "architectures": ["Data2VecVisionForImageClassification" if kind == "vision-cls" else "Data2VecVisionModel"],
         "model_type": HF_MODEL_TYPE,
         "dtype": "float32",
-        "hidden_size": arch.embed_dim,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_heads,
-        "intermediate_size": arch.ffn_dim,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": arch.dropout,
-        "attention_probs_dropout_prob": arch.attention_dropout,
-        "initializer_range": arch.init_std,
-        "layer_norm_eps": arch.layer_norm_eps,
+        **hf_encoder_fields(arch),
         "image_size": arch.image_size,
         "patch_size": arch.patch_size,
         "num_channels": arch.in_channels,
@@ -205,8 +198,7 @@ def hf_config(kind: str, arch: VisionConfig, classes: Optional[list[str]] = None
         "use_mean_pooling": kind == "vision-cls",
     }
     if kind == "vision-cls":
-        cfg["id2label"] = {str(i): name for i, name in enumerate(classes or [])}
-        cfg["label2id"] = {name: i for i, name in enumerate(classes or [])}
+        cfg |= hf_label_fields(classes)
     return cfg
 
 
