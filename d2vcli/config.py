@@ -16,18 +16,17 @@ Run `d2v config show [--preset NAME]` to see every field with its doc.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
-from d2vcli.errors import UserError
-from d2vcli.fileio import atomic_write_text
+from d2vcli import config_checks
+# Merging, YAML and --set parsing, writing and field listings live in config_io.py, the cross-field checks
+# of Config.validate in config_checks.py. config_io's names are names of this module too (cfgmod.merge,
+# cfgmod.to_dict, C.ConfigError, ...): that is how the rest of d2vcli, the tests and benchmarks call them.
+from d2vcli.config_io import ConfigError, _suggest, load_yaml, merge, parse_set
+from d2vcli.config_io import changes, field_docs, save, to_dict, to_yaml  # noqa: F401 - re-exported, see above
 
 # Package data (pyproject package-data), so a wheel install has them too. For a package installed
 # as files (wheel, editable, source tree) this is a pathlib.Path, which load_yaml relies on.
@@ -403,125 +402,12 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def validate(self, command: Optional[str] = None) -> None:
-        """Reject impossible combinations with a message that says what to change. The image
-        objective's settings (top-K, block masks) are not checked for `d2v finetune`, which ignores them."""
-        problems = []
-        m = self.model
-        if m.embed_dim % m.num_heads:
-            problems.append(f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")
-        if m.embed_dim % m.pos_conv_groups:
-            problems.append(
-                f"model.embed_dim ({m.embed_dim}) must be divisible by model.pos_conv_groups ({m.pos_conv_groups})"
-            )
-        images = self.modality == "images"
-        layers, section = (self.vision.num_layers, "vision") if images else (m.num_layers, "model")
-        if self.modality == "text":
-            layers, section = self.text.num_layers, "text"
-        if not 1 <= self.objective.average_top_k_layers <= layers and not (images and command == "finetune"):
-            problems.append(
-                f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) must be between 1 and "
-                f"{section}.num_layers ({layers})"
-            )
-        if images:
-            problems.extend(self._vision_problems(masking=command != "finetune" and m.version == 1))
-        if images and m.version == 2 and command != "finetune":
-            problems.extend(self._vision2_problems())
-        if self.data.text_sequences_per_batch < 1 or self.train.sequences_per_update < 1:
-            problems.append("data.text_sequences_per_batch and train.sequences_per_update must be at least 1")
-        if self.data.tokens_per_sample < 2 or self.data.text_tokens_per_batch < 1 or self.train.tokens_per_update < 1:
-            problems.append("data.tokens_per_sample must be at least 2, data.text_tokens_per_batch and "
-                            "train.tokens_per_update at least 1")
-        if not 0 <= self.masking.mask_prob < 1:
-            problems.append("masking.mask_prob must be in [0, 1)")
-        if self.data.max_tokens < self.data.min_sample_size:
-            problems.append(
-                f"data.max_tokens ({self.data.max_tokens}) is smaller than data.min_sample_size "
-                f"({self.data.min_sample_size}): no utterance would fit in a batch"
-            )
-        if self.schedule.kind == "tri_stage" and abs(sum(self.schedule.phase_ratio) - 1) > 1e-6:
-            problems.append(f"schedule.phase_ratio {self.schedule.phase_ratio} must sum to 1")
-        if m.version == 2:
-            if self.masking.clone_batch < 1:
-                problems.append("masking.clone_batch must be at least 1")
-            if m.decoder_dim % m.decoder_groups or m.embed_dim % m.decoder_groups:
-                problems.append(f"model.embed_dim ({m.embed_dim}) and model.decoder_dim ({m.decoder_dim}) must be "
-                                f"divisible by model.decoder_groups ({m.decoder_groups})")
-            if m.decoder_layers < 1:
-                problems.append("model.decoder_layers must be at least 1")
-        if self.modality == "text":
-            problems.extend(self._text_problems())
-        if self.train.batch_seconds <= 0:
-            problems.append("train.batch_seconds must be positive")
-        if self.data.length_buckets < 0:
-            problems.append(f"data.length_buckets ({self.data.length_buckets}) must be 0 (off) or a count of lengths")
+        """Reject impossible combinations with a message that says what to change (config_checks.py holds
+        the checks). The image objective's settings (top-K, block masks) are not checked for `d2v finetune`,
+        which ignores them."""
+        problems = config_checks.config_problems(self, command)
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-
-    def _text_problems(self) -> list[str]:
-        t, mk, problems = self.text, self.masking, []
-        if t.embed_dim % t.num_heads:
-            problems.append(f"text.embed_dim ({t.embed_dim}) must be divisible by text.num_heads ({t.num_heads})")
-        if t.vocab_size < 0 or (t.vocab_size and not -1 <= t.mask_id < t.vocab_size):
-            problems.append(f"text.vocab_size ({t.vocab_size}) must be 0 (the tokenizer's) or hold text.mask_id "
-                            f"({t.mask_id})")
-        if mk.mask_length < 1:
-            problems.append("masking.mask_length must be at least 1")
-        if min(mk.leave_unmasked_prob, mk.random_token_prob) < 0 or mk.leave_unmasked_prob + mk.random_token_prob > 1:
-            problems.append("masking.leave_unmasked_prob and masking.random_token_prob must be at least 0 and sum "
-                            "to at most 1")
-        if self.model.version == 2:
-            if mk.mask_length != 1:
-                problems.append(f"masking.mask_length is {mk.mask_length}, but data2vec 2.0 text masks single tokens "
-                                f"at random (MAE-style, fairseq mask_length 1): set masking.mask_length=1")
-            if t.decoder_layers < 1 or t.decoder_dim % t.decoder_groups or t.embed_dim % t.decoder_groups:
-                problems.append(f"text.decoder_layers must be at least 1 and text.embed_dim ({t.embed_dim}) and "
-                                f"text.decoder_dim ({t.decoder_dim}) divisible by text.decoder_groups "
-                                f"({t.decoder_groups})")
-        return problems
-
-    def _vision_problems(self, masking: bool) -> list[str]:
-        v, problems = self.vision, []
-        if v.image_size % v.patch_size:
-            problems.append(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size "
-                            f"({v.patch_size})")
-        if v.embed_dim % v.num_heads:
-            problems.append(f"vision.embed_dim ({v.embed_dim}) must be divisible by vision.num_heads ({v.num_heads})")
-        patches = (v.image_size // max(1, v.patch_size)) ** 2
-        if masking and not 0 < self.masking.block_patches < patches:
-            problems.append(f"masking.block_patches ({self.masking.block_patches}) must be between 1 and "
-                            f"{patches - 1} (the image has {patches} patches)")
-        if masking and not 0 < self.masking.block_min_patches <= self.masking.block_patches:
-            problems.append("masking.block_min_patches must be between 1 and masking.block_patches")
-        if masking and not 0 < self.masking.block_min_aspect <= 1:
-            problems.append("masking.block_min_aspect must be in (0, 1]")
-        if self.data.images_per_batch < 1 or self.train.images_per_update < 1:
-            problems.append("data.images_per_batch and train.images_per_update must be at least 1")
-        if not 0 < self.data.min_crop_scale <= 1:
-            problems.append("data.min_crop_scale must be in (0, 1]")
-        return problems
-
-
-    def _vision2_problems(self) -> list[str]:
-        """data2vec 2.0 images: the 2-D block masks, the decoder, the prenet."""
-        v, mk, problems = self.vision, self.masking, []
-        patches = (v.image_size // max(1, v.patch_size)) ** 2
-        shown = 1 - mk.mask_prob if mk.inverse_mask else mk.mask_prob
-        if mk.mask_length < 1 or mk.clone_batch < 1:
-            problems.append("masking.mask_length and masking.clone_batch must be at least 1")
-        kept = patches - int(patches * shown) if not mk.inverse_mask else int(patches * shown)
-        if not 0 < kept < patches:
-            problems.append(f"masking.mask_prob {mk.mask_prob} leaves {kept} of {patches} patches visible; "
-                            f"the student needs at least one visible and one masked patch")
-        if v.embed_dim % 4:
-            problems.append(f"vision.embed_dim ({v.embed_dim}) must be a multiple of 4 (2-D sin-cos positions)")
-        if v.embed_dim % v.decoder_groups or v.decoder_dim % v.decoder_groups:
-            problems.append(f"vision.embed_dim ({v.embed_dim}) and vision.decoder_dim ({v.decoder_dim}) must be "
-                            f"divisible by vision.decoder_groups ({v.decoder_groups})")
-        if v.decoder_layers < 1 or v.decoder_kernel % 2 == 0:
-            problems.append("vision.decoder_layers must be at least 1 and vision.decoder_kernel odd")
-        if v.prenet_depth < 0:
-            problems.append("vision.prenet_depth must be 0 or more")
-        return problems
 
 
 # --------------------------------------------------------------------------- named recipes
@@ -618,142 +504,7 @@ DEFAULTS = {"pretrain": pretrain_base, "finetune": finetune_base}
 PRESET_BASES = {"speech2-base": pretrain2_base, "speech2-large": pretrain2_base, "speech2-tiny": pretrain2_base}
 
 
-class ConfigError(UserError):
-    """A config problem the user can fix; the message says how."""
-
-
-# --------------------------------------------------------------------------- merging and type checking
-
-
-def _suggest(key: str, valid: list[str], where: str = "") -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    prefix = f"{where}." if where else ""
-    return f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently convert) a YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):
-            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML follows YAML 1.1, which reads 1e-4, 5E-4 and 1_000.5 as strings (it wants a dot and a
-            # signed exponent: 1.0e-4). Every spelling Python's float() accepts is a float here, plus
-            # YAML's own .inf / -.inf / .nan.
-            return _parse_float(value, where)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-_YAML_SPECIAL_FLOATS = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
-
-
-def _parse_float(text: str, where: str) -> float:
-    t = text.strip()
-    t = _YAML_SPECIAL_FLOATS.get(t.lower(), t)
-    try:
-        return float(t)
-    except ValueError:
-        raise ConfigError(f"{where}: expected a number (e.g. 0.001, 1e-4, 5E-4), got {text!r}") from None
-
-
-def merge(obj: Any, delta: dict, where: str = "") -> Any:
-    """Return a copy of dataclass `obj` with `delta` (nested dict) applied; strict on keys and types."""
-    if not isinstance(delta, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {delta!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [fl.name for fl in dataclasses.fields(obj)]
-    changes = {}
-    for key, value in delta.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names, where)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            changes[key] = merge(current, value, path)
-        else:
-            changes[key] = _coerce(value, hints[key], path)
-    return dataclasses.replace(obj, **changes)
-
-
-def parse_set(item: str) -> dict:
-    """'a.b=c' -> {'a': {'b': c}} with c parsed as YAML (so numbers, lists, null work)."""
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value (e.g. --set optim.lr=1e-4), got '{item}'")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({e.problem or e}); "
-                          f"quote strings and write lists as [a, b]") from None
-    out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
-def load_yaml(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    if not path.is_file():
-        raise ConfigError(f"{path} is a directory, not a YAML config file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a YAML text file (not UTF-8 at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+# --------------------------------------------------------------------------- resolution
 
 
 def preset_path(name: str) -> Path:
@@ -792,59 +543,9 @@ def resolve(
     return cfg
 
 
-# --------------------------------------------------------------------------- (de)serialization
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples as lists) suitable for YAML, JSON and weights_only checkpoints."""
-
-    def conv(v):
-        if dataclasses.is_dataclass(v):
-            return {fl.name: conv(getattr(v, fl.name)) for fl in dataclasses.fields(v)}
-        if isinstance(v, (tuple, list)):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(cfg)
-
-
 def from_dict(data: dict, cls: type = Config) -> Any:
     """Inverse of to_dict, strict (used for configs stored in checkpoints)."""
     return merge(cls(), data)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Sections as blocks, lists on one line: `conv_layers: [[512, 10, 5], ...]`."""
-
-
-_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-
-
-def to_yaml(cfg: Any) -> str:
-    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
-
-
-def save(cfg: Any, path: Path) -> None:
-    atomic_write_text(Path(path), to_yaml(cfg))
-
-
-def field_docs(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, value, doc) for every leaf field, in declaration order."""
-    rows = []
-    for fl in dataclasses.fields(cfg):
-        v = getattr(cfg, fl.name)
-        key = f"{prefix}{fl.name}"
-        if dataclasses.is_dataclass(v):
-            rows.extend(field_docs(v, key + "."))
-        else:
-            rows.append((key, v, fl.metadata.get("doc", "")))
-    return rows
-
-
-def changes(cfg: Any, base: Any) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value in `base`, value in `cfg`) for every leaf field that differs, in declaration order."""
-    before = {k: v for k, v, _ in field_docs(base)}
-    return [(k, before[k], v) for k, v, _ in field_docs(cfg) if before[k] != v]
 
 
 def base_config(command: str, preset: Optional[str] = None) -> Config:

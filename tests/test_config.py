@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from d2vcli import config as C
+from d2vcli import config_io
 
 # A documented `--set` that shows the syntax rather than a value (`KEY=<value>`, `a.b={x,y}`, an
 # ellipsis) is not an example to check.
@@ -111,7 +112,7 @@ def test_every_field_is_documented():
 def test_every_python_float_spelling_is_a_float(text):
     """PyYAML (YAML 1.1) reads 1e-4 as a string; it failed with "expected a number, got '1e-4'"."""
     cfg = C.resolve("pretrain", overrides=[f"optim.lr={text}", f"decode.unk_weight={text}"])
-    expected = float(C._YAML_SPECIAL_FLOATS.get(text.strip(), text))
+    expected = float(config_io._YAML_SPECIAL_FLOATS.get(text.strip(), text))
     assert cfg.optim.lr == expected and isinstance(cfg.optim.lr, float)
     assert cfg.decode.unk_weight == expected
 

@@ -124,6 +124,14 @@ def test_the_cli_sub_apps_do_not_import_the_root_app():
             for dep in sorted(deps) if _matches(dep, "d2vcli.cli")] == []
 
 
+def test_the_config_helpers_sit_below_the_config_tree():
+    """config.py imports config_io (merging, YAML, writing) and config_checks (Config.validate's checks) and
+    re-exports config_io's names; either importing config.py back would be an import cycle."""
+    assert _edges("d2vcli.config_io", ("d2vcli.config",)) == []
+    assert [d for d in sorted(GRAPH["d2vcli.config_checks"]) if _matches(d, "d2vcli")] == []
+    assert {"d2vcli.config_io", "d2vcli.config_checks"} <= GRAPH["d2vcli.config"]
+
+
 def test_the_rules_see_the_real_package():
     """Guards the guard: the parser finds the modules and edges the rules are about."""
     assert "d2vcli.engine" in GRAPH and "d2vcli.objective.teacher" in GRAPH
