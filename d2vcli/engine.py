@@ -42,7 +42,7 @@ the epoch's size, and `state_dict`/`load_state_dict` for resume (`data.BatchLoad
 Semantics (fairseq's `fairseq_cli/train.py` + `fairseq/trainer.py`; recipe values in
 `docs/recipe.md`):
 
-- Batch size is what one update holds, in the loader's unit (`BatchUnit`): audio seconds by default
+- Batch size is what one update holds, in the loader's unit (`BatchUnit`, train_settings.py): audio seconds by default
   (`train.batch_seconds`), images for image pretraining (`train.images_per_update`, passed by the
   task as `train(..., batch=image_batch_unit(...))`). Accumulation =
   ceil(per update / (world_size x per micro-batch)), printed at start, so one GPU
@@ -58,7 +58,7 @@ Semantics (fairseq's `fairseq_cli/train.py` + `fairseq/trainer.py`; recipe value
   compiler failure) and `train.activation_checkpointing`; neither changes what is saved.
 - Precision `train.precision`: auto = bf16 autocast on GPUs that support it, fp16 autocast with
   dynamic loss scaling elsewhere on GPU, fp32 on CPU. The model keeps its own fp32 islands.
-- Randomness: torch is re-seeded at every update from (seed, rank, update), like fairseq's
+- Randomness (rng_state.py): torch is re-seeded at every update from (seed, rank, update), like fairseq's
   per-update seeding, so dropout does not depend on where a run was resumed; data randomness
   is keyed by batch (`d2vcli.data.batch_rng`).
 - Checkpoints (`d2vcli.checkpoint`): last.pt at every save, step-N.pt pruned to
@@ -79,7 +79,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -88,7 +87,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Protocol, Sized
 
-import numpy as np
 import torch
 from rich.progress import TextColumn
 from torch import nn
@@ -96,14 +94,18 @@ from torch import nn
 from d2vcli import checkpoint as ckpt
 from d2vcli import config as cfgmod
 from d2vcli import distributed
-from d2vcli.audio import SAMPLE_RATE
 from d2vcli.config import Config, ConfigError
 from d2vcli.data import Batch, DataPosition, bad_files_fix, bad_files_summary
 from d2vcli.distributed import DistInfo
 from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, WandbSettings, bar_text, format_value
+from d2vcli.rng_state import rng_state, seed_update, set_rng_state
 from d2vcli.run_dir import Run
 from d2vcli.schedule import build_optimizer, lr_at
 from d2vcli.speedups import compile_model, compile_wanted, set_activation_checkpointing
+from d2vcli.train_settings import BatchUnit, audio_batch_unit, precision_name, resolve_precision
+# Re-exported: tasks, tests and benchmarks name them as engine.image_batch_unit(cfg), ...
+from d2vcli.train_settings import accumulation_steps, describe_batch, image_batch_unit  # noqa: F401 - re-exported
+from d2vcli.train_settings import text_batch_unit, text_sequence_unit  # noqa: F401 - re-exported
 from d2vcli.ui import console, progress
 
 FP16_INIT_SCALE = 128.0  # fairseq fp16_init_scale
@@ -177,128 +179,6 @@ class TrainResult:
         if self.status == "interrupted":
             return 128 + self.signum
         return 1
-
-
-# ----------------------------------------------------------------------------- derived settings
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for `train.precision` on `device`, or None for fp32."""
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        if precision == "auto":
-            return None
-        if precision == "fp16":
-            raise ConfigError("train.precision=fp16 needs a GPU; use fp32 (or bf16) on CPU")
-        return torch.bfloat16
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{torch.cuda.get_device_name(device)} does not support bf16; use train.precision=fp16")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def precision_name(dtype: Optional[torch.dtype]) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}[dtype]
-
-
-def accumulation_steps(batch_seconds: float, max_tokens: int, world_size: int) -> int:
-    """Micro-batches per update so that world_size x max_tokens x accumulation >= batch_seconds of audio."""
-    return max(1, math.ceil(round(batch_seconds * SAMPLE_RATE / (world_size * max_tokens), 9)))
-
-
-@dataclass(frozen=True)
-class BatchUnit:
-    """How the loader's batches are counted: per update in the config's unit, per micro-batch in
-    `Batch.num_samples` units (audio samples, images)."""
-
-    per_update: float  # what the config asks one update to hold (seconds, images)
-    per_micro_batch: float  # what one process's micro-batch holds at most (samples, images)
-    unit: str  # the config's unit: "s" (audio seconds) or "images"
-    samples_per_unit: float  # num_samples per unit: SAMPLE_RATE for seconds, 1 for images
-    rate_key: str  # the throughput column of metrics.jsonl: audio_s_per_s, images_per_s
-    seen_key: str  # the engine-state total of what training consumed: audio_seconds, images
-
-    def accumulation(self, world_size: int) -> int:
-        per_micro_batches = self.per_update * self.samples_per_unit / (world_size * self.per_micro_batch)
-        return max(1, math.ceil(round(per_micro_batches, 9)))
-
-    def describe(self, info: DistInfo, accumulation: int) -> str:
-        if self.unit == "s":
-            return describe_batch(self.per_update, int(self.per_micro_batch), info, accumulation)
-        text = (f"{self.per_update:g} {self.unit}/update = {info.describe()} x {self.per_micro_batch:g} {self.unit} x "
-                f"{accumulation} accumulation")
-        actual = info.world_size * self.per_micro_batch * accumulation
-        return text + (f" ({actual:g} {self.unit})" if actual != self.per_update else "")
-
-
-def audio_batch_unit(cfg: Config) -> BatchUnit:
-    """Audio seconds per update (train.batch_seconds) in micro-batches of data.max_tokens samples."""
-    return BatchUnit(cfg.train.batch_seconds, cfg.data.max_tokens, "s", SAMPLE_RATE,
-                     "audio_s_per_s", "audio_seconds")
-
-
-def image_batch_unit(cfg: Config) -> BatchUnit:
-    """Images per update (train.images_per_update) in micro-batches of data.images_per_batch."""
-    return BatchUnit(cfg.train.images_per_update, cfg.data.images_per_batch, "images", 1.0, "images_per_s",
-                     "images")
-
-
-def text_batch_unit(cfg: Config) -> BatchUnit:
-    """Text tokens per update (train.tokens_per_update) in micro-batches of data.text_tokens_per_batch."""
-    return BatchUnit(cfg.train.tokens_per_update, cfg.data.text_tokens_per_batch, "tokens", 1.0, "tokens_per_s",
-                     "tokens")
-
-
-def text_sequence_unit(cfg: Config) -> BatchUnit:
-    """Labeled records per update (train.sequences_per_update, fairseq's batch_size) in micro-batches of
-    data.text_sequences_per_batch: text fine-tuning."""
-    return BatchUnit(cfg.train.sequences_per_update, cfg.data.text_sequences_per_batch, "sequences", 1.0,
-                     "sequences_per_s", "sequences")
-
-
-def describe_batch(batch_seconds: float, max_tokens: int, info: DistInfo, accumulation: int) -> str:
-    """'3800 s/update = 1 GPU x 3.8M samples x 16 accumulation' (plus the exact total if it differs)."""
-    text = (f"{batch_seconds:g} s/update = {info.describe()} x {max_tokens / 1e6:g}M samples x "
-            f"{accumulation} accumulation")
-    actual = info.world_size * max_tokens * accumulation / SAMPLE_RATE
-    if abs(actual - batch_seconds) > 1e-6 * batch_seconds:
-        text += f" (up to {actual:g} s)"
-    return text
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict:
-    """torch, numpy, python and CUDA RNG states as tensors/lists/numbers (loadable with weights_only)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-
-
-def seed_update(seed: int, rank: int, step: int) -> None:
-    """Seed torch for update `step` on `rank`: dropout/LayerDrop draws become a function of the update."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
 # ----------------------------------------------------------------------------- signals

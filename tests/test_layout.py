@@ -132,6 +132,17 @@ def test_the_config_helpers_sit_below_the_config_tree():
     assert {"d2vcli.config_io", "d2vcli.config_checks"} <= GRAPH["d2vcli.config"]
 
 
+@pytest.mark.parametrize("part, user", [("d2vcli.train_settings", "d2vcli.engine"),
+                                        ("d2vcli.rng_state", "d2vcli.engine"),
+                                        ("d2vcli.finetune_start", "d2vcli.finetune"),
+                                        ("d2vcli.finetune_labels", "d2vcli.finetune")])
+def test_the_split_out_helpers_sit_below_their_user(part, user):
+    """engine.py imports (and re-exports) its precision/batch-unit settings and RNG state, finetune.py its
+    starting-checkpoint and label rules; importing them back (or the loop) would be a cycle."""
+    assert _edges(part, ("d2vcli.engine", "d2vcli.pretrain", "d2vcli.finetune")) == []
+    assert part in GRAPH[user]
+
+
 def test_the_rules_see_the_real_package():
     """Guards the guard: the parser finds the modules and edges the rules are about."""
     assert "d2vcli.engine" in GRAPH and "d2vcli.objective.teacher" in GRAPH
