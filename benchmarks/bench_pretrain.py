@@ -35,7 +35,9 @@ one micro-batch of 4 x 5 s per update. With `--fairseq-python` each of its runs 
 (fairseq/trainer.py `train_step`, fairseq/tasks/fairseq_task.py `train_step`: EMA step in
 `set_num_updates`, the `model` criterion's forward with fairseq's `compute_mask_indices`, backward,
 grads x 1/sample_size, grad norm, FairseqAdam step, tri-stage lr); a table prints threads, both
-audio-s/s, their ratio and both parameter counts (equal: 3.91M). Both medians leave out 2 warm-up updates.
+audio-s/s, their ratio, both parameter counts (equal: 3.91M) and both last updates' masked-frame
+counts (of 4 x 249 frames; random draws of the same mask distribution, so close but not equal).
+Both medians leave out 2 warm-up updates.
 
     python benchmarks/bench_pretrain.py --configs cmp --device cpu --threads 1,2 \
         --fairseq-python /tmp/fs310/bin/python --steps 8
@@ -206,7 +208,8 @@ def comparison_rows(ours: list[dict], peers: dict[int, dict]) -> list[tuple[str,
             continue
         rows.append((str(r["threads"]), f"{r['audio_s_per_s']:.2f}", f"{p['audio_s_per_s']:.2f}",
                      f"{r['audio_s_per_s'] / p['audio_s_per_s']:.2f}x", f"{r['update_s']:.3f}",
-                     f"{p['update_s']:.3f}", f"{r['params_m']:.3f}M / {p['params_m']:.3f}M"))
+                     f"{p['update_s']:.3f}", f"{r['params_m']:.3f}M / {p['params_m']:.3f}M",
+                     f"{r.get('masked_frames', '-')} / {p.get('masked_frames', '-')}"))
     return rows
 
 
@@ -227,7 +230,7 @@ def print_comparison(out, table, results: list[dict], peers: dict[str, dict[int,
         out.print(table(f"{name}: pretraining update, ours vs fairseq {v['fairseq']} (torch {v['torch']}, "
                         f"Python {v['python']}), CPU fp32, {ours[0]['batch']}",
                         ["threads", "ours audio-s/s", "fairseq audio-s/s", "ours / fairseq", "ours s/update",
-                         "fairseq s/update", "params ours / fairseq"], rows))
+                         "fairseq s/update", "params ours / fairseq", "masked frames, last update"], rows))
 
 
 def run_case(name: str, device: str, steps: int) -> dict:
@@ -253,8 +256,16 @@ def run_case(name: str, device: str, steps: int) -> dict:
     # so it can keep the default log_every: with log_every=1 the log-step collapse monitors, which a
     # real run computes every 10th update and fairseq never, would be in every update.
     update_ends: list[float] = []
+    masked = [0]  # masked frames of the last micro-batch (fairseq_peer reports its own)
     if name in PEER_CASES:
-        after_update = task.after_update
+        after_update, train_step = task.after_update, task.train_step
+
+        def counted_train_step(model, batch, step):
+            out = train_step(model, batch, step)
+            masked[0] = int(out.sample_size)
+            return out
+
+        task.train_step = counted_train_step
 
         def timed_after_update(step: int) -> dict:
             out = after_update(step)
@@ -300,6 +311,7 @@ def run_case(name: str, device: str, steps: int) -> dict:
     out["peak_mem_gb"] = peak_mem_gb(device)
     if name in PEER_CASES:
         out["peer_spec"] = peer_spec(cfg, batch, samples, steps, torch.get_num_threads())
+        out["masked_frames"] = masked[0]
     peak = peak_flops(out["device"]) if device == "cuda" else None
     if peak:
         out["mfu"] = audio_per_s * flops_per_audio_second(samples, cfg.model, cfg.masking) / peak

@@ -84,8 +84,10 @@ def _printed(results, peers, fairseq_python):
 
 
 OURS = [{"config": "cmp", "threads": t, "audio_s_per_s": s, "update_s": 20 / s, "params_m": 3.914496,
+         "masked_frames": 420,
          "batch": "4 x 5.0 s"} for t, s in ((1, 15.0), (2, 24.0))]
 PEERS = {"cmp": {t: {"threads": t, "audio_s_per_s": s, "update_s": 20 / s, "params_m": 3.914496,
+                     "masked_frames": 416,
                      "versions": {"fairseq": "0.12.2", "torch": "2.14.1", "python": "3.10.13"}}
                  for t, s in ((1, 10.0), (2, 16.0))}}
 
@@ -99,6 +101,7 @@ def test_comparison_is_skipped_with_a_note_without_fairseq_python():
 def test_comparison_table_has_both_speeds_and_their_ratio_per_thread_count():
     rows = bench_pretrain.comparison_rows(OURS, PEERS["cmp"])
     assert [r[:4] for r in rows] == [("1", "15.00", "10.00", "1.50x"), ("2", "24.00", "16.00", "1.50x")]
+    assert rows[0][-1] == "420 / 416"  # both runs' masked frames: the same mask settings in use
     text = _printed(OURS, PEERS, "/tmp/python")
     assert "fairseq 0.12.2" in text and "1.50x" in text
     assert "no fairseq result" in _printed(OURS, {}, "/tmp/python")
