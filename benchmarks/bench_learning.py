@@ -9,20 +9,23 @@ On the synthetic demo corpus (`d2v prepare synthetic`, 800 training utterances),
 1. pretraining: `speech-tiny` on all the training audio (unlabeled), for P and for 2P updates
    (two runs, each with its own full schedule: "more pretraining must not hurt"), and data2vec 2.0
    (`speech2-tiny`) for Q updates (`--pretrain2-updates`, 0 to skip), also with its own schedule;
-2. fine-tuning (`finetune-tiny`, the same budget for every arm) at two labeled sizes, every 40th
+2. fine-tuning (`finetune-tiny`, 1,200 updates for every arm) at two labeled sizes, every 40th
    and every 20th training utterance (2.7 % and 5 % of the audio), from each pretrained model and
    from random init (`--init scratch`) at each learning rate of a small sweep; the random arm's
-   rate is picked on dev-clean, as in `d2v demo --compare-init`;
+   rate is picked on dev-clean, as in `d2v demo --compare-init`. As in the demo, the random arm
+   trains its encoder from update 0 (no 300-update freeze) and the 2.0 arm fine-tunes with the 2.0
+   demo's recipe (`demo.FINETUNE_SETS`);
 3. greedy CER on dev-other at the end of fine-tuning (the last validation), and for the 2.0 arm its
    pretraining wall-clock over 1.0's (each run's own training time, same seed and threads).
 
 It prints the table and writes it into docs/benchmarks.md between the markers below (the rest of
 the page is left alone). Every number is one fine-tuning run per (seed, arm, size); the spread is
-the standard deviation over seeds. Budget: 3 seeds x (P + 2P pretraining updates + 2 sizes x
-(2 + len(lrs)) fine-tunings); at the defaults about 1 h of single-thread training, estimated from
-idle-core runs (the 24 fine-tunings of the table took 37 min of wall time as 3 parallel processes on
-2 cores shared with other jobs; its pretraining runs came from an earlier session). This is a
-benchmark script, not a timed test.
+the standard deviation over seeds. Budget: 3 seeds x (P + 2P + Q pretraining updates + 2 sizes x
+(3 + len(lrs)) fine-tunings); at the defaults 1.8 h of single-thread training (the table of
+2026-12-01: the 42 fine-tunings took about 20 minutes of wall time as 3 parallel processes on 2 cores).
+Runs resume, so `--seeds 1`, `--seeds 2`, `--seeds 3` can run side by side (each with its own `--out`)
+and a last call with every seed builds the table from the finished runs. This is a benchmark script,
+not a timed test.
 
 `--text` runs the text arm instead (its own section of docs/benchmarks.md; the speech arms are left
 alone): on the synthetic text corpus (`d2v prepare synthetic-text`), per seed, `text-tiny` pretraining
@@ -57,7 +60,7 @@ import torch
 
 from d2vcli import config as cfgmod
 from run_all import _cpu as cpu_name  # benchmarks/ is on sys.path when a script here runs
-from d2vcli.demo import RANDOM_INIT_LRS, SELECT_SPLIT, _scratch_arch
+from d2vcli.demo import FINETUNE_SETS, RANDOM_INIT_LRS, SELECT_SPLIT, _scratch_arch
 from d2vcli.demo_images import FINETUNE_PRESET, LABELED_SPLIT, PRETRAIN_PRESET, PRETRAIN_UPDATES, scratch_init
 from d2vcli.evaluate_vision import evaluate_images
 from d2vcli.prepare.synthetic_images import prepare_synthetic_images
@@ -105,10 +108,11 @@ def run_pretrain(ws: Workspace, seed: int, updates: int, preset: str = "speech-t
     return name
 
 
-def run_finetune(ws: Workspace, name: str, init, seed: int, split: str, updates: int, lr=None) -> tuple[float, float]:
+def run_finetune(ws: Workspace, name: str, init, seed: int, split: str, updates: int, lr=None,
+                 extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """(SELECT_SPLIT CER, REPORT_SPLIT CER) at the end of a finetune-tiny run on `split`."""
     overrides = [f"train.seed={seed}", f"data.train_splits=[{split}]", f"train.max_updates={updates}",
-                 f"finetune.validate_every={updates}", f"finetune.validate_after={updates}"]
+                 f"finetune.validate_every={updates}", f"finetune.validate_after={updates}", *extra]
     if lr is not None:
         overrides.append(f"optim.lr={lr}")
     cfg = cfgmod.resolve("finetune", preset="finetune-tiny", overrides=overrides)
@@ -129,13 +133,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench-learning"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--pretrain-updates", type=int, default=500, help="P; 2P is also run")
+    ap.add_argument("--pretrain-updates", type=int, default=1000, help="P (the demo's); 2P is also run")
     ap.add_argument("--pretrain2-updates", type=int, default=200,
                     help="Q: the data2vec 2.0 arm's speech2-tiny updates (0: no 2.0 arm)")
-    ap.add_argument("--finetune-updates", type=int, default=600)
+    ap.add_argument("--finetune-updates", type=int, default=1200, help="finetune-tiny's (the demo's)")
     ap.add_argument("--every", type=int, nargs="+", default=[40, 20], help="labeled subsets: every N-th utterance")
     ap.add_argument("--lrs", type=float, nargs="+", default=list(RANDOM_INIT_LRS), help="random-init lr sweep")
-    ap.add_argument("--quick", action="store_true", help="P=100, 200 fine-tuning updates: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="P=100, 400 fine-tuning updates: a smoke run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DOC)
     ap.add_argument("--note", default="", help="a remark for the caption, e.g. that other jobs shared the cores")
@@ -151,7 +155,7 @@ def main() -> None:
         write_section(args.out, TEXT_BEGIN, TEXT_END, text_arm(args))
         return
     if args.quick:
-        args.pretrain_updates, args.finetune_updates = 100, 200
+        args.pretrain_updates, args.finetune_updates = 100, 400
         args.pretrain2_updates = min(args.pretrain2_updates, 40)
     torch.set_num_threads(args.threads)
     ws = Workspace.resolve(args.workdir)
@@ -178,7 +182,8 @@ def main() -> None:
         for every, split in splits.items():
             for arm, run in pretrained.items():
                 runs.append(f"ft-s{seed}-{split}-{run}")
-                _, dev_other = run_finetune(ws, runs[-1], run, seed, split, args.finetune_updates)
+                extra = FINETUNE_SETS[2] if arm == arm2 else ()  # 2.0's fine-tuning recipe, as in the demo
+                _, dev_other = run_finetune(ws, runs[-1], run, seed, split, args.finetune_updates, extra=extra)
                 cer.setdefault((every, arm), []).append(dev_other)
             sweep = {lr: run_finetune(ws, f"ft-s{seed}-{split}-scratch-lr{lr:g}", arch, seed, split,
                                       args.finetune_updates, lr) for lr in args.lrs}

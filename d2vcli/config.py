@@ -339,6 +339,10 @@ class FinetuneConfig:
                          "(e.g. speech-tiny); model.* settings override it. Empty: the model.* defaults (Base).")
     init_from: Literal["student", "teacher"] = f("student", "Which pretrained weights initialize the encoder.")
     freeze_updates: int = f(0, "Updates during which only the CTC head trains.")
+    encoder_lr_scale: float = f(
+        1.0, "Speech CTC: the encoder trains at optim.lr x this, the CTC head at optim.lr (1 = one rate for "
+        "all, fairseq's recipe). Lets a small model's fresh head learn fast while the pretrained encoder moves "
+        "slowly.")
     final_dropout: float = f(0.0, "Dropout before the CTC head.")
     validate_every: int = f(1000, "Updates between validations.")
     validate_after: int = f(0, "No validation before this update.")

@@ -35,6 +35,9 @@ def config_problems(cfg: Any, command: Optional[str] = None) -> list[str]:
         problems.extend(_vision_problems(cfg, masking=command != "finetune" and m.version == 1))
     if images and m.version == 2 and command != "finetune":
         problems.extend(_vision2_problems(cfg))
+    if cfg.finetune.encoder_lr_scale <= 0:
+        problems.append(f"finetune.encoder_lr_scale ({cfg.finetune.encoder_lr_scale}) must be positive; to keep "
+                        f"the encoder fixed, set finetune.freeze_updates to train.max_updates")
     if cfg.data.text_sequences_per_batch < 1 or cfg.train.sequences_per_update < 1:
         problems.append("data.text_sequences_per_batch and train.sequences_per_update must be at least 1")
     if cfg.data.tokens_per_sample < 2 or cfg.data.text_tokens_per_batch < 1 or cfg.train.tokens_per_update < 1:

@@ -154,6 +154,9 @@ class FinetuneTask:
         self.find_unused_parameters = ft.freeze_updates > 0 or cfg.model.layerdrop > 0 or m.mask_prob <= 0
         self.amp_dtype = engine.resolve_precision(cfg.train.precision, info.device)
         self.empty_validations = 0
+        if ft.encoder_lr_scale != 1.0:  # the engine multiplies the schedule's rate by these (engine.TrainTask)
+            self.lr_scales = {name: ft.encoder_lr_scale for name, _ in model.named_parameters()
+                              if name.startswith("backbone.")}
 
     # -- training
 

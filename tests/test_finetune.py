@@ -210,6 +210,33 @@ def test_cli_from_teacher_with_the_encoder_frozen(pretrained_tiny, synthetic_wor
     assert len(state[ckpt.OPTIMIZER_KEY]["state"]) == 2
 
 
+def test_encoder_lr_scale_moves_the_encoder_at_that_fraction_of_the_heads_rate(pretrained_tiny, synthetic_workspace):
+    """finetune.encoder_lr_scale (finetune-tiny's 0.01): Adam's first step moves each weight by about the rate
+    whatever its gradient, so from the same start and batch the encoder moves 0.01 x as far as at one rate
+    for all, and the CTC head exactly as far."""
+    pre = ckpt.load_checkpoint(pretrained_tiny)[ckpt.MODEL_KEY]
+    states = {}
+    for scale in (1.0, 0.01):
+        cfg = short_cfg(pretrained_tiny, "train.max_updates=1", "finetune.freeze_updates=0",
+                        "model.feature_grad_mult=1.0", f"finetune.encoder_lr_scale={scale}")
+        result = finetune(cfg, synthetic_workspace, name=f"ft-encoder-lr-{scale:g}")
+        assert result.status == "done", result.message
+        states[scale] = ckpt.load_checkpoint(result.run_dir / "last.pt", expect_kind="ctc")[ckpt.MODEL_KEY]
+    one, slow = states[1.0], states[0.01]
+    encoder = [n for n in one if n.startswith("backbone.") and n in pre and pre[n].is_floating_point()]
+    assert len(encoder) > 20
+    for name in encoder:
+        full, scaled = one[name] - pre[name], slow[name] - pre[name]
+        torch.testing.assert_close(scaled, 0.01 * full, rtol=2e-2, atol=1e-7, msg=name)
+    assert sum(float((one[n] - pre[n]).abs().max()) > 0 for n in encoder) > 20, "the encoder did train"
+    assert torch.equal(one["proj.weight"], slow["proj.weight"]) and torch.equal(one["proj.bias"], slow["proj.bias"])
+
+
+def test_encoder_lr_scale_must_be_positive():
+    with pytest.raises(C.ConfigError, match="finetune.encoder_lr_scale"):
+        C.resolve("finetune", preset="finetune-tiny", overrides=["finetune.encoder_lr_scale=0"])
+
+
 # ----------------------------------------------------------------------------- the step
 
 

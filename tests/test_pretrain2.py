@@ -262,7 +262,8 @@ def test_finetune_from_a_2_0_checkpoint_then_transcribe_and_evaluate(pretrained2
             "--name", "ft2", "--workdir", str(ws.root)]
     for item in ["data.max_tokens=64000", "train.batch_seconds=4", "train.log_every=1", "train.save_every=1000",
                  "data.valid_splits=[dev-clean]", "finetune.best_metric=dev-clean/cer", "finetune.validate_every=1000",
-                 "finetune.validate_after=0", "train.max_updates=30", "finetune.freeze_updates=0", "optim.lr=0.001"]:
+                 "finetune.validate_after=0", "train.max_updates=30", "finetune.freeze_updates=0", "optim.lr=0.001",
+                 "finetune.encoder_lr_scale=1.0"]:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
