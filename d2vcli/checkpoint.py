@@ -367,18 +367,28 @@ def find_checkpoint(ws, ref: str | Path, prefer: str = BEST) -> Path:
     raise FileNotFoundError(f"no checkpoint found for '{ref}' (tried a file, a run directory and a run name).{hint}")
 
 
+def run_checkpoints(ws) -> list[Path]:
+    """Each run's best.pt (or, without one, its last.pt), the newest first."""
+    found = [next((p for p in (ws.run_dir(n) / BEST, ws.run_dir(n) / LAST) if p.is_file()), None)
+             for n in run_names(ws)]
+    return sorted((p for p in found if p is not None), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+# The kinds `d2v evaluate` scores: speech CTC, image and text classifiers.
+CLASSIFIER_KINDS = ("ctc", "vision-cls", "text-cls")
+
+
+def newest_classifier_kind(ws) -> Optional[str]:
+    """The kind of the newest run that holds a classifier (CLASSIFIER_KINDS): what `d2v evaluate` with no
+    checkpoint scores. None when no run has one."""
+    return next((k for p in run_checkpoints(ws) if (k := peek_kind(p)) in CLASSIFIER_KINDS), None)
+
+
 def find_ctc_checkpoint(ws, ref: Optional[str | Path] = None) -> Path:
     """`ref` (path, run dir or run name), else the newest fine-tuned run's best.pt (or last.pt)."""
     if ref:
         return find_checkpoint(ws, ref)
-    candidates = []
-    for name in run_names(ws):
-        for file in (BEST, LAST):
-            if (ws.run_dir(name) / file).is_file():
-                candidates.append(ws.run_dir(name) / file)
-                break
-    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in candidates:
+    for p in run_checkpoints(ws):
         if peek_kind(p) == "ctc":
             # Said on stderr so `d2v transcribe` output stays clean; with several runs, the newest
             # may not be the one the user means.

@@ -80,20 +80,7 @@ def is_text_classifier(ws: Workspace, ref: Optional[str | Path]) -> bool:
                                 f"evaluate. Fine-tune it first: `d2v finetune --preset glue-tiny --task NAME "
                                 f"--init {ref}`")
         return kind == "text-cls"
-    return newest_classifier_kind(ws) == "text-cls"
-
-
-def newest_classifier_kind(ws: Workspace) -> Optional[str]:
-    newest, kind = None, None
-    for name in ckpt.run_names(ws):
-        for file in (ckpt.BEST, ckpt.LAST):
-            p = ws.run_dir(name) / file
-            if p.is_file():
-                k = ckpt.peek_kind(p)
-                if k in ("ctc", "vision-cls", "text-cls") and (newest is None or p.stat().st_mtime > newest):
-                    newest, kind = p.stat().st_mtime, k
-                break
-    return kind
+    return ckpt.newest_classifier_kind(ws) == "text-cls"
 
 
 def find_text_classifier(ws: Workspace, ref: Optional[str | Path]) -> Path:

@@ -86,7 +86,7 @@ class ImageEvalResult:
 
 def is_image_classifier(ws: Workspace, ref: Optional[str | Path], splits: Optional[Sequence[str]] = None) -> bool:
     """Whether `d2v evaluate REF` is an image evaluation: REF resolves to a vision-cls checkpoint, or, with
-    no REF, the newest run with a classifier (ctc or vision-cls) is an image one. A speech checkpoint
+    no REF, the newest run with a classifier (ctc, vision-cls or text-cls) is an image one. A speech checkpoint
     asked for image splits only is an ImageEvalError."""
     if ref:
         try:
@@ -104,16 +104,7 @@ def is_image_classifier(ws: Workspace, ref: Optional[str | Path], splits: Option
                                  f"({images_dir(ws)}): evaluate an image classifier (a `d2v finetune --preset "
                                  f"vision-ft-*` run) on them, or name speech splits")
         return kind == "vision-cls"
-    newest = None
-    for name in ckpt.run_names(ws):
-        for file in (ckpt.BEST, ckpt.LAST):
-            p = ws.run_dir(name) / file
-            if p.is_file():
-                if ckpt.peek_kind(p) in ("ctc", "vision-cls") and (newest is None or
-                                                                  p.stat().st_mtime > newest.stat().st_mtime):
-                    newest = p
-                break
-    return newest is not None and ckpt.peek_kind(newest) == "vision-cls"
+    return ckpt.newest_classifier_kind(ws) == "vision-cls"
 
 
 def present_splits(ws: Workspace) -> list[str]:

@@ -228,6 +228,20 @@ def save_model_import(state: dict, out: Path, force: bool, notes: list[str]) -> 
     )
 
 
+def import_hf_folder(folder: Path, convert, model_type: str, labels_from: str, out: Optional[Path], trust: bool,
+                     workspace: Optional[Workspace], force: bool, dict_path: Optional[Path]) -> ModelImportResult:
+    """`d2v import hf` of a data2vec-vision or data2vec-text folder: `convert(folder, trust=)` gives (state,
+    notes), written to `out` (default runs/imported-<name>/last.pt). A --dict is refused: it is the audio CTC
+    models' letter dictionary, while these take their labels from `labels_from`."""
+    folder = Path(folder)
+    if dict_path is not None:
+        raise InteropError(f"{folder} is a {model_type} model: --dict (a letter dictionary) is for data2vec-audio "
+                           f"CTC models; drop it ({labels_from})")
+    state, notes = convert(folder, trust=trust)
+    out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
+    return save_model_import(state, out, force, notes)
+
+
 def hf_encoder_fields(arch) -> dict:
     """The config.json fields every BERT-style Hugging Face encoder shares (Data2VecText, Data2VecVision),
     from an architecture with embed_dim, num_layers, num_heads, ffn_dim, dropouts, init_std, layer_norm_eps."""

@@ -34,7 +34,7 @@ from d2vcli import checkpoint as ck
 from d2vcli import interop_tokenizer as toks
 from d2vcli.interop_hf import read_hf_weights
 from d2vcli.interop_keys import (HF_WEIGHT_FILES, InteropError, KeyMap, ModelImportResult, check_state_dict,
-                                 default_import_path, hf_encoder_fields, hf_label_fields, rename, save_model_import,
+                                 hf_encoder_fields, hf_label_fields, import_hf_folder, rename,
                                  write_hf_folder)
 from d2vcli.models.loading import build_text_model, text_arch
 from d2vcli.models.text import TextConfig
@@ -245,13 +245,8 @@ def teacher_state(model_state: dict) -> dict:
 def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, workspace: Optional[Workspace] = None,
               force: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import hf` for a data2vec-text folder: a text-pretrain or text-cls d2v checkpoint."""
-    folder = Path(folder)
-    if dict_path is not None:
-        raise InteropError(f"{folder} is a data2vec-text model: --dict (a letter dictionary) is for data2vec-audio "
-                           f"CTC models; drop it (the tokenizer comes from the folder)")
-    state, notes = convert_hf(folder, trust=trust)
-    out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
-    return save_model_import(state, out, force, notes)
+    return import_hf_folder(folder, convert_hf, "data2vec-text", "the tokenizer comes from the folder", out, trust,
+                            workspace, force, dict_path)
 
 
 # --------------------------------------------------------------------------- d2v -> HF

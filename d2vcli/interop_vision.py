@@ -31,7 +31,7 @@ from d2vcli import checkpoint as ck
 from d2vcli.fileio import atomic_write_text
 from d2vcli.interop_hf import read_hf_weights
 from d2vcli.interop_keys import (HF_WEIGHT_FILES, InteropError, ModelImportResult, check_state_dict,
-                                 default_import_path, hf_encoder_fields, hf_label_fields, save_model_import,
+                                 hf_encoder_fields, hf_label_fields, import_hf_folder, save_model_import,
                                  write_hf_folder)
 from d2vcli.models.loading import build_vision_model, vision_arch
 from d2vcli.models.vision import VisionConfig
@@ -284,13 +284,8 @@ def convert_hf(folder: Path, trust: bool = False) -> tuple[dict, list[str]]:
 def import_hf(folder: Path, out: Optional[Path] = None, trust: bool = False, workspace: Optional[Workspace] = None,
               force: bool = False, dict_path: Optional[Path] = None) -> ModelImportResult:
     """`d2v import hf` for a data2vec-vision folder: write it as a d2v checkpoint (vision-pretrain or vision-cls)."""
-    folder = Path(folder)
-    if dict_path is not None:
-        raise InteropError(f"{folder} is a data2vec-vision model: --dict (a letter dictionary) is for data2vec-audio "
-                           f"CTC models; drop it (class names come from config.json's id2label)")
-    state, notes = convert_hf(folder, trust=trust)
-    out = Path(out) if out is not None else default_import_path(workspace or Workspace.resolve(), folder)
-    return save_model_import(state, out, force, notes)
+    return import_hf_folder(folder, convert_hf, "data2vec-vision", "class names come from config.json's id2label",
+                            out, trust, workspace, force, dict_path)
 
 
 # --------------------------------------------------------------------------- the BEiT repo's files
