@@ -92,6 +92,27 @@ def test_matches_hf(ours_and_hf, padded):
         torch.testing.assert_close(ours_f[valid], hf_f[valid], **TOL)
 
 
+def test_conv_encoder_gradients_match_hf(ours_and_hf):
+    """The conv feature encoder's weight and LayerNorm gradients equal HF's: ours runs the first block as
+    a matmul over waveform windows and the rest channels-last, for speed; training relies on the same
+    gradients as a plain Conv1d stack."""
+    model, hf = ours_and_hf
+    ours_fe, hf_fe = copy.deepcopy(model.backbone.feature_extractor), copy.deepcopy(hf.data2vec_audio.feature_extractor)
+    x, _ = batch([8000, 8000])
+    ours_out = ours_fe(x)  # (B, T, C)
+    cotangent = torch.randn(ours_out.shape, generator=torch.Generator().manual_seed(1))
+    ours_out.backward(cotangent)
+    hf_fe._requires_grad = True
+    hf_out = hf_fe(x)  # (B, C, T)
+    torch.testing.assert_close(ours_out, hf_out.transpose(1, 2), **TOL)
+    hf_out.backward(cotangent.transpose(1, 2))
+    for ours_block, hf_layer in zip(ours_fe.blocks, hf_fe.conv_layers):
+        pairs = ((ours_block.conv.weight, hf_layer.conv.weight), (ours_block.norm.weight, hf_layer.layer_norm.weight),
+                 (ours_block.norm.bias, hf_layer.layer_norm.bias))
+        for ours_p, hf_p in pairs:
+            torch.testing.assert_close(ours_p.grad, hf_p.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_layer_results_are_the_ffn_output_before_residual_and_norm(ours_and_hf):
     model, _ = ours_and_hf
     x, _ = batch([4000, 4000], seed=3)
