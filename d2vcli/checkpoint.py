@@ -384,21 +384,30 @@ def newest_classifier_kind(ws) -> Optional[str]:
     return next((k for p in run_checkpoints(ws) if (k := peek_kind(p)) in CLASSIFIER_KINDS), None)
 
 
+def newest_checkpoint(ws, kind: str, what: str) -> Optional[Path]:
+    """The newest run's best.pt (or last.pt) of checkpoint kind `kind`, None when no run has one.
+
+    Said on stderr (so `d2v transcribe` output stays clean) as "the newest `what` run": with several
+    runs, the newest may not be the one the user means."""
+    for p in run_checkpoints(ws):
+        if peek_kind(p) == kind:
+            err_console.print(f"no model given: using the newest {what} run '{p.parent.name}' ({p}); "
+                              f"name another run to choose", markup=False, highlight=False, soft_wrap=True)
+            return p.resolve()
+    return None
+
+
 def find_ctc_checkpoint(ws, ref: Optional[str | Path] = None) -> Path:
     """`ref` (path, run dir or run name), else the newest fine-tuned run's best.pt (or last.pt)."""
     if ref:
         return find_checkpoint(ws, ref)
-    for p in run_checkpoints(ws):
-        if peek_kind(p) == "ctc":
-            # Said on stderr so `d2v transcribe` output stays clean; with several runs, the newest
-            # may not be the one the user means.
-            err_console.print(f"no model given: using the newest fine-tuned run '{p.parent.name}' ({p}); "
-                              f"name another run to choose", markup=False, highlight=False, soft_wrap=True)
-            return p.resolve()
-    raise FileNotFoundError(
-        f"no fine-tuned (CTC) run in {ws.runs_dir}. Fine-tune one with `d2v finetune`, import one with "
-        "`d2v import`, or pass a checkpoint: `d2v decode path/to/best.pt`."
-    )
+    found = newest_checkpoint(ws, "ctc", "fine-tuned")
+    if found is None:
+        raise FileNotFoundError(
+            f"no fine-tuned (CTC) run in {ws.runs_dir}. Fine-tune one with `d2v finetune`, import one with "
+            "`d2v import`, or pass a checkpoint: `d2v decode path/to/best.pt`."
+        )
+    return found
 
 
 def run_name(ws, checkpoint: Path) -> str:

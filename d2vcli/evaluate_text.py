@@ -89,12 +89,11 @@ def find_text_classifier(ws: Workspace, ref: Optional[str | Path]) -> Path:
             return ckpt.find_checkpoint(ws, ref)
         except FileNotFoundError as e:
             raise TextEvalError(str(e)) from None
-    runs = [ws.run_dir(n) / f for n in ckpt.run_names(ws) for f in (ckpt.BEST, ckpt.LAST)
-            if (ws.run_dir(n) / f).is_file() and ckpt.peek_kind(ws.run_dir(n) / f) == "text-cls"]
-    if not runs:
+    found = ckpt.newest_checkpoint(ws, "text-cls", "text classification")
+    if found is None:
         raise TextEvalError(f"no text classifier in {ws.runs_dir}: fine-tune one with `d2v finetune --preset "
                             f"glue-tiny --task NAME --init RUN`")
-    return max(runs, key=lambda p: p.stat().st_mtime).resolve()
+    return found
 
 
 def resolve_splits(task_dir: Path, splits: Optional[Sequence[str]]) -> list[str]:

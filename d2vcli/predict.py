@@ -29,7 +29,6 @@ from d2vcli.errors import UserError
 from d2vcli.image_data import ImageLoadError, eval_transform, load_rgb
 from d2vcli.models.loading import LoadedModel, load_model, vision_arch
 from d2vcli.transcribe import Failure
-from d2vcli.ui import err_console
 from d2vcli.workspace import Workspace
 
 DEFAULT_TOP_K = 5
@@ -105,18 +104,9 @@ def find_image_classifier(ws: Workspace, ref: Optional[str | Path] = None) -> Pa
     """`ref` (path, run dir or run name), else the newest run whose checkpoint is a vision-cls one."""
     if ref:
         return ckpt.find_checkpoint(ws, ref)
-    candidates = []
-    for name in ckpt.run_names(ws):
-        for file in (ckpt.BEST, ckpt.LAST):
-            if (ws.run_dir(name) / file).is_file():
-                candidates.append(ws.run_dir(name) / file)
-                break
-    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in candidates:
-        if ckpt.peek_kind(p) == "vision-cls":
-            err_console.print(f"no model given: using the newest image classification run '{p.parent.name}' "
-                              f"({p}); name another run to choose", markup=False, highlight=False, soft_wrap=True)
-            return p.resolve()
+    found = ckpt.newest_checkpoint(ws, "vision-cls", "image classification")
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"no image classification (vision-cls) run in {ws.runs_dir}. Fine-tune one with "
         "`d2v finetune --preset vision-ft-tiny --init RUN`, import one with `d2v import hf`, or pass --model.")

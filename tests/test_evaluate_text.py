@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from d2vcli import config as C
 from d2vcli import distributed
 from d2vcli.cli import app
-from d2vcli.evaluate_text import TextEvalError, evaluate_text, is_text_classifier
+from d2vcli.evaluate_text import TextEvalError, evaluate_text, find_text_classifier, is_text_classifier
 from d2vcli.fileio import read_jsonl
 from d2vcli.finetune import finetune
 from d2vcli.finetune_text import TextClassifyTask, load_start
@@ -116,6 +116,20 @@ def test_the_cli_dispatches_a_text_classifier_and_reports_bad_inputs(runs):
     unknown = CliRunner().invoke(app, ["evaluate", "ag", "--splits", "nope", "--workdir", str(runs.root)])
     assert unknown.exit_code == 2 and "unknown split nope" in unknown.output and "dev, test, train" in unknown.output
     assert is_text_classifier(runs, None)  # the newest classifier run is a text one
+
+
+def test_no_checkpoint_means_the_newest_text_runs_best_checkpoint(runs, tmp_path):
+    """As for speech and images: the newest text-cls run, and its best.pt, not its (newer) last.pt."""
+    import os
+
+    ws = Workspace.resolve(tmp_path / "copy")
+    shutil.copytree(runs.root, ws.root)
+    for age, name in enumerate(("ref", "ag")):  # ag's files the newest, last.pt after best.pt
+        for file in ("best.pt", "last.pt"):
+            os.utime(ws.run_dir(name) / file, (1e9 + 10 * age + (file == "last.pt"),) * 2)
+    assert find_text_classifier(ws, None) == (ws.run_dir("ag") / "best.pt").resolve()
+    (ws.run_dir("ag") / "best.pt").unlink()
+    assert find_text_classifier(ws, None) == (ws.run_dir("ag") / "last.pt").resolve()
 
 
 def test_unlabeled_split_missing_task_and_pretrain_checkpoint_are_clear_errors(runs, tmp_path):
