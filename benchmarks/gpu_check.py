@@ -20,7 +20,8 @@ tolerance and the report format):
                DDP, one update, one checkpoint, then --resume for a second update
   throughput   `d2v pretrain`'s engine on generated audio at the recipe's per-GPU batch, bf16: audio-s/s,
                peak memory, MFU (d2vcli.flops), for 1.0 base and large (and 2.0 base when the preset
-               exists), eager vs torch.compile and with/without activation checkpointing
+               exists), eager vs torch.compile, with/without activation checkpointing, and 2.0 with
+               train.fused_alibi (the ALiBi bias in bf16 to a fused SDPA kernel) against fp32 logits
   throughput vision / text   the same for images and text (benchmarks/gpu_checks_images_text.py):
                vision-base (1.0) and vision2-base (images/s), text-base (tokens/s), eager, bf16, on
                generated JPEGs / token shards; last, so a short budget skips them first
@@ -225,8 +226,9 @@ def main(argv=None) -> int:
         ("throughput 1.0 base", 30 if cpu else 70, check_throughput(run, "1.0 base", [
             ("eager", ["train.compile=off"], True),
             ("eager + act. ckpt", ["train.compile=off", "train.activation_checkpointing=true"], False)])),
-        ("throughput 2.0 base", 30 if cpu else 40, check_throughput(run, "2.0 base", [
-            ("eager", ["train.compile=off"], True)])),
+        ("throughput 2.0 base", 30 if cpu else 70, check_throughput(run, "2.0 base", [
+            ("eager", ["train.compile=off"], True),
+            ("eager, fused ALiBi", ["train.compile=off", "train.fused_alibi=true"], False)])),
         ("throughput 1.0 large", 30 if cpu else 90, check_throughput(run, "1.0 large", [
             ("eager + act. ckpt", ["train.compile=off", "train.activation_checkpointing=true"], True),
             ("eager, no act. ckpt", ["train.compile=off", "train.activation_checkpointing=false"], False)])),

@@ -520,7 +520,8 @@ def check_throughput(run: Run, label: str, variants: list[tuple[str, list[str]]]
         rows, skipped = [], []
         for variant, sets, on_cpu in variants:
             if run.cpu and not on_cpu:
-                why = "compile is measured on GPU only" if "train.compile=on" in sets else "GPU memory is the point"
+                why = ("compile is measured on GPU only" if "train.compile=on" in sets else
+                       "it changes bf16/fp16 only" if "train.fused_alibi=true" in sets else "GPU memory is the point")
                 skipped.append(f"{variant}: skipped on CPU ({why})")
                 continue
             if run.left() < (90 if "train.compile=on" in sets else 20):

@@ -321,6 +321,11 @@ class TrainConfig:
         "(torch.utils.checkpoint, non-reentrant): a third more transformer compute for about 9x less activation "
         "memory. Needed when data.max_tokens outgrows the GPU (speech-large at 1.9M fits 80 GB without; docs/gpu.md).",
     )
+    fused_alibi: bool = f(
+        False, "data2vec 2.0 speech in bf16/fp16: give the ALiBi bias to SDPA in that dtype, so a fused attention "
+        "kernel (memory-efficient on CUDA) runs; off forms the logits in fp32 first, as fairseq does. The bias is "
+        "then rounded to bf16/fp16; no effect in fp32 or without ALiBi (docs/gpu.md).",
+    )
     wandb_project: str = f(
         "", "Weights & Biases project to log to as well (rank 0, beside metrics.jsonl and TensorBoard); "
         "empty = off. Needs `pip install wandb`; the W&B run is named after the d2v run.",

@@ -101,7 +101,7 @@ from d2vcli.metrics_log import Interval, MetricsLog, UpdateResult, WandbSettings
 from d2vcli.rng_state import rng_state, seed_update, set_rng_state
 from d2vcli.run_dir import Run
 from d2vcli.schedule import build_optimizer, lr_at
-from d2vcli.speedups import compile_model, compile_wanted, set_activation_checkpointing
+from d2vcli.speedups import compile_model, compile_wanted, set_activation_checkpointing, set_fused_alibi
 from d2vcli.train_settings import BatchUnit, audio_batch_unit, precision_name, resolve_precision
 # Re-exported: tasks, tests and benchmarks name them as engine.image_batch_unit(cfg), ...
 from d2vcli.train_settings import accumulation_steps, describe_batch, image_batch_unit  # noqa: F401 - re-exported
@@ -249,6 +249,9 @@ class _Trainer:
         self.accumulation = batch.accumulation(info.world_size)
         task.model.train()
         set_activation_checkpointing(task.model, cfg.train.activation_checkpointing)
+        teacher = getattr(getattr(task, "teacher", None), "module", None)  # an EMA teacher runs the same attention
+        for module in filter(None, (task.model, teacher)):
+            set_fused_alibi(module, cfg.train.fused_alibi)
         # DDP wraps the compiled callable (so no_sync and the gradient hooks stay DDP's); checkpoints save task.model.
         self.model = distributed.wrap_model(compile_model(task.model, cfg.train.compile, self.device), info,
                                             task.find_unused_parameters)
@@ -432,7 +435,8 @@ class _Trainer:
                 console.print(f"distributed: {info.backend} process group, {info.world_size} process(es), DDP")
             console.print(f"batch: {self.batch.describe(info, self.accumulation)}")
             compiled = "torch.compile" if compile_wanted(cfg.train.compile, self.device) else "eager"
-            ckpting = ", activation checkpointing" if cfg.train.activation_checkpointing else ""
+            ckpting = (", activation checkpointing" if cfg.train.activation_checkpointing else "") + (
+                ", fused ALiBi" if cfg.train.fused_alibi else "")
             console.print(f"precision: {precision_name(self.amp_dtype)} on {self.device} ({compiled}{ckpting}); "
                           f"run dir {self.run_info.dir}")
         batches = self._micro_batches()

@@ -15,6 +15,9 @@ module's parameters, and the engine keeps saving `task.model`'s state dict.
   with `data.length_buckets` so a pretraining run sees a few batch shapes instead of hundreds.
 - `train.activation_checkpointing`: any submodule with a `checkpointing` attribute (the transformer's
   `LayerStack`) recomputes its layers in the backward pass.
+- `train.fused_alibi`: every attention with a `fused_bias` attribute (`models.encoder.SelfAttention`)
+  gives data2vec 2.0's ALiBi bias to SDPA in bf16/fp16, so a fused kernel runs, instead of forming the
+  logits in fp32 as fairseq does; the bias is rounded to that dtype. Set on the student and the teacher.
 """
 
 from __future__ import annotations
@@ -76,5 +79,15 @@ def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
     for m in module.modules():
         if hasattr(m, "checkpointing"):
             m.checkpointing = enabled
+            found += 1
+    return found
+
+
+def set_fused_alibi(module: nn.Module, enabled: bool) -> int:
+    """Turn the fused ALiBi attention on or off in every attention module; returns how many there were."""
+    found = 0
+    for m in module.modules():
+        if hasattr(m, "fused_bias"):
+            m.fused_bias = enabled
             found += 1
     return found

@@ -33,6 +33,10 @@ class SelfAttention(nn.Module):
     padding (an empty utterance) then gives a uniform softmax instead of NaN.
     """
 
+    # train.fused_alibi (set by the engine, speedups.set_fused_alibi): in bf16/fp16, hand the bias to SDPA in
+    # the compute dtype so a fused kernel can take it, instead of forming fp32 logits as fairseq does.
+    fused_bias = False
+
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
         if dim % num_heads:
@@ -56,7 +60,8 @@ class SelfAttention(nn.Module):
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         dropout_p = self.dropout if self.training else 0.0
         if attn_bias is not None:
-            return self.out_proj(self._biased(q, k, v, padding_mask, attn_bias, dropout_p).reshape(B, T, D))
+            y = self._biased(q, k, v, padding_mask, attn_bias, dropout_p, self.fused_bias)
+            return self.out_proj(y.reshape(B, T, D))
         bias = None
         if padding_mask is not None:
             # Built here, not once per batch, because under autocast q's dtype is only known now.
@@ -67,18 +72,21 @@ class SelfAttention(nn.Module):
 
     @staticmethod
     def _biased(q: Tensor, k: Tensor, v: Tensor, padding_mask: Optional[Tensor], attn_bias: Tensor,
-                dropout_p: float) -> Tensor:
+                dropout_p: float, fused: bool = False) -> Tensor:
         """Attention with an additive fp32 bias -> (B, T, H, D/H).
 
         fairseq's AltAttention promotes the logits to fp32 before adding ALiBi and takes the
         softmax in fp32 (a bf16 bias of slope x distance would round away the far keys' order),
         so in fp32 the fused kernel computes it and otherwise the logits are formed in fp32 here.
+        `fused` (bf16/fp16 only) instead rounds the bias to q's dtype and leaves the whole attention to
+        SDPA, whose fused kernels (memory-efficient on CUDA) accept such a bias but not an fp32 one.
         """
-        bias = attn_bias
+        sdpa = fused or q.dtype == torch.float32
+        bias = attn_bias.to(q.dtype) if sdpa else attn_bias.float()
         if padding_mask is not None:
             bias = bias.masked_fill(padding_mask[:, None, None, :], torch.finfo(bias.dtype).min)
-        if q.dtype == torch.float32:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), dropout_p=dropout_p)
+        if sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         else:
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, T)
             probs = torch.softmax(logits.float() + bias, dim=-1).type_as(q)
