@@ -73,21 +73,19 @@ def compile_model(module: nn.Module, setting: str, device: torch.device) -> nn.M
     return CompiledWithFallback(module)
 
 
+def _set_everywhere(module: nn.Module, attribute: str, value: bool) -> int:
+    """Set `attribute` on every submodule that has one; returns how many there were."""
+    found = [m for m in module.modules() if hasattr(m, attribute)]
+    for m in found:
+        setattr(m, attribute, value)
+    return len(found)
+
+
 def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
     """Turn checkpointing on or off in every submodule that supports it; returns how many there were."""
-    found = 0
-    for m in module.modules():
-        if hasattr(m, "checkpointing"):
-            m.checkpointing = enabled
-            found += 1
-    return found
+    return _set_everywhere(module, "checkpointing", enabled)
 
 
 def set_fused_alibi(module: nn.Module, enabled: bool) -> int:
     """Turn the fused ALiBi attention on or off in every attention module; returns how many there were."""
-    found = 0
-    for m in module.modules():
-        if hasattr(m, "fused_bias"):
-            m.fused_bias = enabled
-            found += 1
-    return found
+    return _set_everywhere(module, "fused_bias", enabled)
