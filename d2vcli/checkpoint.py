@@ -34,9 +34,11 @@ checkpoint by path, run directory or run name. `d2vcli.models.loading` builds th
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -81,14 +83,48 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used here; the message names the file and the fix."""
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a (nested) state: what torch.save's uncompressed archive holds."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _disk_full(path: Path, needed: int, cause: str = "") -> CheckpointError:
+    free = shutil.disk_usage(path.parent).free
+    return CheckpointError(
+        f"cannot write checkpoint {path}: it needs about {needed / 2**30:.2f} GB and {path.parent} has "
+        f"{free / 2**30:.2f} GB free{cause}. The checkpoints already there are intact. Free disk space and run "
+        f"the command again; a training run continues with --resume (and keeps fewer rolling checkpoints "
+        f"with --set train.keep_last=1).")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a kill mid-write leaves the previous file at `path` intact."""
+    """Write atomically: a kill mid-write leaves the previous file at `path` intact.
+
+    A disk without room for it (checked first, and when the write fails) is a CheckpointError that
+    says how much is needed and free, instead of torch's "unexpected pos" from a short write."""
+    path = Path(path)
     state = dict(state)
     state.setdefault(FORMAT_VERSION_KEY, FORMAT_VERSION)
     if state.get(KIND_KEY) not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {state.get(KIND_KEY)!r}")
-    with atomic_open(Path(path), "wb") as fh:
-        torch.save(state, fh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needed = _tensor_bytes(state) + 2**20  # the archive's own records, generously
+    if shutil.disk_usage(path.parent).free < needed:
+        raise _disk_full(path, needed)
+    try:
+        with atomic_open(path, "wb") as fh:
+            torch.save(state, fh)
+    except (OSError, RuntimeError) as e:
+        short_write = isinstance(e, RuntimeError) and "unexpected pos" in str(e)  # torch's zip writer
+        if short_write or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path, needed, f" (the write failed: {_first_line(e)})") from None
+        raise
 
 
 # What torch.save writes first in its legacy (pre-zip) format: the pickled magic number.

@@ -176,6 +176,55 @@ def test_two_runs_with_one_name_one_is_refused_and_the_other_intact(synthetic_wo
     assert cfgmod.load_yaml(run / "config.yaml")["train"]["max_updates"] == 60
 
 
+def test_a_full_disk_is_a_clear_error_and_leaves_the_checkpoints_intact(tmp_path, monkeypatch):
+    """No room for a checkpoint, seen before writing or when the write fails (ENOSPC, or torch's
+    "unexpected pos" of a short write): one CheckpointError with the sizes and the fix, the previous
+    file untouched, no temp file left."""
+    import errno
+    import shutil
+
+    path = tmp_path / "run" / "last.pt"
+    ck.save_checkpoint(path, {ck.KIND_KEY: "pretrain", "model": {"w": torch.zeros(1000)}})
+    before = path.read_bytes()
+    newer = {ck.KIND_KEY: "pretrain", "model": {"w": torch.ones(1000)}}
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(CheckpointError, match=r"needs about 0\.00 GB and .* has 0\.00 GB free.*--resume"):
+        ck.save_checkpoint(path, newer)
+    monkeypatch.setattr(ck.shutil, "disk_usage", real_usage)
+
+    def failing_save(state, fh, error):
+        fh.write(b"PK partial")
+        raise error
+
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1333200000 vs 1333199888")):
+        monkeypatch.setattr(ck.torch, "save", lambda state, fh, e=error: failing_save(state, fh, e))
+        with pytest.raises(CheckpointError, match="the write failed") as info:
+            ck.save_checkpoint(path, newer)
+        assert str(path) in str(info.value) and "keep_last" in str(info.value)
+        assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+    monkeypatch.setattr(ck.torch, "save", lambda state, fh: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):  # not a disk problem: not disguised as one
+        ck.save_checkpoint(path, newer)
+
+
+def test_pretrain_on_a_full_disk_exits_with_one_line(synthetic_workspace, monkeypatch):
+    from typer.testing import CliRunner
+
+    from d2vcli.cli import app
+
+    real_usage = ck.shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+    args = ["pretrain", "--preset", "speech-tiny", "--name", "full-disk", "--workdir", str(synthetic_workspace.root)]
+    for s in TINY + ["train.max_updates=1"]:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "error: cannot write checkpoint" in result.output and "Traceback" not in result.output
+    assert "last.pt" in result.output
+
+
 # ----------------------------------------------------------------------------- cases 13 and 17
 
 
