@@ -168,8 +168,8 @@ class TextPretrainTask:
                    "masked_share": mask.sum().float() / max(real, 1)}
         if (step + 1) % max(1, self.cfg.train.log_every) == 0:  # the update this step makes is logged
             # Over the positions the teacher read as text (masked-only: the masked ones).
-            read = teacher_tokens.eq(self.arch.pad_id)
-            metrics["target_position_share"] = position_explained_share(full_target, read if read.any() else None)
+            unread = teacher_tokens.eq(self.arch.pad_id)  # (B, T) True where the teacher saw padding
+            metrics["target_position_share"] = position_explained_share(full_target, unread if unread.any() else None)
         return StepOutput(loss=loss, sample_size=pred.shape[0], metrics=metrics)
 
     def after_update(self, step: int) -> dict:

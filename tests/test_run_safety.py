@@ -204,7 +204,10 @@ def test_a_full_disk_is_a_clear_error_and_leaves_the_checkpoints_intact(tmp_path
             ck.save_checkpoint(path, newer)
         assert str(path) in str(info.value) and "keep_last" in str(info.value)
         assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
-    monkeypatch.setattr(ck.torch, "save", lambda state, fh: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    def buggy_save(state, fh):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(ck.torch, "save", buggy_save)
     with pytest.raises(RuntimeError, match="a real bug"):  # not a disk problem: not disguised as one
         ck.save_checkpoint(path, newer)
 
